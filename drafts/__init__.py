@@ -1,0 +1,1 @@
+"""Draft models and model-free drafts (proposers for the specdec engine)."""

@@ -1,0 +1,1 @@
+"""Medusa heads and tree specs (built on the specdec engine)."""

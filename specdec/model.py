@@ -1,0 +1,188 @@
+"""Llama-family decoder in Flax NNX and its one forward over a ragged KV cache.
+
+The parameters live in NNX modules; decoding code splits the model once
+(``nnx.split``) and calls :func:`forward` inside jitted pure functions, with
+the KV cache passed in and returned as an explicit pytree.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from specdec.cache import KVCache, causal_mask, visibility, write_layer
+from specdec.config import LlamaConfig
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.q = _linear(cfg.d_model, cfg.n_heads * cfg.head_dim, cfg, rngs, cfg.qkv_bias)
+        self.k = _linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg, rngs, cfg.qkv_bias)
+        self.v = _linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg, rngs, cfg.qkv_bias)
+        self.o = _linear(cfg.n_heads * cfg.head_dim, cfg.d_model, cfg, rngs)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.gate = _linear(cfg.d_model, cfg.ffn_dim, cfg, rngs)
+        self.up = _linear(cfg.d_model, cfg.ffn_dim, cfg, rngs)
+        self.down = _linear(cfg.ffn_dim, cfg.d_model, cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.jnp_dtype)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.jnp_dtype)
+        self.mlp = MLP(cfg, rngs)
+
+
+class Llama(nnx.Module):
+    """Token embedding, ``n_layers`` pre-norm blocks, final norm, tied or untied LM head."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype,
+                               param_dtype=cfg.jnp_dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.jnp_dtype)
+        self.lm_head = None if cfg.tie_embeddings else _linear(cfg.d_model, cfg.vocab_size, cfg, rngs)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed ``hidden: [..., d_model]`` -> float32 logits ``[..., vocab]``."""
+        if self.lm_head is None:
+            out = hidden @ self.embed.embedding[...].T
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array | None  # [B, K, vocab] float32 (K = T, or the logits_at count)
+    hidden: jax.Array  # [B, K, d_model] final-normed hidden state (what the LM head reads)
+    hiddens: dict  # layer index -> [B, T, d_model] residual stream after that layer
+    cache: KVCache
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split (Hugging Face) layout.
+
+    x: [B, T, heads, head_dim]; positions: [B, T] int.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """q: [B, T, H, D]; k, v: [B, S, KVH, D]; visible: [B, T, S] -> [B, T, H*D]."""
+    b, t = q.shape[:2]
+    groups = cfg.n_heads // cfg.n_kv_heads
+    q = q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->btkgs", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    scores = jnp.where(visible[:, :, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("btkgs,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, cfg.n_heads * cfg.head_dim).astype(q.dtype)
+
+
+def _block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, positions: jax.Array,
+           cache: KVCache, visible: jax.Array) -> tuple[jax.Array, KVCache]:
+    b, t, _ = x.shape
+    h = block.attn_norm(x)
+    q = block.attn.q(h).reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = block.attn.k(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = block.attn.v(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    cache = write_layer(cache, layer, k, v)
+    x = x + block.attn.o(_attend(cfg, q, cache.k[layer], cache.v[layer], visible))
+    x = x + block.mlp(block.mlp_norm(x))
+    return x, cache
+
+
+def forward(
+    model: Llama,
+    cache: KVCache,
+    *,
+    positions: jax.Array,
+    tokens: jax.Array | None = None,
+    embeds: jax.Array | None = None,
+    block_mask: jax.Array | None = None,
+    layers: Sequence[int] | None = None,
+    hidden_layers: Sequence[int] = (),
+    logits_at: jax.Array | None = None,
+    compute_logits: bool = True,
+) -> ForwardOutput:
+    """Run T new tokens per row through the model, writing their K/V at each row's length.
+
+    Args:
+      model: the (merged) model.
+      cache: KV cache; ``cache.lengths`` is not advanced (see ``KVCache.advance``).
+      positions: [B, T] RoPE position of each new token (``lengths + depth`` for tree nodes).
+      tokens: [B, T] token ids, or
+      embeds: [B, T, d_model] input embeddings instead of ids (superposed decoding).
+      block_mask: [B, T, T] or [T, T] bool, which new tokens each new token sees;
+        default causal (a chain). Use an ancestor mask for a tree.
+      layers: static layer indices to run, in order (default all). Stopping at an
+        exit layer E is ``layers=range(E)``; the final norm and LM head still apply.
+      hidden_layers: static layer indices whose output residual stream is returned.
+      logits_at: optional [B, K] indices into T: compute logits only there.
+      compute_logits: skip the LM head entirely when False.
+    Returns:
+      ForwardOutput(logits [B, K, V] | None, hidden [B, K, d], hiddens, cache).
+    """
+    cfg = model.config
+    if (tokens is None) == (embeds is None):
+        raise ValueError("pass exactly one of tokens [B, T] or embeds [B, T, d_model]")
+    x = model.embed(tokens) if embeds is None else embeds.astype(cfg.jnp_dtype)
+    b, t = x.shape[:2]
+    if block_mask is None:
+        block_mask = causal_mask(b, t)
+    block_mask = jnp.broadcast_to(block_mask.astype(bool), (b, t, t))
+    visible = visibility(cache.lengths, block_mask, cache.slots)
+    run = range(cfg.n_layers) if layers is None else layers
+    wanted = set(hidden_layers)
+    hiddens = {}
+    for layer in run:
+        x, cache = _block(cfg, model.layers[layer], layer, x, positions, cache, visible)
+        if layer in wanted:
+            hiddens[layer] = x
+    if missing := wanted - set(hiddens):
+        raise ValueError(f"hidden_layers {sorted(missing)} are not among the layers run")
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
+    hidden = model.norm(x)
+    logits = model.logits(hidden) if compute_logits else None
+    return ForwardOutput(logits=logits, hidden=hidden, hiddens=hiddens, cache=cache)
+
+
+def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
+    """A randomly initialised model (tests, drafts trained from scratch)."""
+    return Llama(cfg, rngs=nnx.Rngs(seed))

@@ -1,0 +1,136 @@
+"""The forward: cache consistency, ragged rows, tree masks, layer subsets, embeddings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import full_logits
+from specdec.cache import causal_mask, init_cache
+from specdec.config import tiny_config
+from specdec.model import forward, init_model
+from specdec.weights import hf_tensors, model_from_hf
+
+TOL = 1e-5
+
+
+def _tokens(b, t, seed=0, vocab=97):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab)
+
+
+def test_cached_steps_equal_teacher_forced_forward(tiny):
+    toks = _tokens(2, 12)
+    full = full_logits(tiny, toks)
+    cache = init_cache(tiny.config, 2, 16)
+    steps = []
+    # prefill 5 tokens, then 1, then a block of 3, then 3 single steps
+    for lo, hi in [(0, 5), (5, 6), (6, 9), (9, 10), (10, 11), (11, 12)]:
+        pos = jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo))
+        out = forward(tiny, cache, tokens=toks[:, lo:hi], positions=pos)
+        cache = out.cache.advance(jnp.full((2,), hi - lo))
+        steps.append(out.logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=TOL, rtol=0)
+
+
+def test_ragged_batch_equals_rows_alone(tiny):
+    lens = [3, 9, 6]
+    toks = _tokens(3, 9, seed=1)
+    cache = init_cache(tiny.config, 3, 16)
+    pos = jnp.broadcast_to(jnp.arange(9), (3, 9))
+    out = forward(tiny, cache, tokens=toks, positions=pos)  # padded prefill
+    cache = out.cache.with_lengths(jnp.asarray(lens))
+    nxt = _tokens(3, 2, seed=2)
+    step = forward(tiny, cache, tokens=nxt, positions=cache.lengths[:, None] + jnp.arange(2))
+    for row, n in enumerate(lens):
+        alone = full_logits(tiny, jnp.concatenate([toks[row:row + 1, :n], nxt[row:row + 1]], 1))
+        np.testing.assert_allclose(out.logits[row, :n], alone[0, :n], atol=TOL, rtol=0)
+        np.testing.assert_allclose(step.logits[row], alone[0, n:], atol=TOL, rtol=0)
+
+
+def test_tree_mask_equals_each_branch_as_a_chain(tiny):
+    prefix = _tokens(1, 5, seed=3)
+    # tree: root r; children a, b of r; child c of a.  nodes: [r, a, b, c]
+    nodes = jnp.asarray([[11, 22, 33, 44]])
+    parent = [-1, 0, 0, 1]
+    depth = jnp.asarray([[0, 1, 1, 2]])
+    mask = np.eye(4, dtype=bool)
+    for i, p in enumerate(parent):
+        while p >= 0:
+            mask[i, p] = True
+            p = parent[p]
+    cache = init_cache(tiny.config, 1, 16)
+    cache = forward(tiny, cache, tokens=prefix, positions=jnp.arange(5)[None]).cache.with_lengths(jnp.asarray([5]))
+    tree = forward(tiny, cache, tokens=nodes, positions=5 + depth, block_mask=jnp.asarray(mask)[None])
+    for leaf_path in ([0, 1, 3], [0, 2]):
+        chain = jnp.concatenate([prefix, nodes[:, leaf_path]], 1)
+        ref = full_logits(tiny, chain)[0, 5:]
+        np.testing.assert_allclose(tree.logits[0, jnp.asarray(leaf_path)], ref, atol=TOL, rtol=0)
+
+
+def test_layer_subset_equals_smaller_model_and_hidden_states():
+    cfg = tiny_config(n_layers=4)
+    big = init_model(cfg, seed=5)
+    small = init_model(cfg.replace(n_layers=2), seed=6)
+    # copy layers 1 and 3 of the big model (and embeddings, norm) into the small one
+    nnx.update(small.layers[0], nnx.state(big.layers[1]))
+    nnx.update(small.layers[1], nnx.state(big.layers[3]))
+    nnx.update(small.embed, nnx.state(big.embed))
+    nnx.update(small.norm, nnx.state(big.norm))
+    toks = _tokens(2, 7, seed=7)
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    sub = forward(big, init_cache(cfg, 2, 8), tokens=toks, positions=pos, layers=(1, 3), hidden_layers=(1,))
+    ref = forward(small, init_cache(small.config, 2, 8), tokens=toks, positions=pos, hidden_layers=(0,))
+    np.testing.assert_allclose(sub.logits, ref.logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(sub.hiddens[1], ref.hiddens[0], atol=TOL, rtol=0)
+    # skipped layers' cache entries are never written
+    assert not jnp.any(sub.cache.k[0]) and not jnp.any(sub.cache.k[2]) and jnp.any(sub.cache.k[1])
+    # an exit layer: logits after the first 2 layers equal the norm + head of the layer-1 hidden state
+    early = forward(big, init_cache(cfg, 2, 8), tokens=toks, positions=pos, layers=range(2), hidden_layers=(1,))
+    np.testing.assert_allclose(early.logits, big.logits(big.norm(early.hiddens[1])), atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="not among the layers run"):
+        forward(big, init_cache(cfg, 2, 8), tokens=toks, positions=pos, layers=(0,), hidden_layers=(2,))
+
+
+def test_input_embeddings_equal_token_ids(tiny):
+    toks = _tokens(2, 6, seed=8)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    cache = init_cache(tiny.config, 2, 8)
+    by_id = forward(tiny, cache, tokens=toks, positions=pos)
+    by_embed = forward(tiny, cache, embeds=tiny.embed(toks), positions=pos)
+    np.testing.assert_allclose(by_embed.logits, by_id.logits, atol=TOL, rtol=0)
+    # a mixture of embeddings is a legal input and changes the output
+    mix = 0.5 * tiny.embed(toks) + 0.5 * tiny.embed((toks + 1) % 97)
+    assert not np.allclose(forward(tiny, cache, embeds=mix, positions=pos).logits, by_id.logits)
+    with pytest.raises(ValueError, match="exactly one of tokens"):
+        forward(tiny, cache, tokens=toks, embeds=tiny.embed(toks), positions=pos)
+
+
+def test_logits_at_and_hidden(tiny):
+    toks = _tokens(2, 6, seed=9)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    cache = init_cache(tiny.config, 2, 8)
+    full = forward(tiny, cache, tokens=toks, positions=pos)
+    at = forward(tiny, cache, tokens=toks, positions=pos, logits_at=jnp.asarray([[2], [5]]))
+    np.testing.assert_allclose(at.logits[:, 0], full.logits[jnp.arange(2), jnp.asarray([2, 5])], atol=TOL)
+    np.testing.assert_allclose(tiny.logits(full.hidden), full.logits, atol=TOL)
+
+
+def test_untied_head_bias_and_bfloat16():
+    cfg = tiny_config(tie_embeddings=False, qkv_bias=True)
+    model = init_model(cfg, seed=3)
+    toks = _tokens(1, 6, seed=10)
+    ref = full_logits(model, toks)
+    assert model.lm_head is not None and ref.shape == (1, 6, 97)
+    half = model_from_hf(cfg.replace(dtype="bfloat16"), hf_tensors(model).__getitem__)
+    assert half.embed.embedding[...].dtype == jnp.bfloat16
+    low = full_logits(half, toks)
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(low, ref, atol=0.1)  # same weights up to bf16 rounding
+
+
+def test_causal_mask_shape():
+    m = causal_mask(2, 3)
+    assert m.shape == (2, 3, 3) and bool(m[0, 2, 0]) and not bool(m[0, 0, 2])

@@ -1,0 +1,1 @@
+"""Training loops for heads, drafts and SkipDecode fine-tuning."""
