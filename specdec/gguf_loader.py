@@ -61,6 +61,11 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _shortest(value) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.9999997e-06)."""
+    return float(str(np.float32(value)))
+
+
 def gguf_config(reader, dtype: str = "float32") -> LlamaConfig:
     arch = field(reader, "general.architecture")
     if arch != "llama":
@@ -76,8 +81,8 @@ def gguf_config(reader, dtype: str = "float32") -> LlamaConfig:
         n_kv_heads=int(field(reader, "llama.attention.head_count_kv", n_heads)),
         head_dim=int(field(reader, "llama.attention.key_length", d_model // n_heads)),
         ffn_dim=int(field(reader, "llama.feed_forward_length")),
-        rope_theta=float(field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_eps=float(field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=_shortest(field(reader, "llama.rope.freq_base", 10000.0)),
+        rms_eps=_shortest(field(reader, "llama.attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in names,
         max_seq_len=int(field(reader, "llama.context_length", 8192)),
         dtype=dtype,
