@@ -81,7 +81,7 @@ class _Run:
     """Shared set-up of generate/stream: encoded prompts, shapes, stop handling."""
 
     def __init__(self, model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                 system, stop, stop_tokens, max_cache_len, method, chunk_steps):
+                 system, stop, stop_tokens, ignore_eos, max_cache_len, method, chunk_steps):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
         self.lm = _resolve(model)
@@ -99,7 +99,8 @@ class _Run:
             raise ValueError("stop strings need a tokenizer; this model has none")
         self.shapes = plan_shapes(self.lm.config, [len(p) for p in self.ids], self.max_new, max_cache_len)
         tok = self.lm.tokenizer
-        self.eos = tuple(sorted(set(tok.eos_ids if tok is not None else ()) | set(stop_tokens or ())))
+        eos = set(tok.eos_ids) if tok is not None and not ignore_eos else set()
+        self.eos = tuple(sorted(eos | set(stop_tokens or ())))
         self.chunk_steps = chunk_steps if (chunk_steps or not self.stop) else 16
         self.stopped = [None] * len(prompts)
 
@@ -152,7 +153,7 @@ class _Run:
 
 
 _DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True,
-                 system=None, stop=None, stop_tokens=None, max_cache_len=None,
+                 system=None, stop=None, stop_tokens=None, ignore_eos=False, max_cache_len=None,
                  method="autoregressive")
 
 
@@ -168,6 +169,7 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
       chat: apply the model's chat template to text prompts (default True); system: its system prompt.
       stop: a string or list of strings that end a row (the text is cut before it).
       stop_tokens: token ids that end a row, besides the tokenizer's EOS ids.
+      ignore_eos: do not stop at the tokenizer's EOS ids (benchmarks of fixed length).
       max_cache_len: KV cache positions per row (default: the model's context length).
       method: decoding method ("autoregressive").
     Returns:

@@ -55,7 +55,11 @@ class DecodeShapes:
 
 def plan_shapes(cfg: LlamaConfig, prompt_lens: Sequence[int], max_new: Sequence[int],
                 max_cache_len: int | None = None) -> DecodeShapes:
-    """Choose bucketed static shapes, or raise a clear error when a row cannot fit."""
+    """Choose bucketed static shapes, or raise a clear error when a row cannot fit.
+
+    Cache slots are rounded up to a multiple of 64 only: attention reads every slot at every
+    step, so unused slots cost decode time.
+    """
     limit = cfg.max_seq_len if max_cache_len is None else max_cache_len
     for i, (p, n) in enumerate(zip(prompt_lens, max_new)):
         if p < 1:
@@ -69,7 +73,7 @@ def plan_shapes(cfg: LlamaConfig, prompt_lens: Sequence[int], max_new: Sequence[
                 f"more than the {limit} of {what}: shorten the prompt or lower max_new_tokens")
     need = max(p + n for p, n in zip(prompt_lens, max_new))
     return DecodeShapes(batch=len(prompt_lens), prompt=prompt_bucket(max(prompt_lens)),
-                        slots=min(round_up(need, 256), max(limit, need)), out=round_up(max(max_new), 64))
+                        slots=min(round_up(need, 64), limit), out=round_up(max(max_new), 64))
 
 
 def _record(st: DecodeState, active: jax.Array, token: jax.Array, eos_ids: tuple[int, ...]) -> DecodeState:

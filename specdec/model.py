@@ -72,7 +72,9 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed ``hidden: [..., d_model]`` -> float32 logits ``[..., vocab]``."""
         if self.lm_head is None:
-            out = hidden @ self.embed.embedding[...].T
+            # contract against the [vocab, d] table as stored: a transposed copy per step would
+            # read and write the whole table again
+            out = jax.lax.dot_general(hidden, self.embed.embedding[...], (((hidden.ndim - 1,), (1,)), ((), ())))
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)

@@ -1,0 +1,78 @@
+"""Benchmark harness: device labels, bandwidth probe, results files in the DESIGN.md schema."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
+
+
+def device_label() -> tuple[str, str]:
+    """(folder name, human label), e.g. ("cpu", "cpu: 2-core AVX2") or ("gpu", "gpu: NVIDIA H100")."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        simd = "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+        return "cpu", f"cpu: {os.cpu_count()}-core {simd}"
+    return dev.platform, f"{dev.platform}: {dev.device_kind}"
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` (which must block until its work is done)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def read_bandwidth(gigabytes: float = 1.0) -> float:
+    """Measured read bandwidth in bytes/s: a jitted float32 matrix-vector product over ``gigabytes``."""
+    n = int((gigabytes * 2**30 / 4) ** 0.5)
+    w = jnp.ones((n, n), jnp.float32)
+    x = jnp.ones((n,), jnp.float32)
+    matvec = jax.jit(lambda w, x: w @ x)
+    matvec(w, x).block_until_ready()
+    return w.nbytes / median_time(lambda: matvec(w, x).block_until_ready(), repeats=7)
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
+
+
+def write_results(name: str, payload: dict, columns: list[str]) -> Path:
+    """Write ``results/<device>/<name>.json`` and a Markdown table of ``rows`` beside it."""
+    folder, label = device_label()
+    payload = {"benchmark": name, "device": label, "date": datetime.date.today().isoformat(),
+               "command": command_line(), **payload}
+    out = RESULTS / folder
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    lines = [f"# {name}", "", f"- device: {label}", f"- date: {payload['date']}",
+             f"- command: `{payload['command']}`", f"- model: {payload.get('model')}",
+             f"- prompts: {payload.get('prompts')}", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in payload["rows"]:
+        cells = []
+        for col in columns:
+            value = row.get(col, row.get("options", {}).get(col, ""))
+            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = payload.get("notes")
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return out / f"{name}.json"
