@@ -62,7 +62,7 @@ def classify(model, prompt: list[int], ours: list[int], ref: list[int]) -> str:
     """Compare up to specdec's first EOS: past it transformers' min_new_tokens bans EOS, specdec doesn't."""
     eos = set(model.tokenizer.eos_ids)
     end = next((i for i, t in enumerate(ours) if t in eos), len(ours))
-    diff = next((i for i, (a, b) in enumerate(zip(ours[:end + 1], ref)) if a != b), None)
+    diff = next((i for i, (a, b) in enumerate(zip(ours[:end], ref)) if a != b), None)
     if diff is None:
         return "identical"
     seq = prompt + ours[:diff]
