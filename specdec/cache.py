@@ -26,10 +26,6 @@ class KVCache:
     def slots(self) -> int:
         return self.k.shape[2]
 
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
     def advance(self, n: jax.Array) -> "KVCache":
         """Commit ``n: [batch]`` more tokens per row (the ones written last)."""
         return self.replace(lengths=self.lengths + n.astype(jnp.int32))
