@@ -27,10 +27,9 @@ from flax import nnx
 
 import specdec
 from specdec.bench import read_bandwidth, write_results
-from specdec.cache import init_cache
 from specdec.datasets import humaneval_chat_prompts
 from specdec.fetch import model_file
-from specdec.model import forward
+from specdec.model import teacher_forced_logits
 
 TIE_MARGIN = 1e-3
 
@@ -65,10 +64,8 @@ def classify(model, prompt: list[int], ours: list[int], ref: list[int]) -> str:
     diff = next((i for i, (a, b) in enumerate(zip(ours[:end], ref)) if a != b), None)
     if diff is None:
         return "identical"
-    seq = prompt + ours[:diff]
-    out = forward(model.module, init_cache(model.config, 1, len(seq)), tokens=jnp.asarray([seq]),
-                  positions=jnp.arange(len(seq))[None], logits_at=jnp.asarray([[len(seq) - 1]]))
-    top2 = jax.lax.top_k(out.logits[0, 0], 2)[0]
+    logits = teacher_forced_logits(model.module, jnp.asarray([prompt + ours[:diff]]))[0, -1]
+    top2 = jax.lax.top_k(logits, 2)[0]
     return "tie" if float(top2[0] - top2[1]) < TIE_MARGIN else f"MISMATCH@{diff}"
 
 

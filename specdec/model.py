@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from specdec.cache import KVCache, causal_mask, visibility, write_layer
+from specdec.cache import KVCache, causal_mask, init_cache, visibility, write_layer
 from specdec.config import LlamaConfig
 
 
@@ -183,6 +183,13 @@ def forward(
     hidden = model.norm(x)
     logits = model.logits(hidden) if compute_logits else None
     return ForwardOutput(logits=logits, hidden=hidden, hiddens=hiddens, cache=cache)
+
+
+def teacher_forced_logits(model: Llama, tokens: jax.Array) -> jax.Array:
+    """Logits ``[B, T, V]`` of whole sequences ``tokens: [B, T]`` run from an empty cache."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return forward(model, init_cache(model.config, b, t), tokens=tokens, positions=positions).logits
 
 
 def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:

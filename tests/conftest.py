@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from specdec.cache import init_cache
 from specdec.config import tiny_config
 from specdec.loading import LoadedModel
-from specdec.model import forward, init_model
+from specdec.model import init_model, teacher_forced_logits
+from specdec.sampling import Sampling
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +35,7 @@ def smollm2():
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _teacher_forced(graphdef, state, tokens):
-    model = nnx.merge(graphdef, state)
-    b, t = tokens.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return forward(model, init_cache(model.config, b, t), tokens=tokens, positions=pos).logits
+    return teacher_forced_logits(nnx.merge(graphdef, state), tokens)
 
 
 def full_logits(model, tokens) -> jnp.ndarray:
@@ -52,9 +49,14 @@ def last_logits(model, seq: list[int]) -> jnp.ndarray:
     return full_logits(model, jnp.asarray([padded]))[:, len(seq) - 1]
 
 
-def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding with no KV cache: a full forward over the whole sequence per token."""
+def sampling_reference(model, prompt: list[int], n: int, seed: int = 0,
+                       sampling: Sampling = Sampling()) -> list[int]:
+    """Decoding with no KV cache: a full forward per token, noise keyed by (seed, position).
+
+    With the default ``Sampling()`` this is greedy decoding.
+    """
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(jnp.argmax(last_logits(model, seq)[0])))
+        logits = last_logits(model, seq)
+        seq.append(int(sampling.sample(logits, jnp.asarray([seed]), jnp.asarray([len(seq)]))[0]))
     return seq[len(prompt):]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import specdec
-from conftest import greedy_reference, last_logits
+from conftest import sampling_reference
 from specdec.loading import LoadedModel
 from specdec.sampling import Sampling
 from specdec.tokenizer import TextTokenizer
@@ -18,19 +17,10 @@ PROMPTS = [[5, 17, 3], [42] * 11, [1, 2, 3, 4, 5, 6, 7], [60]]
 HOT = dict(temperature=1.0)
 
 
-def sampling_reference(model, prompt, n, seed, sampling):
-    """Sampling with no cache: full forward per token, Gumbel noise keyed by (seed, position)."""
-    seq = list(prompt)
-    for _ in range(n):
-        logits = last_logits(model, seq)
-        seq.append(int(sampling.sample(logits, jnp.asarray([seed]), jnp.asarray([len(seq)]))[0]))
-    return seq[len(prompt):]
-
-
 def test_greedy_batch_equals_uncached_reference(tiny, tiny_lm):
     out = specdec.generate(tiny_lm, PROMPTS, max_new_tokens=[6, 9, 4, 7])
     for prompt, res in zip(PROMPTS, out):
-        assert res.tokens == greedy_reference(tiny, prompt, len(res.tokens))
+        assert res.tokens == sampling_reference(tiny, prompt, len(res.tokens))
         assert res.finish_reason == "length" and res.prompt_tokens == len(prompt)
     assert [len(r.tokens) for r in out] == [6, 9, 4, 7]
 

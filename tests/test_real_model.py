@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 import specdec
-from specdec.cache import init_cache
 from specdec.cli import main as cli_main
-from specdec.model import forward
+from specdec.model import teacher_forced_logits
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "smollm2_golden.json").read_text())["cases"]
 # float32 on both sides; the measured worst difference over the 512 largest logits is ~5e-5
@@ -38,9 +37,7 @@ def test_token_ids_and_logits_match_transformers(smollm2, case):
     assert text == case["text"]
     ids = smollm2.tokenizer.encode(text)
     assert ids == case["ids"]
-    out = forward(smollm2.module, init_cache(smollm2.config, 1, len(ids)),
-                  tokens=jnp.asarray([ids]), positions=jnp.arange(len(ids))[None])
-    logits = np.asarray(out.logits[0, -1], np.float64)
+    logits = np.asarray(teacher_forced_logits(smollm2.module, jnp.asarray([ids]))[0, -1], np.float64)
     np.testing.assert_allclose(logits[case["top_ids"]], case["top_logits"], atol=LOGIT_TOL, rtol=0)
     assert abs(float(jax.scipy.special.logsumexp(logits)) - case["logsumexp"]) < LOGIT_TOL
     assert int(np.argmax(logits)) == case["top_ids"][0]
