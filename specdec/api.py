@@ -10,10 +10,10 @@ from typing import Iterator
 import numpy as np
 
 from specdec.autoregressive import decode, plan_shapes
+from specdec.engine import speculative_decode
 from specdec.loading import LoadedModel, load
+from specdec.methods import LOSSY_RULES, METHOD_OPTIONS, METHODS, build_proposer
 from specdec.sampling import Sampling
-
-METHODS = ("autoregressive",)
 
 
 @dataclass
@@ -42,6 +42,9 @@ class Generation:
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
     prompt_tokens: int
     stats: DecodeStats
+    target_forwards: int = 0  # decode-loop target forwards this row took part in
+    accepted_per_forward: float = float("nan")  # tokens after the first per target forward (1 for autoregressive)
+    accepted_histogram: list[int] | None = None  # speculative: steps that accepted 0, 1, ... draft tokens
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,10 +84,11 @@ class _Run:
     """Shared set-up of generate/stream: encoded prompts, shapes, stop handling."""
 
     def __init__(self, model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                 system, stop, stop_tokens, ignore_eos, max_cache_len, method, chunk_steps):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+                 system, stop, stop_tokens, ignore_eos, max_cache_len, method, chunk_steps, **method_options):
         self.lm = _resolve(model)
+        built = build_proposer(method, self.lm, method_options)
+        self.proposer, self.pparams = built if built is not None else (None, None)
+        self.rule = method_options.get("verification") or "exact"
         self.single = isinstance(prompts, str) or (
             len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         prompts = [prompts] if self.single else list(prompts)
@@ -97,7 +101,8 @@ class _Run:
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         if self.stop and self.lm.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
-        self.shapes = plan_shapes(self.lm.config, [len(p) for p in self.ids], self.max_new, max_cache_len)
+        extra = self.proposer.tree.size if self.proposer is not None else 0
+        self.shapes = plan_shapes(self.lm.config, [len(p) for p in self.ids], self.max_new, max_cache_len, extra)
         tok = self.lm.tokenizer
         eos = set(tok.eos_ids) if tok is not None and not ignore_eos else set()
         self.eos = tuple(sorted(eos | set(stop_tokens or ())))
@@ -105,9 +110,14 @@ class _Run:
         self.stopped = [None] * len(prompts)
 
     def states(self):
-        gen = decode(self.lm.graphdef, self.lm.state, self.ids, max_new=self.max_new, seeds=self.seeds,
-                     sampling=self.sampling, eos_ids=self.eos, shapes=self.shapes,
-                     chunk_steps=self.chunk_steps)
+        """Yield the decode state (``DecodeState``, or ``SpecState`` with ``.dec``) after each chunk."""
+        common = dict(max_new=self.max_new, seeds=self.seeds, sampling=self.sampling, eos_ids=self.eos,
+                      shapes=self.shapes, chunk_steps=self.chunk_steps)
+        if self.proposer is None:
+            gen = decode(self.lm.graphdef, self.lm.state, self.ids, **common)
+        else:
+            gen = speculative_decode(self.lm.graphdef, self.lm.state, self.proposer, self.pparams, self.ids,
+                                     rule=self.rule, **common)
         st = next(gen)
         while True:
             yield st
@@ -120,12 +130,14 @@ class _Run:
     def _apply_stops(self, st):
         if not self.stop:
             return st
-        out, n_out, done = np.asarray(st.out), np.asarray(st.n_out), np.array(st.done)
+        dec = _dec(st)
+        out, n_out, done = np.asarray(dec.out), np.asarray(dec.n_out), np.array(dec.done)
         for row in range(len(self.ids)):
             if self.stopped[row] is None:
                 self.stopped[row] = self._find_stop(out[row, :n_out[row]])
                 done[row] |= self.stopped[row] is not None
-        return st.replace(done=done)
+        dec = dec.replace(done=done)
+        return dec if st is _dec(st) else st.replace(dec=dec)
 
     def _find_stop(self, toks: np.ndarray) -> tuple[int, int] | None:
         """(character where the first stop string starts, tokens needed to produce it) or None."""
@@ -138,6 +150,7 @@ class _Run:
         return min(hits), n
 
     def row_tokens(self, st, row: int) -> tuple[list[int], str]:
+        st = _dec(st)
         toks = np.asarray(st.out[row, :int(st.n_out[row])]).tolist()
         if self.stopped[row] is not None:
             return toks[:self.stopped[row][1]], "stop"
@@ -152,9 +165,15 @@ class _Run:
         return text[:self.stopped[row][0]] if self.stopped[row] is not None else text
 
 
+def _dec(st):
+    """The ``DecodeState`` inside an autoregressive or speculative state."""
+    return getattr(st, "dec", st)
+
+
+_METHOD_OPTIONS = sorted({o for opts in METHOD_OPTIONS.values() for o in opts})
 _DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True,
                  system=None, stop=None, stop_tokens=None, ignore_eos=False, max_cache_len=None,
-                 method="autoregressive")
+                 method="autoregressive", **{o: None for o in _METHOD_OPTIONS})
 
 
 def generate(model, prompts, **options) -> Generation | list[Generation]:
@@ -171,7 +190,14 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
       stop_tokens: token ids that end a row, besides the tokenizer's EOS ids.
       ignore_eos: do not stop at the tokenizer's EOS ids (benchmarks of fixed length).
       max_cache_len: KV cache positions per row (default: the model's context length).
-      method: decoding method ("autoregressive").
+      method: "autoregressive" (default), "draft" (a draft model proposes) or "prompt_lookup"
+        (n-gram match against the row's own context). Speculative options:
+        draft: the draft model (``LoadedModel``, registry name or path; same vocabulary);
+        k: draft tokens per step (default 4); draft_width: candidates per depth (default 1, a chain);
+        max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1);
+        verification: "exact" (default; greedy, or coupled sampling: token-identical to
+        autoregressive with the same seeds), "rejection" (lossless speculative sampling, exact
+        in distribution) or "typical" (Medusa typical acceptance, LOSSY).
     Returns:
       a ``Generation`` for a single prompt, else a list in input order.
     """
@@ -183,14 +209,24 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
     ttft = None
     for st in run.states():
         if ttft is None:
-            st.last.block_until_ready()
+            _dec(st).last.block_until_ready()
             ttft = time.perf_counter() - start
     wall = time.perf_counter() - start
     rows = [run.row_tokens(st, r) for r in range(len(run.ids))]
-    stats = DecodeStats(ttft_s=ttft, wall_s=wall, new_tokens=int(np.sum(st.n_out)),
-                        target_forwards=int(st.forwards), rows=len(rows))
-    results = [Generation(tokens=toks, text=run.text(toks, r), finish_reason=why,
-                          prompt_tokens=len(run.ids[r]), stats=stats) for r, (toks, why) in enumerate(rows)]
+    dec = _dec(st)
+    stats = DecodeStats(ttft_s=ttft, wall_s=wall, new_tokens=int(np.sum(dec.n_out)),
+                        target_forwards=int(dec.forwards), rows=len(rows))
+    if dec is st:  # autoregressive: one forward per token after the first
+        forwards = [int(n) - 1 for n in np.asarray(dec.n_out)]
+        hists = [None] * len(rows)
+    else:
+        forwards = np.asarray(st.row_forwards).tolist()
+        hists = np.asarray(st.accepted_hist).tolist()
+    n_out = np.asarray(dec.n_out)
+    results = [Generation(tokens=toks, text=run.text(toks, r), finish_reason=why, prompt_tokens=len(run.ids[r]),
+                          stats=stats, target_forwards=forwards[r], accepted_histogram=hists[r],
+                          accepted_per_forward=float(n_out[r] - 1) / forwards[r] if forwards[r] else float("nan"))
+               for r, (toks, why) in enumerate(rows)]
     return results[0] if run.single else results
 
 

@@ -54,11 +54,12 @@ class DecodeShapes:
 
 
 def plan_shapes(cfg: LlamaConfig, prompt_lens: Sequence[int], max_new: Sequence[int],
-                max_cache_len: int | None = None) -> DecodeShapes:
+                max_cache_len: int | None = None, extra: int = 0) -> DecodeShapes:
     """Choose bucketed static shapes, or raise a clear error when a row cannot fit.
 
-    Cache slots are rounded up to a multiple of 64 only: attention reads every slot at every
-    step, so unused slots cost decode time.
+    ``extra``: slots needed past the last generated token (a speculative step writes a whole
+    candidate tree of that many nodes). Cache slots are rounded up to a multiple of 64 only:
+    attention reads every slot at every step, so unused slots cost decode time.
     """
     limit = cfg.max_seq_len if max_cache_len is None else max_cache_len
     for i, (p, n) in enumerate(zip(prompt_lens, max_new)):
@@ -66,12 +67,13 @@ def plan_shapes(cfg: LlamaConfig, prompt_lens: Sequence[int], max_new: Sequence[
             raise ValueError(f"prompt {i} is empty: give at least one token")
         if n < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {n} for prompt {i}")
-        if p + n > limit:
+        if p + n + extra > limit:
             what = "the cache (max_cache_len)" if max_cache_len is not None else "the model's context"
+            tree = f" plus {extra} for the candidate tree" if extra else ""
             raise ValueError(
-                f"prompt {i} has {p} tokens; with max_new_tokens={n} it needs {p + n} positions, "
+                f"prompt {i} has {p} tokens; with max_new_tokens={n}{tree} it needs {p + n + extra} positions, "
                 f"more than the {limit} of {what}: shorten the prompt or lower max_new_tokens")
-    need = max(p + n for p, n in zip(prompt_lens, max_new))
+    need = max(p + n for p, n in zip(prompt_lens, max_new)) + extra
     return DecodeShapes(batch=len(prompt_lens), prompt=prompt_bucket(max(prompt_lens)),
                         slots=min(round_up(need, 64), limit), out=round_up(max(max_new), 64))
 

@@ -1,0 +1,116 @@
+"""A small draft model as a proposer: k draft tokens per step, its own KV cache, free rollback.
+
+The draft cache holds every committed token except the newest one: each step
+first feeds ``[token before the root, root]`` (re-writing the former, so that a
+draft token the target replaced is overwritten), then one token per forward.
+After verification the draft's length is set to the target's committed length
+minus one, which drops whatever the target rejected.
+
+``width > 1`` adds, at every depth, the ``width - 1`` next most likely draft
+tokens as leaf siblings of the chain's token: the target may accept one of them
+when it rejects the chain there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from specdec.cache import KVCache, init_cache
+from specdec.config import LlamaConfig
+from specdec.engine import Commit, Proposal, View
+from specdec.model import forward
+from specdec.sampling import Sampling, position_key
+from specdec.tree import Tree
+
+DRAFT_SALT = 0xD4A  # draft draws under rule "rejection": fold_in(position_key(seed, position), salt)
+
+
+def chain_with_siblings(k: int, width: int) -> Tree:
+    """Root, then ``k`` depths of ``width`` nodes: the first continues the chain, the rest are leaves."""
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    parents = [-1]
+    for d in range(1, k + 1):
+        spine_above = 0 if d == 1 else 1 + (d - 2) * width
+        parents += [spine_above] * width
+    return Tree(tuple(parents))
+
+
+@dataclass(frozen=True)
+class DraftModelProposer:
+    """Propose with a draft model (``graphdef`` + params passed to the engine as ``pparams``)."""
+
+    graphdef: nnx.GraphDef
+    k: int
+    width: int = 1
+
+    @property
+    def tree(self) -> Tree:
+        return chain_with_siblings(self.k, self.width)
+
+    def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, slots: int) -> KVCache:
+        model = nnx.merge(self.graphdef, params)
+        b, p = tokens.shape
+        cache = init_cache(model.config, b, slots)
+        res = forward(model, cache, tokens=tokens, positions=jnp.broadcast_to(jnp.arange(p), (b, p)),
+                      compute_logits=False)
+        return res.cache.with_lengths(prompt_lens - 1)  # the last prompt token is re-fed next step
+
+    def _pick(self, logits: jax.Array, seeds: jax.Array, position: jax.Array, sampling: Sampling, rule: str):
+        """Chain token [B], sibling tokens [B, width-1] and the chain token's distribution [B, V]."""
+        logq = sampling.log_probs(logits)
+        if rule == "rejection" and not sampling.greedy:
+            keys = jax.vmap(lambda s, p: jax.random.fold_in(position_key(s, p), DRAFT_SALT))(
+                seeds.astype(jnp.uint32), position)
+            token = jax.vmap(lambda key, lq: jax.random.categorical(key, lq))(keys, logq).astype(jnp.int32)
+        else:  # coupled: the same Gumbel draw the target makes at this position
+            token = sampling.sample(logits, seeds, position)
+        others = jnp.where(jax.nn.one_hot(token, logq.shape[-1], dtype=bool), -jnp.inf, logq)
+        siblings = jax.lax.top_k(others, self.width - 1)[1].astype(jnp.int32)
+        return token, siblings, jnp.exp(logq)
+
+    def propose(self, params, cache: KVCache, view: View, sampling: Sampling, rule: str):
+        model = nnx.merge(self.graphdef, params)
+        length = view.lengths
+        prev = jnp.take_along_axis(view.history, (length - 1)[:, None], axis=1)[:, 0]
+        res = forward(model, cache.with_lengths(length - 1), tokens=jnp.stack([prev, view.last], axis=1),
+                      positions=jnp.stack([length - 1, length], axis=1), logits_at=jnp.ones_like(length)[:, None])
+        cache = res.cache.with_lengths(length + 1)
+
+        def step(carry, depth):
+            cache, logits = carry
+            token, siblings, q = self._pick(logits, view.seeds, length + depth, sampling, rule)
+            out = forward(model, cache, tokens=token[:, None], positions=(length + depth)[:, None])
+            return (out.cache.advance(jnp.ones_like(length)), out.logits[:, 0]), (token, siblings, q)
+
+        (cache, logits), (tokens, siblings, qs) = jax.lax.scan(step, (cache, res.logits[:, 0]),
+                                                               jnp.arange(1, self.k))
+        last = self._pick(logits, view.seeds, length + self.k, sampling, rule)
+        tokens = jnp.concatenate([tokens, last[0][None]], axis=0).T  # [B, k]
+        siblings = jnp.concatenate([siblings, last[1][None]], axis=0).transpose(1, 0, 2)  # [B, k, w-1]
+        nodes = jnp.concatenate([tokens[:, :, None], siblings], axis=2).reshape(tokens.shape[0], -1)
+        probs = None
+        if rule == "rejection" and not sampling.greedy:
+            qs = jnp.concatenate([qs, last[2][None]], axis=0).transpose(1, 0, 2)  # [B, k, V]
+            point = jax.nn.one_hot(siblings, qs.shape[-1], dtype=qs.dtype)  # siblings: point masses
+            per_node = jnp.concatenate([qs[:, :, None], point], axis=2).reshape(tokens.shape[0], -1, qs.shape[-1])
+            probs = jnp.concatenate([jnp.zeros_like(per_node[:, :1]), per_node], axis=1)  # node 0: unused
+        return cache, Proposal(tokens=nodes, draft_probs=probs)
+
+    def commit(self, params, cache: KVCache, commit: Commit) -> KVCache:
+        return cache.with_lengths(commit.lengths - 1)
+
+
+def draft_proposer(target: LlamaConfig, draft_config: LlamaConfig, graphdef: nnx.GraphDef, *, k: int,
+                   width: int = 1) -> DraftModelProposer:
+    """Check that the draft fits the target and build its proposer."""
+    if draft_config.vocab_size != target.vocab_size:
+        raise ValueError(f"draft/target vocabulary mismatch: the draft has {draft_config.vocab_size} tokens, "
+                         f"the target {target.vocab_size}; the draft must use the target's tokenizer")
+    if int(k) != k or k < 1:
+        raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k}")
+    return DraftModelProposer(graphdef=graphdef, k=int(k), width=int(width))

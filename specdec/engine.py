@@ -1,0 +1,243 @@
+"""The speculative engine: propose -> one target forward over the tree -> verify -> commit.
+
+Every lossless method is a :class:`Proposer`; the loop here never changes for a
+new one. Rows of a batch keep their own committed length, position, accepted
+count, token budget and stop state at every step: the target writes each row's
+candidates at that row's length, accepted tree paths are compacted into
+contiguous slots, and ``lengths`` only advance past what was accepted, so
+rejected entries are never read (rollback is free). The loop runs on device in
+``lax.while_loop`` chunks; the host reads the state between chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Iterator, NamedTuple, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from specdec.autoregressive import DecodeShapes, DecodeState, pad_prompts, prefill
+from specdec.cache import KVCache
+from specdec.model import ForwardOutput, forward
+from specdec.sampling import Sampling
+from specdec.tree import Tree
+from specdec.verify import Verdict, node_positions, target_choices, verify_exact, verify_rejection, verify_typical
+
+RULES = ("exact", "rejection", "typical")
+"""Verification rules: ``exact`` (greedy, or coupled sampling: seed-identical to autoregressive),
+``rejection`` (lossless speculative sampling), ``typical`` (Medusa typical acceptance, LOSSY)."""
+
+
+class Proposal(NamedTuple):
+    tokens: jax.Array  # [B, N - 1] tokens of nodes 1 .. N - 1 of the proposer's tree
+    draft_probs: jax.Array | None  # [B, N, V] distribution each node was drawn from (rule "rejection"), or None
+
+
+class View(NamedTuple):
+    """What a proposer may read at the start of a step."""
+
+    history: jax.Array  # [B, H] every token by sequence position (prompt and generated)
+    lengths: jax.Array  # [B] committed target length = the root's position
+    last: jax.Array  # [B] the root token (newest, not yet in the target cache)
+    seeds: jax.Array  # [B] uint32 row seeds
+
+
+class Commit(NamedTuple):
+    """What a proposer learns after verification."""
+
+    verdict: Verdict
+    lengths: jax.Array  # [B] committed target length after the step (the new root's position)
+    target: ForwardOutput  # the target forward over the tree (final hidden [B, N, d], logits)
+    active: jax.Array  # [B] rows that took part in the step
+
+
+class Proposer(Protocol):
+    """A source of candidate tokens. Frozen and hashable (it is a static jit argument);
+    parameters and state are pytrees passed alongside it."""
+
+    tree: Tree
+
+    def prefill(self, params: Any, tokens: jax.Array, prompt_lens: jax.Array, slots: int) -> Any:
+        """Proposer state after the padded prompts ``tokens: [B, P]``."""
+
+    def propose(self, params: Any, state: Any, view: View, sampling: Sampling, rule: str) -> tuple[Any, Proposal]:
+        """Candidates for the tree's non-root nodes."""
+
+    def commit(self, params: Any, state: Any, commit: Commit) -> Any:
+        """Roll the proposer's state forward to the accepted path."""
+
+
+@struct.dataclass
+class SpecState:
+    dec: DecodeState  # target cache, root token, outputs, budgets, stop state
+    history: jax.Array  # [B, slots] tokens by position
+    proposer: Any  # the proposer's state (e.g. a draft KV cache)
+    row_forwards: jax.Array  # [B] target forwards each row took part in
+    accepted_hist: jax.Array  # [B, D + 1] how often a step accepted 0 .. D draft tokens
+
+
+def _compact(cache: KVCache, path: jax.Array, n: jax.Array) -> KVCache:
+    """Move the accepted path's K/V (slots ``lengths + path[j]``) to slots ``lengths + j``, all layers."""
+    b, width = path.shape
+    rows = jnp.arange(b)[:, None]
+    src = cache.lengths[:, None] + path
+    j = jnp.arange(width)[None, :]
+    dst = jnp.where(j <= n[:, None], cache.lengths[:, None] + j, cache.slots)  # past the path: dropped
+    k = cache.k.at[:, rows, dst].set(cache.k[:, rows, src], mode="drop")
+    v = cache.v.at[:, rows, dst].set(cache.v[:, rows, src], mode="drop")
+    return cache.replace(k=k, v=v)
+
+
+def _verify(tree: Tree, rule: str, sampling: Sampling, tokens, logits, prop: Proposal, seeds, lengths) -> Verdict:
+    if rule == "rejection" and not sampling.greedy:
+        return verify_rejection(tree, tokens, sampling.log_probs(logits), prop.draft_probs, seeds, lengths)
+    choices = target_choices(sampling, logits, seeds, node_positions(tree, lengths))
+    if rule == "typical":
+        return verify_typical(tree, tokens, sampling.log_probs(logits), choices)
+    return verify_exact(tree, tokens, choices)
+
+
+def _emit(st: SpecState, verdict: Verdict, tokens: jax.Array, active: jax.Array,
+          eos_ids: tuple[int, ...]) -> tuple[SpecState, jax.Array]:
+    """Record the accepted tokens and the target's next token; returns the state and tokens emitted [B]."""
+    dec = st.dec
+    n = verdict.n_accepted
+    width = verdict.path.shape[1]
+    j = jnp.arange(width)[None, :]
+    path_tokens = jnp.take_along_axis(tokens, verdict.path, axis=1)
+    emitted = jnp.where(j < n[:, None], jnp.roll(path_tokens, -1, axis=1), verdict.next_token[:, None])
+    is_eos = jnp.isin(emitted, jnp.asarray(eos_ids, jnp.int32)) & (j <= n[:, None])
+    first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), width)
+    count = jnp.minimum(jnp.minimum(n + 1, first_eos + 1), dec.max_new - dec.n_out)
+    count = jnp.where(active, count, 0)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    keep = j < count[:, None]
+    out = dec.out.at[rows, jnp.where(keep, dec.n_out[:, None] + j, dec.out.shape[1])].set(emitted, mode="drop")
+    hist_at = jnp.where(keep, dec.cache.lengths[:, None] + 1 + j, st.history.shape[1])
+    history = st.history.at[rows, hist_at].set(emitted, mode="drop")
+    n_out = dec.n_out + count
+    done = dec.done | (active & ((first_eos <= n) | (n_out >= dec.max_new)))
+    last = jnp.where(active, jnp.take_along_axis(emitted, n[:, None], axis=1)[:, 0], dec.last)
+    return st.replace(dec=dec.replace(out=out, n_out=n_out, done=done, last=last), history=history), count
+
+
+def propose_part(graphdef, params, proposer, pparams, st: SpecState, sampling: Sampling, rule: str):
+    """The proposer's half of a step: ``(proposer state, Proposal)``."""
+    d = st.dec
+    view = View(history=st.history, lengths=d.cache.lengths, last=d.last, seeds=d.seeds)
+    return proposer.propose(pparams, st.proposer, view, sampling, rule)
+
+
+def verify_part(graphdef, params, proposer, pparams, st: SpecState, pstate, prop: Proposal, sampling: Sampling,
+                rule: str, eos_ids: tuple[int, ...]) -> SpecState:
+    """The target's half of a step: one forward over the tree, verify, commit."""
+    model = nnx.merge(graphdef, params)
+    tree = proposer.tree
+    dec = st.dec
+    active = ~dec.done
+    lengths = dec.cache.lengths
+    tokens = jnp.concatenate([dec.last[:, None], prop.tokens.astype(jnp.int32)], axis=1)
+    res = forward(model, dec.cache, tokens=tokens, positions=node_positions(tree, lengths),
+                  block_mask=jnp.asarray(tree.ancestors))
+    verdict = _verify(tree, rule, sampling, tokens, res.logits, prop, dec.seeds, lengths)
+    n = verdict.n_accepted
+    cache = res.cache if tree.is_chain else _compact(res.cache, verdict.path, n)
+    st, _ = _emit(st, verdict, tokens, active, eos_ids)
+    new_lengths = lengths + jnp.where(active, n + 1, 0)
+    st = st.replace(dec=st.dec.replace(cache=cache.with_lengths(new_lengths), forwards=dec.forwards + 1))
+    pstate = proposer.commit(pparams, pstate, Commit(verdict=verdict, lengths=new_lengths, target=res, active=active))
+    hist = st.accepted_hist.at[jnp.arange(n.shape[0]), n].add(active.astype(jnp.int32))
+    return st.replace(proposer=pstate, row_forwards=st.row_forwards + active, accepted_hist=hist)
+
+
+_STATIC = ("graphdef", "proposer", "sampling", "rule", "eos_ids")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
+def spec_chunk(graphdef, params, proposer, pparams, st: SpecState, steps, *, sampling: Sampling, rule: str,
+               eos_ids: tuple[int, ...]) -> SpecState:
+    """Up to ``steps`` speculative steps for every unfinished row, on device."""
+
+    def body(carry):
+        i, st = carry
+        pstate, prop = propose_part(graphdef, params, proposer, pparams, st, sampling, rule)
+        return i + 1, verify_part(graphdef, params, proposer, pparams, st, pstate, prop, sampling, rule, eos_ids)
+
+    def cond(carry):
+        i, st = carry
+        return (i < steps) & ~jnp.all(st.dec.done)
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), st))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "proposer", "shapes", "sampling", "eos_ids"))
+def spec_prefill(graphdef, params, proposer, pparams, tokens, prompt_lens, max_new, seeds, *,
+                 shapes: DecodeShapes, sampling: Sampling, eos_ids: tuple[int, ...]) -> SpecState:
+    """Prefill the target (and sample each row's first token) and the proposer."""
+    dec = prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, shapes=shapes, sampling=sampling,
+                  eos_ids=eos_ids)
+    b = tokens.shape[0]
+    history = jnp.zeros((b, shapes.slots), jnp.int32).at[:, :tokens.shape[1]].set(tokens, mode="drop")
+    history = history.at[jnp.arange(b), prompt_lens].set(dec.last, mode="drop")
+    return SpecState(dec=dec, history=history, proposer=proposer.prefill(pparams, tokens, prompt_lens, shapes.slots),
+                     row_forwards=jnp.zeros((b,), jnp.int32),
+                     accepted_hist=jnp.zeros((b, proposer.tree.max_depth + 1), jnp.int32))
+
+
+class StepTimes(NamedTuple):
+    proposer_s: float  # wall time of the proposer halves, summed over steps
+    target_s: float  # wall time of the target forward + verify + commit halves
+
+
+_propose_jit = jax.jit(propose_part, static_argnames=("graphdef", "proposer", "sampling", "rule"))
+_verify_jit = jax.jit(verify_part, static_argnames=_STATIC)
+
+
+def timed_steps(graphdef, params, proposer, pparams, st: SpecState, steps: int, *, sampling: Sampling, rule: str,
+                eos_ids: tuple[int, ...]) -> tuple[SpecState, StepTimes]:
+    """Run up to ``steps`` steps from the host, timing the proposer and the target halves apart.
+
+    Slower than :func:`spec_chunk` (a host round trip per step); for measuring proposer cost.
+    """
+    prop_s = target_s = 0.0
+    for _ in range(steps):
+        if bool(jnp.all(st.dec.done)):
+            break
+        t0 = time.perf_counter()
+        pstate, prop = jax.block_until_ready(_propose_jit(graphdef, params, proposer, pparams, st, sampling=sampling,
+                                                          rule=rule))
+        t1 = time.perf_counter()
+        st = jax.block_until_ready(_verify_jit(graphdef, params, proposer, pparams, st, pstate, prop,
+                                               sampling=sampling, rule=rule, eos_ids=eos_ids))
+        prop_s += t1 - t0
+        target_s += time.perf_counter() - t1
+    return st, StepTimes(prop_s, target_s)
+
+
+def speculative_decode(graphdef, params, proposer, pparams, prompts: Sequence[Sequence[int]], *,
+                       max_new: Sequence[int], seeds: Sequence[int], sampling: Sampling, rule: str,
+                       eos_ids: tuple[int, ...], shapes: DecodeShapes,
+                       chunk_steps: int | None = None) -> Iterator[SpecState]:
+    """Decode ``prompts`` speculatively, yielding the state after prefill and after each chunk.
+
+    Like :func:`specdec.autoregressive.decode`, the caller may ``send`` back a state with
+    more rows marked done. ``shapes.slots`` must leave room for a whole tree past the budget.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown verification rule {rule!r}; known: {', '.join(RULES)}")
+    tokens = jnp.asarray(pad_prompts(prompts, shapes.prompt))
+    lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    st = spec_prefill(graphdef, params, proposer, pparams, tokens, lens, jnp.asarray(max_new, jnp.int32),
+                      jnp.asarray(seeds, jnp.uint32), shapes=shapes, sampling=sampling, eos_ids=eos_ids)
+    steps = jnp.int32(chunk_steps or shapes.out)
+    while True:
+        replaced = yield st
+        if replaced is not None:
+            st = replaced
+        if bool(jnp.all(st.dec.done)):
+            return
+        st = spec_chunk(graphdef, params, proposer, pparams, st, steps, sampling=sampling, rule=rule,
+                        eos_ids=eos_ids)

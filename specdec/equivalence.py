@@ -1,0 +1,157 @@
+"""The equivalence checker: does a method return what autoregressive decoding returns?
+
+Runs the method and the autoregressive reference on the same prompts with the
+same options and classifies every row:
+
+- ``identical``: the same tokens and the same ending;
+- ``tie``: at the first difference the reference's score for its own choice beats
+  the method's choice by less than ``tolerance`` (a numerical tie: a 1-token and a
+  k-token forward differ by ~1e-4 in float32). The score is the logit for greedy
+  decoding and ``log p / T + Gumbel noise`` (in units of logits) when sampling;
+- ``MISMATCH``: anything else: a bug.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from specdec.api import Generation, generate
+from specdec.model import teacher_forced_logits
+from specdec.sampling import Sampling, gumbel_noise
+
+DEFAULT_TOLERANCE = 1e-3
+
+
+@dataclass
+class RowReport:
+    verdict: str  # "identical" | "tie" | "MISMATCH"
+    divergence: int | None = None  # index of the first differing generated token
+    gap: float | None = None  # reference score of its choice minus that of the method's choice
+
+
+@dataclass
+class Report:
+    method: str
+    rows: list[RowReport]
+    results: list[Generation] = field(repr=False, default_factory=list)
+    reference: list[Generation] = field(repr=False, default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {v: sum(r.verdict == v for r in self.rows) for v in ("identical", "tie", "MISMATCH")}
+
+    @property
+    def verdict(self) -> str:
+        """The worst row verdict: MISMATCH > tie > identical."""
+        c = self.counts
+        return "MISMATCH" if c["MISMATCH"] else "tie" if c["tie"] else "identical"
+
+    def table(self) -> str:
+        lines = [f"{'row':>4}  {'verdict':<10} {'divergence':>10} {'gap':>10}"]
+        for i, r in enumerate(self.rows):
+            div = "" if r.divergence is None else str(r.divergence)
+            gap = "" if r.gap is None else f"{r.gap:.2e}"
+            lines.append(f"{i:>4}  {r.verdict:<10} {div:>10} {gap:>10}")
+        c = self.counts
+        lines.append(f"{self.method}: {c['identical']} identical, {c['tie']} tie, {c['MISMATCH']} MISMATCH")
+        return "\n".join(lines)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _last_scores(graphdef, state, tokens, at):
+    logits = teacher_forced_logits(nnx.merge(graphdef, state), tokens)
+    return logits[0, at]
+
+
+def choice_gap(model, prompt: list[int], prefix: list[int], ref_next: int | None, ours_next: int | None, *,
+               sampling: Sampling, seed: int, eos_ids: tuple[int, ...]) -> float:
+    """Score of the reference's choice minus the method's at position ``len(prompt) + len(prefix)``.
+
+    A ``None`` choice means "ended there" (an EOS token): its score is the best EOS score.
+    """
+    seq = list(prompt) + list(prefix)
+    padded = seq + [0] * (-len(seq) % 64)  # few distinct shapes to compile
+    logits = _last_scores(model.graphdef, model.state, jnp.asarray([padded]), len(seq) - 1)
+    if sampling.greedy:
+        score = logits
+    else:  # the perturbed score autoregressive sampling maximises, in logit units
+        noise = gumbel_noise(jnp.asarray([seed]), jnp.asarray([len(seq)]), logits.shape[-1])[0]
+        score = (sampling.log_probs(logits) + noise) * sampling.temperature
+    score = np.asarray(score, np.float64)
+
+    def of(tok):
+        if tok is None:
+            return score[list(eos_ids)].max() if eos_ids else -np.inf
+        return score[tok]
+
+    return float(of(ref_next) - of(ours_next))
+
+
+def classify(model, prompt: list[int], ours: Generation, ref: Generation, *, sampling: Sampling, seed: int,
+             eos_ids: tuple[int, ...], tolerance: float = DEFAULT_TOLERANCE) -> RowReport:
+    """Compare one row of a method against the autoregressive reference."""
+    a, b = ours.tokens, ref.tokens
+    if a == b and ours.finish_reason == ref.finish_reason:
+        return RowReport("identical")
+    i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if i == len(a) == len(b) or (ours.finish_reason == "length" and i == len(a)) or (
+            ref.finish_reason == "length" and i == len(b)):
+        # one side ran out of budget or a stop string cut it where the other went on: not a token choice
+        return RowReport("MISMATCH", divergence=i)
+    ours_next = a[i] if i < len(a) else None
+    ref_next = b[i] if i < len(b) else None
+    gap = choice_gap(model, prompt, b[:i], ref_next, ours_next, sampling=sampling, seed=seed, eos_ids=eos_ids)
+    return RowReport("tie" if abs(gap) < tolerance else "MISMATCH", divergence=i, gap=gap)
+
+
+def check(model, prompts, method: str, *, batch_size: int | None = None, reference_batch_size: int | None = None,
+          tolerance: float = DEFAULT_TOLERANCE, **options) -> Report:
+    """Run ``method`` and autoregressive decoding on ``prompts`` and classify every row.
+
+    Args:
+      model: a ``LoadedModel`` (or a name for ``specdec.load``).
+      prompts: list of prompts (text or token id lists).
+      batch_size: rows per ``generate`` call for the method (default: all at once);
+      reference_batch_size: the same for the reference (default 1: each prompt alone).
+      options: ``generate`` options; method-only options (k, draft, ...) go to the method.
+    """
+    from specdec.api import _resolve
+    from specdec.methods import METHOD_OPTIONS
+
+    lm = _resolve(model)
+    prompts = list(prompts)
+    method_only = {k: options.pop(k) for k in list(options) if any(k in o for o in METHOD_OPTIONS.values())}
+    ours = _batched(lm, prompts, batch_size or len(prompts), method=method, **options, **method_only)
+    ref = _batched(lm, prompts, reference_batch_size or 1, method="autoregressive", **options)
+    sampling = Sampling(temperature=options.get("temperature", 0.0), top_k=options.get("top_k", 0),
+                        top_p=options.get("top_p", 1.0))
+    seeds = options.get("seed", 0)
+    seeds = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds] * len(prompts)
+    eos = tuple(lm.tokenizer.eos_ids) if lm.tokenizer is not None else ()
+    eos = tuple(sorted(set(eos) | set(options.get("stop_tokens") or ())))
+    encoded = [_prompt_ids(lm, p, options) for p in prompts]
+    rows = [classify(lm, encoded[i], ours[i], ref[i], sampling=sampling, seed=seeds[i], eos_ids=eos,
+                     tolerance=tolerance) for i in range(len(prompts))]
+    return Report(method=method, rows=rows, results=ours, reference=ref)
+
+
+def _prompt_ids(lm, prompt, options) -> list[int]:
+    from specdec.api import _encode
+
+    return _encode(lm, [prompt], options.get("chat", True), options.get("system"))[0]
+
+
+def _batched(lm, prompts, size: int, **options) -> list[Generation]:
+    """``generate`` in batches of ``size``; per-prompt options (seed, max_new_tokens lists) are sliced."""
+    out = []
+    for start in range(0, len(prompts), size):
+        part = {k: v[start:start + size] if isinstance(v, (list, tuple)) and k in ("seed", "max_new_tokens") else v
+                for k, v in options.items()}
+        out.extend(generate(lm, prompts[start:start + size], **part))
+    return out

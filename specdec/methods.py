@@ -1,0 +1,63 @@
+"""Method names -> proposers: the one place that maps the API's ``method=`` to a proposer.
+
+Each entry takes the target (a ``LoadedModel``) and the caller's method options
+and returns ``(proposer, proposer params)``; ``autoregressive`` has no proposer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+METHOD_OPTIONS = {
+    "autoregressive": (),
+    "draft": ("draft", "k", "draft_width", "verification"),
+    "prompt_lookup": ("k", "max_ngram", "min_ngram", "verification"),
+}
+METHODS = tuple(METHOD_OPTIONS)
+LOSSY_RULES = ("typical",)
+
+
+def _opt(options: dict, name: str, default):
+    value = options.get(name)
+    return default if value is None else value
+
+
+def _draft(target, options: dict) -> tuple[Any, Any]:
+    from drafts.draft_model import draft_proposer
+    from specdec.loading import LoadedModel, load
+
+    draft = options.get("draft")
+    if draft is None:
+        raise ValueError("method 'draft' needs a draft model: pass draft=<LoadedModel, registry name or path>")
+    if not isinstance(draft, LoadedModel):
+        draft = load(draft, dtype=target.config.dtype)
+    proposer = draft_proposer(target.config, draft.config, draft.graphdef, k=_opt(options, "k", 4),
+                              width=_opt(options, "draft_width", 1))
+    return proposer, draft.state
+
+
+def _prompt_lookup(target, options: dict) -> tuple[Any, Any]:
+    from drafts.prompt_lookup import PromptLookupProposer
+
+    return PromptLookupProposer(k=_opt(options, "k", 4), max_ngram=_opt(options, "max_ngram", 3),
+                                min_ngram=_opt(options, "min_ngram", 1)), None
+
+
+_BUILDERS: dict[str, Callable] = {"draft": _draft, "prompt_lookup": _prompt_lookup}
+
+
+def build_proposer(method: str, target, options: dict) -> tuple[Any, Any] | None:
+    """``(proposer, params)`` for ``method``, or None for autoregressive decoding.
+
+    Raises ValueError for an unknown method or an option the method does not take.
+    """
+    if method not in METHOD_OPTIONS:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    given = {k for k, v in options.items() if v is not None}
+    foreign = given - set(METHOD_OPTIONS[method])
+    if foreign:
+        raise ValueError(f"method {method!r} does not take option(s) {sorted(foreign)}; "
+                         f"it takes {list(METHOD_OPTIONS[method]) or 'none'}")
+    if method == "autoregressive":
+        return None
+    return _BUILDERS[method](target, options)
