@@ -60,4 +60,9 @@ def build_proposer(method: str, target, options: dict) -> tuple[Any, Any] | None
                          f"it takes {list(METHOD_OPTIONS[method]) or 'none'}")
     if method == "autoregressive":
         return None
+    from specdec.engine import RULES
+
+    rule = options.get("verification")
+    if rule is not None and rule not in RULES:
+        raise ValueError(f"unknown verification rule {rule!r}; known: {', '.join(RULES)}")
     return _BUILDERS[method](target, options)

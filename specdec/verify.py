@@ -114,6 +114,13 @@ def verify_typical(tree: Tree, tokens: jax.Array, logp: jax.Array, choices: jax.
     return _verdict(tree, best, n, jnp.take_along_axis(choices, best[:, None], axis=1)[:, 0])
 
 
+def residual_distribution(r: jax.Array, q: jax.Array) -> jax.Array:
+    """``norm(max(0, r - q))`` over the last axis; ``r`` itself where that is all zero (q == r)."""
+    residual = jnp.maximum(r - q, 0.0)
+    total = residual.sum(axis=-1, keepdims=True)
+    return jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), r)
+
+
 def verify_rejection(tree: Tree, tokens: jax.Array, logp: jax.Array, draft_probs: jax.Array | None,
                      seeds: jax.Array, lengths: jax.Array) -> Verdict:
     """Lossless speculative sampling over a chain or tree (recursive rejection over siblings).
@@ -147,9 +154,7 @@ def verify_rejection(tree: Tree, tokens: jax.Array, logp: jax.Array, draft_probs
             x = tok[jnp.maximum(child, 0)]
             qc = jax.nn.one_hot(x, vocab) if q is None else q[jnp.maximum(child, 0)]
             accept = jax.random.uniform(k) * qc[x] < r[x]  # u < r(x) / q(x), no division
-            residual = jnp.maximum(r - qc, 0.0)
-            total = residual.sum()
-            residual = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), r)
+            residual = residual_distribution(r, qc)
             draw = jnp.argmax(jnp.log(r) + jax.random.gumbel(jax.random.fold_in(k, 1), (vocab,))).astype(jnp.int32)
             go_down = ~done & has_child & accept
             reject = ~done & has_child & ~accept
