@@ -1,11 +1,29 @@
-"""Command line: ``specdec generate ...`` and ``specdec fetch ...``."""
+"""Command line: ``specdec generate ...``, ``specdec check ...`` and ``specdec fetch ...``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from specdec.api import METHODS
+from specdec.methods import METHOD_OPTIONS, METHODS
+
+
+def _method_options(args) -> dict:
+    """The speculative options given on the command line (absent ones left to the method's defaults)."""
+    names = {o for opts in METHOD_OPTIONS.values() for o in opts}
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--method", default=default, choices=METHODS)
+    parser.add_argument("--k", type=int, help="draft tokens per step (speculative methods; default 4)")
+    parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
+    parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft (default 1)")
+    parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
+    parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
+    parser.add_argument("--verification", choices=["exact", "rejection", "typical"],
+                        help="exact (default; greedy/coupled, seed-identical to autoregressive), rejection "
+                             "(lossless in distribution) or typical (LOSSY)")
 
 
 def _generate(args) -> int:
@@ -14,7 +32,7 @@ def _generate(args) -> int:
     model = specdec.load(args.model, dtype=args.dtype)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, chat=not args.no_chat, system=args.system,
-                   stop=args.stop, method=args.method)
+                   stop=args.stop, method=args.method, **_method_options(args))
     if args.stream:
         for deltas in specdec.stream(model, args.prompt, **options):
             print(deltas[0], end="", flush=True)
@@ -24,9 +42,23 @@ def _generate(args) -> int:
     print(result.text)
     s = result.stats
     print(f"[{len(result.tokens)} tokens, finish: {result.finish_reason}, time to first token "
-          f"{s.ttft_s:.3f} s, {s.tokens_per_s:.1f} tokens/s (includes compilation on the first call)]",
-          file=sys.stderr)
+          f"{s.ttft_s:.3f} s, {s.tokens_per_s:.1f} tokens/s (includes compilation on the first call), "
+          f"{result.accepted_per_forward:.2f} tokens per target forward]", file=sys.stderr)
     return 0
+
+
+def _check(args) -> int:
+    import specdec
+    from specdec.datasets import humaneval_chat_prompts
+    from specdec.equivalence import check
+
+    model = specdec.load(args.model, dtype=args.dtype)
+    prompts = args.prompt or humaneval_chat_prompts(args.humaneval)
+    report = check(model, prompts, args.method, batch_size=args.batch_size, tolerance=args.tolerance,
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, **_method_options(args))
+    print(report.table())
+    return 1 if report.verdict == "MISMATCH" else 0
 
 
 def _fetch(args) -> int:
@@ -45,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF directory")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--method", default="autoregressive", choices=METHODS)
+    _add_method_args(gen, "autoregressive")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
@@ -57,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     gen.set_defaults(func=_generate)
+    chk = sub.add_parser("check", help="compare a method with autoregressive decoding, row by row "
+                                       "(exit status 1 on any MISMATCH)")
+    chk.add_argument("--model", default="smollm2-135m")
+    _add_method_args(chk, "prompt_lookup")
+    chk.add_argument("--prompt", action="append", help="a chat prompt (repeatable); default: HumanEval prompts")
+    chk.add_argument("--humaneval", type=int, default=20, help="how many HumanEval prompts (without --prompt)")
+    chk.add_argument("--batch-size", type=int, default=1, help="rows per batch for the method")
+    chk.add_argument("--max-new-tokens", type=int, default=64)
+    chk.add_argument("--temperature", type=float, default=0.0)
+    chk.add_argument("--top-k", type=int, default=0)
+    chk.add_argument("--top-p", type=float, default=1.0)
+    chk.add_argument("--seed", type=int, default=0)
+    chk.add_argument("--tolerance", type=float, default=1e-3, help="score gap below which a divergence is a tie")
+    chk.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    chk.set_defaults(func=_check)
     fetch = sub.add_parser("fetch", help="download and verify registry models and data sets")
     fetch.add_argument("--models", nargs="*", default=["smollm2-135m"])
     fetch.add_argument("--datasets", nargs="*", default=[])

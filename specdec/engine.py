@@ -180,7 +180,8 @@ def spec_prefill(graphdef, params, proposer, pparams, tokens, prompt_lens, max_n
     dec = prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, shapes=shapes, sampling=sampling,
                   eos_ids=eos_ids)
     b = tokens.shape[0]
-    history = jnp.zeros((b, shapes.slots), jnp.int32).at[:, :tokens.shape[1]].set(tokens, mode="drop")
+    width = min(tokens.shape[1], shapes.slots)  # the prompt bucket may be wider than the cache
+    history = jnp.zeros((b, shapes.slots), jnp.int32).at[:, :width].set(tokens[:, :width])
     history = history.at[jnp.arange(b), prompt_lens].set(dec.last, mode="drop")
     return SpecState(dec=dec, history=history, proposer=proposer.prefill(pparams, tokens, prompt_lens, shapes.slots),
                      row_forwards=jnp.zeros((b,), jnp.int32),

@@ -111,7 +111,7 @@ def classify(model, prompt: list[int], ours: Generation, ref: Generation, *, sam
 
 
 def check(model, prompts, method: str, *, batch_size: int | None = None, reference_batch_size: int | None = None,
-          tolerance: float = DEFAULT_TOLERANCE, **options) -> Report:
+          tolerance: float = DEFAULT_TOLERANCE, reference: list[Generation] | None = None, **options) -> Report:
     """Run ``method`` and autoregressive decoding on ``prompts`` and classify every row.
 
     Args:
@@ -119,6 +119,8 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
       prompts: list of prompts (text or token id lists).
       batch_size: rows per ``generate`` call for the method (default: all at once);
       reference_batch_size: the same for the reference (default 1: each prompt alone).
+      reference: autoregressive results of an earlier report with the same prompts and options
+        (``report.reference``), to skip running the reference again.
       options: ``generate`` options; method-only options (k, draft, ...) go to the method.
     """
     from specdec.api import _resolve
@@ -128,7 +130,7 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
     prompts = list(prompts)
     method_only = {k: options.pop(k) for k in list(options) if any(k in o for o in METHOD_OPTIONS.values())}
     ours = _batched(lm, prompts, batch_size or len(prompts), method=method, **options, **method_only)
-    ref = _batched(lm, prompts, reference_batch_size or 1, method="autoregressive", **options)
+    ref = reference or _batched(lm, prompts, reference_batch_size or 1, method="autoregressive", **options)
     sampling = Sampling(temperature=options.get("temperature", 0.0), top_k=options.get("top_k", 0),
                         top_p=options.get("top_p", 1.0))
     seeds = options.get("seed", 0)
