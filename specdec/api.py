@@ -101,7 +101,10 @@ class _Run:
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         if self.stop and self.lm.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
-        extra = self.proposer.tree.size if self.proposer is not None else 0
+        self.width = 1 if method_options.get("block_width") is None else method_options["block_width"]
+        if int(self.width) != self.width or self.width < 1:
+            raise ValueError(f"block_width must be an integer >= 1, got {self.width}")
+        extra = self.proposer.tree.size if self.proposer is not None else self.width - 1
         self.shapes = plan_shapes(self.lm.config, [len(p) for p in self.ids], self.max_new, max_cache_len, extra)
         tok = self.lm.tokenizer
         eos = set(tok.eos_ids) if tok is not None and not ignore_eos else set()
@@ -114,7 +117,7 @@ class _Run:
         common = dict(max_new=self.max_new, seeds=self.seeds, sampling=self.sampling, eos_ids=self.eos,
                       shapes=self.shapes, chunk_steps=self.chunk_steps)
         if self.proposer is None:
-            gen = decode(self.lm.graphdef, self.lm.state, self.ids, **common)
+            gen = decode(self.lm.graphdef, self.lm.state, self.ids, width=self.width, **common)
         else:
             gen = speculative_decode(self.lm.graphdef, self.lm.state, self.proposer, self.pparams, self.ids,
                                      rule=self.rule, **common)
@@ -198,6 +201,9 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         verification: "exact" (default; greedy, or coupled sampling: token-identical to
         autoregressive with the same seeds), "rejection" (lossless speculative sampling, exact
         in distribution) or "typical" (Medusa typical acceptance, LOSSY).
+        block_width (autoregressive only): run each step as a forward over this many tokens
+        (the newest plus hidden padding): the strict reference for a speculative method whose
+        candidate tree has this many nodes (see ``specdec.equivalence.check(strict=True)``).
     Returns:
       a ``Generation`` for a single prompt, else a list in input order.
     """

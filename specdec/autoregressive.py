@@ -104,16 +104,23 @@ def prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: De
     return _record(st, jnp.ones((b,), bool), first, eos_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids"), donate_argnames=("st",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "width"), donate_argnames=("st",))
 def decode_chunk(graphdef, params, st: DecodeState, steps, *, sampling: Sampling,
-                 eos_ids: tuple[int, ...]) -> DecodeState:
-    """Up to ``steps`` one-token steps for every unfinished row, on device."""
+                 eos_ids: tuple[int, ...], width: int = 1) -> DecodeState:
+    """Up to ``steps`` one-token steps for every unfinished row, on device.
+
+    ``width > 1`` runs each step as a forward over ``width`` tokens (the newest, then
+    padding the causal mask hides from it): the strict reference for a speculative
+    method whose verification forward has that width (same shapes, same arithmetic).
+    """
     model = nnx.merge(graphdef, params)
 
     def body(carry):
         i, st = carry
         active = ~st.done
-        res = forward(model, st.cache, tokens=st.last[:, None], positions=st.cache.lengths[:, None])
+        b = st.last.shape[0]
+        tokens = jnp.zeros((b, width), jnp.int32).at[:, 0].set(st.last)
+        res = forward(model, st.cache, tokens=tokens, positions=st.cache.lengths[:, None] + jnp.arange(width))
         cache = res.cache.advance(active)
         token = sampling.sample(res.logits[:, 0], st.seeds, cache.lengths)
         st = _record(st.replace(cache=cache, forwards=st.forwards + 1), active, token, eos_ids)
@@ -136,10 +143,11 @@ def pad_prompts(prompts: Sequence[Sequence[int]], width: int) -> np.ndarray:
 
 def decode(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new: Sequence[int],
            seeds: Sequence[int], sampling: Sampling, eos_ids: tuple[int, ...], shapes: DecodeShapes,
-           chunk_steps: int | None = None) -> Iterator[DecodeState]:
+           chunk_steps: int | None = None, width: int = 1) -> Iterator[DecodeState]:
     """Decode ``prompts`` (token id lists), yielding the state after prefill and after each chunk.
 
     The caller may mark rows done between chunks (``state.replace(done=...)``) via ``send``.
+    ``width``: tokens per step's forward (see :func:`decode_chunk`).
     """
     tokens = jnp.asarray(pad_prompts(prompts, shapes.prompt))
     lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
@@ -152,4 +160,4 @@ def decode(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new: Seque
             st = replaced
         if bool(jnp.all(st.done)):
             return
-        st = decode_chunk(graphdef, params, st, steps, sampling=sampling, eos_ids=eos_ids)
+        st = decode_chunk(graphdef, params, st, steps, sampling=sampling, eos_ids=eos_ids, width=width)

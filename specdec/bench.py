@@ -76,3 +76,29 @@ def write_results(name: str, payload: dict, columns: list[str]) -> Path:
         lines += ["", *[f"- {n}" for n in notes]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     return out / f"{name}.json"
+
+
+def target_cost_curve(lm, widths, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> dict[int, float]:
+    """Measured cost of one target forward over ``w`` new tokens relative to ``w = 1``, per width.
+
+    Each forward runs ``w`` causal tokens per row after a committed prefix of ``prefix`` tokens
+    (batch ``batch``), jitted, timed as the median of ``repeats`` runs after a warm-up.
+    """
+    from flax import nnx
+
+    from specdec.cache import init_cache
+    from specdec.model import forward
+
+    @jax.jit
+    def run(state, cache, tokens, positions):
+        model = nnx.merge(lm.graphdef, state)
+        return forward(model, cache, tokens=tokens, positions=positions).logits
+
+    times = {}
+    for w in sorted(set(widths) | {1}):
+        cache = init_cache(lm.config, batch, prefix + w).with_lengths(jnp.full((batch,), prefix))
+        tokens = jnp.ones((batch, w), jnp.int32)
+        positions = prefix + jnp.broadcast_to(jnp.arange(w), (batch, w))
+        run(lm.state, cache, tokens, positions).block_until_ready()
+        times[w] = median_time(lambda: run(lm.state, cache, tokens, positions).block_until_ready(), repeats)
+    return {w: times[w] / times[1] for w in sorted(widths)}

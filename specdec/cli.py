@@ -54,7 +54,7 @@ def _check(args) -> int:
 
     model = specdec.load(args.model, dtype=args.dtype)
     prompts = args.prompt or humaneval_chat_prompts(args.humaneval)
-    report = check(model, prompts, args.method, batch_size=args.batch_size, tolerance=args.tolerance,
+    report = check(model, prompts, args.method, batch_size=args.batch_size, tolerance=args.tolerance, strict=args.strict,
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, **_method_options(args))
     print(report.table())
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--top-p", type=float, default=1.0)
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--tolerance", type=float, default=1e-3, help="score gap below which a divergence is a tie")
+    chk.add_argument("--strict", action="store_true",
+                     help="reference as wide as the method's tree, same batches, no ties allowed")
     chk.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     chk.set_defaults(func=_check)
     fetch = sub.add_parser("fetch", help="download and verify registry models and data sets")

@@ -9,6 +9,14 @@ same options and classifies every row:
   k-token forward differ by ~1e-4 in float32). The score is the logit for greedy
   decoding and ``log p / T + Gumbel noise`` (in units of logits) when sampling;
 - ``MISMATCH``: anything else: a bug.
+
+Strict mode (``check(strict=True)``) removes ties altogether: the reference runs
+in the method's batch layout with every step a forward as wide as the method's
+candidate tree (``block_width``), so both compute each kept token's logits with
+the same shapes and arithmetic; then any difference at all is a MISMATCH. On
+XLA CPU a row's logits do not depend on its index within the block, the batch
+size or the cache size, so the greedy outputs are bitwise the same. The price is
+the reference's speed: each step costs a forward over the whole tree width.
 """
 
 from __future__ import annotations
@@ -111,7 +119,8 @@ def classify(model, prompt: list[int], ours: Generation, ref: Generation, *, sam
 
 
 def check(model, prompts, method: str, *, batch_size: int | None = None, reference_batch_size: int | None = None,
-          tolerance: float = DEFAULT_TOLERANCE, reference: list[Generation] | None = None, **options) -> Report:
+          tolerance: float = DEFAULT_TOLERANCE, reference: list[Generation] | None = None, strict: bool = False,
+          **options) -> Report:
     """Run ``method`` and autoregressive decoding on ``prompts`` and classify every row.
 
     Args:
@@ -121,6 +130,8 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
       reference_batch_size: the same for the reference (default 1: each prompt alone).
       reference: autoregressive results of an earlier report with the same prompts and options
         (``report.reference``), to skip running the reference again.
+      strict: run the reference as wide as the method's tree, in the method's batches, and
+        allow no tie (tolerance 0).
       options: ``generate`` options; method-only options (k, draft, ...) go to the method.
     """
     from specdec.api import _resolve
@@ -130,7 +141,14 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
     prompts = list(prompts)
     method_only = {k: options.pop(k) for k in list(options) if any(k in o for o in METHOD_OPTIONS.values())}
     ours = _batched(lm, prompts, batch_size or len(prompts), method=method, **options, **method_only)
-    ref = reference or _batched(lm, prompts, reference_batch_size or 1, method="autoregressive", **options)
+    ref_options = dict(options)
+    if strict:
+        from specdec.methods import build_proposer
+
+        built = build_proposer(method, lm, method_only)
+        ref_options["block_width"] = built[0].tree.size if built is not None else None
+        reference_batch_size, tolerance = batch_size or len(prompts), 0.0
+    ref = reference or _batched(lm, prompts, reference_batch_size or 1, method="autoregressive", **ref_options)
     sampling = Sampling(temperature=options.get("temperature", 0.0), top_k=options.get("top_k", 0),
                         top_p=options.get("top_p", 1.0))
     seeds = options.get("seed", 0)

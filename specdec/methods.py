@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 METHOD_OPTIONS = {
-    "autoregressive": (),
+    "autoregressive": ("block_width",),
     "draft": ("draft", "k", "draft_width", "verification"),
     "prompt_lookup": ("k", "max_ngram", "min_ngram", "verification"),
 }

@@ -44,6 +44,26 @@ def test_speculative_rows_equal_autoregressive(tiny_lm, small_draft, kind, k, wi
     assert report.counts["identical"] == len(prompts), report.table()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_strict_check_is_bitwise(tiny_lm, small_draft, temperature):
+    """With the reference as wide as the tree and in the same batches, outputs match with no tolerance."""
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (4, 19, 33)]
+    for method in (dict(method="prompt_lookup", k=5), dict(method="draft", draft=small_draft, k=3, draft_width=2)):
+        report = check(tiny_lm, prompts, strict=True, max_new_tokens=40, temperature=temperature, seed=[1, 2, 3],
+                       **method)
+        assert report.counts["identical"] == 3, report.table()
+
+
+def test_block_width_reference_equals_plain_decoding(tiny_lm):
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    plain = specdec.generate(tiny_lm, prompts, max_new_tokens=30)
+    wide = specdec.generate(tiny_lm, prompts, max_new_tokens=30, block_width=7)
+    assert [r.tokens for r in wide] == [r.tokens for r in plain]
+    with pytest.raises(ValueError, match="block_width must be an integer >= 1"):
+        specdec.generate(tiny_lm, prompts, block_width=0)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("width", [1, 3])
 def test_target_as_draft_accepts_every_draft(tiny_lm, temperature, width):

@@ -33,6 +33,14 @@ def test_no_mismatch_on_humaneval(smollm2, reference, method, batch):
         assert min(r.accepted_per_forward for r in report.results) > 3.0
 
 
+def test_strict_check_has_no_ties(smollm2, reference):
+    """Strict mode: the reference as wide as the tree, in the same batches: bitwise-equal greedy output."""
+    prompts, _ = reference
+    report = check(smollm2, prompts[:8], "prompt_lookup", k=4, batch_size=4, strict=True,
+                   max_new_tokens=NEW_TOKENS)
+    assert report.counts["identical"] == 8, report.table()
+
+
 def test_check_cli(capsys):
     assert cli_main(["check", "--method", "prompt_lookup", "--humaneval", "2", "--batch-size", "2",
                      "--max-new-tokens", "12"]) == 0

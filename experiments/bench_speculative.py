@@ -1,0 +1,88 @@
+"""Prompt-lookup speculation on SmolLM2-135M-Instruct vs the library's own autoregressive loop.
+
+One process, one method at a time (never concurrently), on the same HumanEval chat
+prompts at batch 1, greedy, up to ``--new-tokens`` tokens per prompt (EOS ends a row).
+Each (prompt, method) pair runs once to compile and once timed. Figures per method:
+
+- accepted_per_forward: generated tokens (after the first) per target forward;
+- tokens_per_s: the same tokens per second of decode wall time (after the first token);
+- speedup_vs_autoregressive: the ratio of tokens_per_s to the autoregressive row of this run;
+- equivalence: the checker's worst verdict over the prompts (identical / tie / MISMATCH).
+
+It also measures the target cost curve c(k): one forward over k tokens relative to k = 1
+(batch 1, 256 committed tokens before them).
+
+    .venv/bin/python experiments/bench_speculative.py
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import specdec
+from specdec.bench import target_cost_curve, write_results
+from specdec.datasets import humaneval_chat_prompts
+from specdec.equivalence import classify
+from specdec.sampling import Sampling
+
+
+def timed(model, prompt: str, new_tokens: int, **method):
+    specdec.generate(model, prompt, max_new_tokens=new_tokens, **method)  # compile these shapes
+    return specdec.generate(model, prompt, max_new_tokens=new_tokens, **method)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--cost-widths", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    args = parser.parse_args()
+
+    model = specdec.load("smollm2-135m")
+    prompts = humaneval_chat_prompts(args.prompts)
+    methods = [("autoregressive", {})] + [("prompt_lookup", dict(method="prompt_lookup", k=k)) for k in args.ks]
+    results = {name + str(m.get("k", "")): [] for name, m in methods}
+    for i, prompt in enumerate(prompts):
+        for name, method in methods:
+            results[name + str(method.get("k", ""))].append(timed(model, prompt, args.new_tokens, **method))
+        print(f"prompt {i + 1}/{len(prompts)} done", flush=True)
+
+    ref = results["autoregressive"]
+    ids = [model.tokenizer.encode(model.tokenizer.chat(p)) for p in prompts]
+    rows = []
+    for name, method in methods:
+        res = results[name + str(method.get("k", ""))]
+        tokens = sum(len(r.tokens) + (r.finish_reason == "eos") - 1 for r in res)
+        forwards = sum(r.target_forwards for r in res)
+        decode_s = sum(r.stats.wall_s - r.stats.ttft_s for r in res)
+        verdicts = [classify(model, ids[i], res[i], ref[i], sampling=Sampling(), seed=0,
+                             eos_ids=tuple(model.tokenizer.eos_ids)).verdict for i in range(len(prompts))]
+        worst = "MISMATCH" if "MISMATCH" in verdicts else "tie" if "tie" in verdicts else "identical"
+        rows.append({"method": name, "options": {k: v for k, v in method.items() if k != "method"},
+                     "accepted_per_forward": tokens / forwards, "tokens_per_s": tokens / decode_s,
+                     "equivalence": worst, "rows_identical": verdicts.count("identical"),
+                     "new_tokens": tokens, "target_forwards": forwards})
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speedup_vs_autoregressive"] = row["tokens_per_s"] / base
+
+    curve = target_cost_curve(model, args.cost_widths)
+    notes = ["c(k), one target forward over k tokens relative to k = 1 (batch 1, 256-token prefix): "
+             + ", ".join(f"c({k}) = {c:.2f}" for k, c in curve.items())]
+    write_results("bench_speculative", {
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32",
+        "prompts": f"first {args.prompts} HumanEval prompts as chat requests, batch 1, greedy",
+        "max_new_tokens": args.new_tokens, "rows": rows,
+        "cost_curve": [{"k": k, "relative_cost": c} for k, c in curve.items()], "notes": notes,
+    }, ["method", "k", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive", "equivalence",
+        "rows_identical"])
+    for row in rows:
+        print(row)
+    print(notes[0])
+
+
+if __name__ == "__main__":
+    main()
