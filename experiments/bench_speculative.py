@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 
 import specdec
 from specdec.bench import target_cost_curve, write_results

@@ -12,7 +12,7 @@ import numpy as np
 from specdec.autoregressive import decode, plan_shapes
 from specdec.engine import speculative_decode
 from specdec.loading import LoadedModel, load
-from specdec.methods import LOSSY_RULES, METHOD_OPTIONS, METHODS, build_proposer
+from specdec.methods import METHOD_OPTIONS, build_proposer
 from specdec.sampling import Sampling
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +141,27 @@ def pad_prompts(prompts: Sequence[Sequence[int]], width: int) -> np.ndarray:
     return out
 
 
+def prompt_arrays(prompts: Sequence[Sequence[int]], shapes: DecodeShapes, max_new: Sequence[int],
+                  seeds: Sequence[int]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Device arrays of a batch: padded tokens [B, P], prompt lengths [B], budgets [B], seeds [B]."""
+    return (jnp.asarray(pad_prompts(prompts, shapes.prompt)), jnp.asarray([len(p) for p in prompts], jnp.int32),
+            jnp.asarray(max_new, jnp.int32), jnp.asarray(seeds, jnp.uint32))
+
+
+def run_chunks(state, chunk: Callable, finished: Callable) -> Iterator:
+    """Yield ``state``, then ``chunk(state)`` until ``finished(state)``.
+
+    The caller may ``send`` back a replacement state (e.g. with more rows marked done).
+    """
+    while True:
+        replaced = yield state
+        if replaced is not None:
+            state = replaced
+        if finished(state):
+            return
+        state = chunk(state)
+
+
 def decode(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new: Sequence[int],
            seeds: Sequence[int], sampling: Sampling, eos_ids: tuple[int, ...], shapes: DecodeShapes,
            chunk_steps: int | None = None, width: int = 1) -> Iterator[DecodeState]:
@@ -149,15 +170,9 @@ def decode(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new: Seque
     The caller may mark rows done between chunks (``state.replace(done=...)``) via ``send``.
     ``width``: tokens per step's forward (see :func:`decode_chunk`).
     """
-    tokens = jnp.asarray(pad_prompts(prompts, shapes.prompt))
-    lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    st = prefill(graphdef, params, tokens, lens, jnp.asarray(max_new, jnp.int32),
-                 jnp.asarray(seeds, jnp.uint32), shapes=shapes, sampling=sampling, eos_ids=eos_ids)
+    st = prefill(graphdef, params, *prompt_arrays(prompts, shapes, max_new, seeds), shapes=shapes,
+                 sampling=sampling, eos_ids=eos_ids)
     steps = jnp.int32(chunk_steps or shapes.out)
-    while True:
-        replaced = yield st
-        if replaced is not None:
-            st = replaced
-        if bool(jnp.all(st.done)):
-            return
-        st = decode_chunk(graphdef, params, st, steps, sampling=sampling, eos_ids=eos_ids, width=width)
+    return run_chunks(st, lambda st: decode_chunk(graphdef, params, st, steps, sampling=sampling, eos_ids=eos_ids,
+                                                  width=width),
+                      lambda st: bool(jnp.all(st.done)))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from specdec.autoregressive import DecodeShapes, DecodeState, pad_prompts, prefill
+from specdec.autoregressive import DecodeShapes, DecodeState, prefill, prompt_arrays, run_chunks
 from specdec.cache import KVCache
 from specdec.model import ForwardOutput, forward
 from specdec.sampling import Sampling
@@ -229,16 +229,9 @@ def speculative_decode(graphdef, params, proposer, pparams, prompts: Sequence[Se
     """
     if rule not in RULES:
         raise ValueError(f"unknown verification rule {rule!r}; known: {', '.join(RULES)}")
-    tokens = jnp.asarray(pad_prompts(prompts, shapes.prompt))
-    lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    st = spec_prefill(graphdef, params, proposer, pparams, tokens, lens, jnp.asarray(max_new, jnp.int32),
-                      jnp.asarray(seeds, jnp.uint32), shapes=shapes, sampling=sampling, eos_ids=eos_ids)
+    st = spec_prefill(graphdef, params, proposer, pparams, *prompt_arrays(prompts, shapes, max_new, seeds),
+                      shapes=shapes, sampling=sampling, eos_ids=eos_ids)
     steps = jnp.int32(chunk_steps or shapes.out)
-    while True:
-        replaced = yield st
-        if replaced is not None:
-            st = replaced
-        if bool(jnp.all(st.dec.done)):
-            return
-        st = spec_chunk(graphdef, params, proposer, pparams, st, steps, sampling=sampling, rule=rule,
-                        eos_ids=eos_ids)
+    return run_chunks(st, lambda st: spec_chunk(graphdef, params, proposer, pparams, st, steps, sampling=sampling,
+                                                rule=rule, eos_ids=eos_ids),
+                      lambda st: bool(jnp.all(st.dec.done)))

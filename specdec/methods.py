@@ -14,7 +14,6 @@ METHOD_OPTIONS = {
     "prompt_lookup": ("k", "max_ngram", "min_ngram", "verification"),
 }
 METHODS = tuple(METHOD_OPTIONS)
-LOSSY_RULES = ("typical",)
 
 
 def _opt(options: dict, name: str, default):
