@@ -25,6 +25,8 @@ class DecodeStats:
     new_tokens: int  # tokens generated, all rows
     target_forwards: int  # decode-loop forwards of the target (prefill excluded)
     rows: int = 1
+    proposer_s: float | None = None  # with profile=True: wall time spent proposing (all steps)
+    target_s: float | None = None  # with profile=True: wall time of target forward + verify + commit
 
     @property
     def tokens_per_s(self) -> float:
@@ -89,6 +91,7 @@ class _Run:
         built = build_proposer(method, self.lm, method_options)
         self.proposer, self.pparams = built if built is not None else (None, None)
         self.rule = method_options.get("verification") or "exact"
+        self.times = [] if method_options.get("profile") else None
         self.single = isinstance(prompts, str) or (
             len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         prompts = [prompts] if self.single else list(prompts)
@@ -120,7 +123,7 @@ class _Run:
             gen = decode(self.lm.graphdef, self.lm.state, self.ids, width=self.width, **common)
         else:
             gen = speculative_decode(self.lm.graphdef, self.lm.state, self.proposer, self.pparams, self.ids,
-                                     rule=self.rule, **common)
+                                     rule=self.rule, times=self.times, **common)
         st = next(gen)
         while True:
             yield st
@@ -200,7 +203,9 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1);
         verification: "exact" (default; greedy, or coupled sampling: token-identical to
         autoregressive with the same seeds), "rejection" (lossless speculative sampling, exact
-        in distribution) or "typical" (Medusa typical acceptance, LOSSY).
+        in distribution) or "typical" (Medusa typical acceptance, LOSSY);
+        profile: time proposer and target apart (steps driven from the host, slower), reported
+        in ``stats.proposer_s`` and ``stats.target_s``.
         block_width (autoregressive only): run each step as a forward over this many tokens
         (the newest plus hidden padding): the strict reference for a speculative method whose
         candidate tree has this many nodes (see ``specdec.equivalence.check(strict=True)``).
@@ -222,6 +227,9 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
     dec = _dec(st)
     stats = DecodeStats(ttft_s=ttft, wall_s=wall, new_tokens=int(np.sum(dec.n_out)),
                         target_forwards=int(dec.forwards), rows=len(rows))
+    if run.times is not None:
+        stats.proposer_s = sum(t.proposer_s for t in run.times)
+        stats.target_s = sum(t.target_s for t in run.times)
     if dec is st:  # autoregressive: one forward per token after the first
         forwards = [int(n) - 1 for n in np.asarray(dec.n_out)]
         hists = [None] * len(rows)

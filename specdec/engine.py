@@ -220,18 +220,27 @@ def timed_steps(graphdef, params, proposer, pparams, st: SpecState, steps: int, 
 
 def speculative_decode(graphdef, params, proposer, pparams, prompts: Sequence[Sequence[int]], *,
                        max_new: Sequence[int], seeds: Sequence[int], sampling: Sampling, rule: str,
-                       eos_ids: tuple[int, ...], shapes: DecodeShapes,
-                       chunk_steps: int | None = None) -> Iterator[SpecState]:
+                       eos_ids: tuple[int, ...], shapes: DecodeShapes, chunk_steps: int | None = None,
+                       times: list[StepTimes] | None = None) -> Iterator[SpecState]:
     """Decode ``prompts`` speculatively, yielding the state after prefill and after each chunk.
 
     Like :func:`specdec.autoregressive.decode`, the caller may ``send`` back a state with
     more rows marked done. ``shapes.slots`` must leave room for a whole tree past the budget.
+    ``times``: when a list, steps run from the host via :func:`timed_steps` and each chunk's
+    :class:`StepTimes` is appended to it (profiling; slower).
     """
     if rule not in RULES:
         raise ValueError(f"unknown verification rule {rule!r}; known: {', '.join(RULES)}")
     st = spec_prefill(graphdef, params, proposer, pparams, *prompt_arrays(prompts, shapes, max_new, seeds),
                       shapes=shapes, sampling=sampling, eos_ids=eos_ids)
-    steps = jnp.int32(chunk_steps or shapes.out)
-    return run_chunks(st, lambda st: spec_chunk(graphdef, params, proposer, pparams, st, steps, sampling=sampling,
-                                                rule=rule, eos_ids=eos_ids),
-                      lambda st: bool(jnp.all(st.dec.done)))
+    steps = chunk_steps or shapes.out
+    static = dict(sampling=sampling, rule=rule, eos_ids=eos_ids)
+
+    def chunk(st: SpecState) -> SpecState:
+        if times is None:
+            return spec_chunk(graphdef, params, proposer, pparams, st, jnp.int32(steps), **static)
+        st, spent = timed_steps(graphdef, params, proposer, pparams, st, steps, **static)
+        times.append(spent)
+        return st
+
+    return run_chunks(st, chunk, lambda st: bool(jnp.all(st.dec.done)))

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 METHOD_OPTIONS = {
     "autoregressive": ("block_width",),
-    "draft": ("draft", "k", "draft_width", "verification"),
-    "prompt_lookup": ("k", "max_ngram", "min_ngram", "verification"),
+    "draft": ("draft", "k", "draft_width", "verification", "profile"),
+    "prompt_lookup": ("k", "max_ngram", "min_ngram", "verification", "profile"),
 }
 METHODS = tuple(METHOD_OPTIONS)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +13,10 @@ from hypothesis import strategies as st
 
 import specdec
 from drafts.prompt_lookup import lookup
+from specdec.autoregressive import decode, plan_shapes
+from specdec.engine import Proposal, speculative_decode
+from specdec.sampling import Sampling
+from specdec.tree import Tree
 from specdec.config import tiny_config
 from specdec.equivalence import check
 from specdec.loading import LoadedModel
@@ -42,6 +49,65 @@ def test_speculative_rows_equal_autoregressive(tiny_lm, small_draft, kind, k, wi
                 stop_tokens=[11])
     report = check(tiny_lm, prompts, **_method(kind, k, width, tiny_lm, small_draft), **opts)
     assert report.counts["identical"] == len(prompts), report.table()
+
+
+@dataclass(frozen=True)
+class RepeatTreeProposer:
+    """Test proposer over any tree: flagged nodes repeat the root token (tiny random models loop, so
+    these are often right at several depths), the others propose fixed unlikely tokens."""
+
+    tree: Tree
+    repeat: tuple[bool, ...]
+
+    def prefill(self, params, tokens, prompt_lens, slots):
+        return None
+
+    def propose(self, params, state, view, sampling, rule):
+        others = jnp.arange(1, self.tree.size)[None, :] * 7 % 97
+        tokens = jnp.where(jnp.asarray(self.repeat[1:])[None, :], view.last[:, None], others)
+        return state, Proposal(tokens=tokens.astype(jnp.int32), draft_probs=None)
+
+    def commit(self, params, state, commit):
+        return state
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), batch=st.integers(1, 6), temperature=st.sampled_from([0.0, 0.9]))
+def test_any_tree_shape_commits_exactly(tiny, data, batch, temperature):
+    """Arbitrary trees: accepted paths at any node indices are compacted correctly (output = autoregressive)."""
+    from flax import nnx
+
+    size = data.draw(st.integers(2, 12))
+    tree = Tree((-1,) + tuple(data.draw(st.integers(0, i - 1)) for i in range(1, size)))
+    repeat = tuple(data.draw(st.lists(st.booleans(), min_size=size, max_size=size)))
+    graphdef, params = nnx.split(tiny)
+    rng = np.random.default_rng(size)
+    prompts = [rng.integers(0, 97, rng.integers(1, 30)).tolist() for _ in range(batch)]
+    max_new = [int(n) for n in rng.integers(1, 40, batch)]
+    common = dict(max_new=max_new, seeds=list(range(batch)), sampling=Sampling(temperature=temperature),
+                  eos_ids=(), chunk_steps=None)
+    lens = [len(p) for p in prompts]
+    *_, ar = decode(graphdef, params, prompts, shapes=plan_shapes(tiny.config, lens, max_new), **common)
+    *_, sp = speculative_decode(graphdef, params, RepeatTreeProposer(tree, repeat), None, prompts, rule="exact",
+                                shapes=plan_shapes(tiny.config, lens, max_new, extra=size), **common)
+    for r in range(batch):
+        assert np.asarray(sp.dec.out[r, :max_new[r]]).tolist() == np.asarray(ar.out[r, :max_new[r]]).tolist()
+
+
+def test_deep_path_through_later_siblings(tiny):
+    """The accepted path runs through nodes 2 -> 4 -> 5 (not the first children): compaction must move it."""
+    from flax import nnx
+
+    graphdef, params = nnx.split(tiny)
+    tree = Tree((-1, 0, 0, 1, 2, 4))
+    proposer = RepeatTreeProposer(tree, (False, False, True, False, True, True))
+    prompts, max_new = [[1, 2, 3, 4, 5]], [30]  # the tiny model falls into a one-token loop here
+    common = dict(max_new=max_new, seeds=[0], sampling=Sampling(), eos_ids=(), chunk_steps=None)
+    *_, ar = decode(graphdef, params, prompts, shapes=plan_shapes(tiny.config, [5], max_new), **common)
+    *_, sp = speculative_decode(graphdef, params, proposer, None, prompts, rule="exact",
+                                shapes=plan_shapes(tiny.config, [5], max_new, extra=tree.size), **common)
+    assert np.asarray(sp.dec.out[0, :30]).tolist() == np.asarray(ar.out[0, :30]).tolist()
+    assert int(sp.accepted_hist[0, 3]) > 0, sp.accepted_hist
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
@@ -105,22 +171,15 @@ def test_lookup_matches_reference(context, max_ngram, k):
     assert got[0].tolist() == want
 
 
-def test_rejection_rule_and_timed_steps_run(tiny_lm, small_draft):
-    """Lossless sampling through the API; host-timed steps give the same tokens as the on-device loop."""
-    from specdec.api import _Run, _DEFAULTS
-    from specdec.engine import timed_steps
-
+def test_rejection_rule_and_profiled_steps_run(tiny_lm, small_draft):
+    """Lossless sampling through the API; host-timed (profiled) steps give the same tokens as the device loop."""
     res = specdec.generate(tiny_lm, [[1, 2], [3, 4, 5]], method="draft", draft=small_draft, k=3,
                            temperature=1.0, verification="rejection", max_new_tokens=25)
     assert all(len(r.tokens) == 25 for r in res)
-    opts = {**_DEFAULTS, "chunk_steps": None, "method": "draft", "draft": small_draft, "k": 3, "max_new_tokens": 30}
-    run = _Run(tiny_lm, [[1, 2, 3]], **opts)
-    first = next(run.states())
-    st, times = timed_steps(tiny_lm.graphdef, tiny_lm.state, run.proposer, run.pparams, first, 100,
-                            sampling=run.sampling, rule="exact", eos_ids=run.eos)
-    assert times.proposer_s > 0 and times.target_s > 0
-    want = specdec.generate(tiny_lm, [1, 2, 3], max_new_tokens=30).tokens
-    assert np.asarray(st.dec.out[0, :30]).tolist() == want
+    prof = specdec.generate(tiny_lm, [1, 2, 3], method="draft", draft=small_draft, k=3, max_new_tokens=30,
+                            profile=True)
+    assert prof.stats.proposer_s > 0 and prof.stats.target_s > 0
+    assert prof.tokens == specdec.generate(tiny_lm, [1, 2, 3], max_new_tokens=30).tokens
 
 
 def test_bad_speculative_input(tiny_lm):
