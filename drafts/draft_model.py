@@ -113,4 +113,6 @@ def draft_proposer(target: LlamaConfig, draft_config: LlamaConfig, graphdef: nnx
                          f"the target {target.vocab_size}; the draft must use the target's tokenizer")
     if int(k) != k or k < 1:
         raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k}")
+    if int(width) != width or not 1 <= width <= target.vocab_size:
+        raise ValueError(f"draft_width (candidates per depth) must be an integer in [1, vocab size], got {width}")
     return DraftModelProposer(graphdef=graphdef, k=int(k), width=int(width))

@@ -190,6 +190,8 @@ def test_bad_speculative_input(tiny_lm):
         specdec.generate(tiny_lm, [1, 2], method="prompt_lookup", k=0)
     with pytest.raises(ValueError, match="k .* must be an integer >= 1"):
         specdec.generate(tiny_lm, [1, 2], method="draft", draft=tiny_lm, k=0)
+    with pytest.raises(ValueError, match="draft_width .* must be an integer"):
+        specdec.generate(tiny_lm, [1, 2], method="draft", draft=tiny_lm, draft_width=0)
     with pytest.raises(ValueError, match="unknown method 'medusa-9'"):
         specdec.generate(tiny_lm, [1, 2], method="medusa-9")
     with pytest.raises(ValueError, match="does not take option"):
