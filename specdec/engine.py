@@ -101,8 +101,8 @@ def _verify(tree: Tree, rule: str, sampling: Sampling, tokens, logits, prop: Pro
 
 
 def _emit(st: SpecState, verdict: Verdict, tokens: jax.Array, active: jax.Array,
-          eos_ids: tuple[int, ...]) -> tuple[SpecState, jax.Array]:
-    """Record the accepted tokens and the target's next token; returns the state and tokens emitted [B]."""
+          eos_ids: tuple[int, ...]) -> SpecState:
+    """Record the accepted tokens and the target's next token (cut at EOS and at each row's budget)."""
     dec = st.dec
     n = verdict.n_accepted
     width = verdict.path.shape[1]
@@ -121,7 +121,7 @@ def _emit(st: SpecState, verdict: Verdict, tokens: jax.Array, active: jax.Array,
     n_out = dec.n_out + count
     done = dec.done | (active & ((first_eos <= n) | (n_out >= dec.max_new)))
     last = jnp.where(active, jnp.take_along_axis(emitted, n[:, None], axis=1)[:, 0], dec.last)
-    return st.replace(dec=dec.replace(out=out, n_out=n_out, done=done, last=last), history=history), count
+    return st.replace(dec=dec.replace(out=out, n_out=n_out, done=done, last=last), history=history)
 
 
 def propose_part(graphdef, params, proposer, pparams, st: SpecState, sampling: Sampling, rule: str):
@@ -145,7 +145,7 @@ def verify_part(graphdef, params, proposer, pparams, st: SpecState, pstate, prop
     verdict = _verify(tree, rule, sampling, tokens, res.logits, prop, dec.seeds, lengths)
     n = verdict.n_accepted
     cache = res.cache if tree.is_chain else _compact(res.cache, verdict.path, n)
-    st, _ = _emit(st, verdict, tokens, active, eos_ids)
+    st = _emit(st, verdict, tokens, active, eos_ids)
     new_lengths = lengths + jnp.where(active, n + 1, 0)
     st = st.replace(dec=st.dec.replace(cache=cache.with_lengths(new_lengths), forwards=dec.forwards + 1))
     pstate = proposer.commit(pparams, pstate, Commit(verdict=verdict, lengths=new_lengths, target=res, active=active))
