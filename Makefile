@@ -13,16 +13,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m specdec.cli fetch --models smollm2-135m --datasets humaneval
+	$(PY) -m specdec.cli fetch --models smollm2-135m --datasets humaneval sharegpt
 	$(PY) experiments/demo.py
 
 test: $(STAMP)
-	$(PY) -m specdec.cli fetch --models smollm2-135m --datasets humaneval
+	$(PY) -m specdec.cli fetch --models smollm2-135m --datasets humaneval sharegpt
 	$(PY) -m pytest -q
 
 # Side-by-side benchmarks need the independent peers (PyTorch + transformers).
 peers: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,peers]'
+	$(PY) -m pip install --quiet -e '.[dev,peers,plots]'
 
 bench: peers
 	$(PY) experiments/bench_autoregressive.py

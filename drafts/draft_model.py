@@ -52,7 +52,7 @@ class DraftModelProposer:
     def tree(self) -> Tree:
         return chain_with_siblings(self.k, self.width)
 
-    def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, slots: int) -> KVCache:
+    def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, slots: int, hidden=None) -> KVCache:
         model = nnx.merge(self.graphdef, params)
         b, p = tokens.shape
         cache = init_cache(model.config, b, slots)

@@ -62,7 +62,7 @@ class PromptLookupProposer:
     def tree(self) -> Tree:
         return Tree.chain(self.k)
 
-    def prefill(self, params, tokens, prompt_lens, slots):
+    def prefill(self, params, tokens, prompt_lens, slots, hidden=None):
         return None
 
     def propose(self, params, state, view: View, sampling: Sampling, rule: str):

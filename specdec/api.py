@@ -196,11 +196,15 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
       stop_tokens: token ids that end a row, besides the tokenizer's EOS ids.
       ignore_eos: do not stop at the tokenizer's EOS ids (benchmarks of fixed length).
       max_cache_len: KV cache positions per row (default: the model's context length).
-      method: "autoregressive" (default), "draft" (a draft model proposes) or "prompt_lookup"
-        (n-gram match against the row's own context). Speculative options:
+      method: "autoregressive" (default), "draft" (a draft model proposes), "prompt_lookup"
+        (n-gram match against the row's own context) or "medusa" (Medusa heads propose a tree).
+        Speculative options:
         draft: the draft model (``LoadedModel``, registry name or path; same vocabulary);
         k: draft tokens per step (default 4); draft_width: candidates per depth (default 1, a chain);
         max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1);
+        heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for
+        the model); tree: a built-in tree name, a JSON file or a list of paths (default: the
+        searched tree saved with the heads, else "tree-16");
         verification: "exact" (default; greedy, or coupled sampling: token-identical to
         autoregressive with the same seeds), "rejection" (lossless speculative sampling, exact
         in distribution) or "typical" (Medusa typical acceptance, LOSSY);

@@ -88,10 +88,12 @@ def _record(st: DecodeState, active: jax.Array, token: jax.Array, eos_ids: tuple
                       last=jnp.where(active, token, st.last))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "shapes", "sampling", "eos_ids"))
-def prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: DecodeShapes,
-            sampling: Sampling, eos_ids: tuple[int, ...]) -> DecodeState:
-    """Run the padded prompts ``tokens: [B, P]`` and sample each row's first token."""
+def prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: DecodeShapes,
+                        sampling: Sampling, eos_ids: tuple[int, ...]) -> tuple[DecodeState, jax.Array]:
+    """Run the padded prompts ``tokens: [B, P]`` and sample each row's first token.
+
+    Returns the state and the final-normed hidden state ``[B, d]`` at each row's last prompt token.
+    """
     model = nnx.merge(graphdef, params)
     b, p = tokens.shape
     cache = init_cache(model.config, b, shapes.slots)
@@ -101,7 +103,15 @@ def prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: De
     st = DecodeState(cache=res.cache.with_lengths(prompt_lens), last=first,
                      out=jnp.zeros((b, shapes.out), jnp.int32), n_out=jnp.zeros((b,), jnp.int32),
                      done=jnp.zeros((b,), bool), max_new=max_new, seeds=seeds, forwards=jnp.int32(0))
-    return _record(st, jnp.ones((b,), bool), first, eos_ids)
+    return _record(st, jnp.ones((b,), bool), first, eos_ids), res.hidden[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "shapes", "sampling", "eos_ids"))
+def prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: DecodeShapes,
+            sampling: Sampling, eos_ids: tuple[int, ...]) -> DecodeState:
+    """Run the padded prompts ``tokens: [B, P]`` and sample each row's first token."""
+    return prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, shapes=shapes,
+                               sampling=sampling, eos_ids=eos_ids)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "width"), donate_argnames=("st",))

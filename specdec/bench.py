@@ -78,6 +78,35 @@ def write_results(name: str, payload: dict, columns: list[str]) -> Path:
     return out / f"{name}.json"
 
 
+def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
+              logx: bool = False) -> Path:
+    """Line plot of ``{label: (xs, ys)}`` to ``results/<device>/<name>.png`` (needs the ``plots`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise RuntimeError("plots need matplotlib: pip install -e '.[plots]' (or make peers)") from err
+    folder, label = device_label()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name_, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name_)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}\n({label})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = RESULTS / folder / f"{name}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def target_cost_curve(lm, widths, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> dict[int, float]:
     """Measured cost of one target forward over ``w`` new tokens relative to ``w = 1``, per width.
 

@@ -1,8 +1,9 @@
-"""Command line: ``specdec generate ...``, ``specdec check ...`` and ``specdec fetch ...``."""
+"""Command line: ``specdec generate``, ``check``, ``train-heads``, ``search-tree`` and ``fetch``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from specdec.methods import METHOD_OPTIONS, METHODS
@@ -19,6 +20,9 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--k", type=int, help="draft tokens per step (speculative methods; default 4)")
     parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
     parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft (default 1)")
+    parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
+    parser.add_argument("--tree", help="Medusa tree: a built-in name (chain-1..4, tree-8/16/32/64) or a JSON file "
+                                       "of paths (default: the searched tree saved with the heads)")
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
     parser.add_argument("--verification", choices=["exact", "rejection", "typical"],
@@ -54,9 +58,9 @@ def _check(args) -> int:
 
     model = specdec.load(args.model, dtype=args.dtype)
     prompts = args.prompt or humaneval_chat_prompts(args.humaneval)
-    report = check(model, prompts, args.method, batch_size=args.batch_size, tolerance=args.tolerance, strict=args.strict,
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, **_method_options(args))
+    report = check(model, prompts, args.method, batch_size=args.batch_size, tolerance=args.tolerance,
+                   strict=args.strict, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, **_method_options(args))
     print(report.table())
     return 1 if report.verdict == "MISMATCH" else 0
 
@@ -68,6 +72,47 @@ def _fetch(args) -> int:
         print(model_file(name))
     for name in args.datasets:
         print(dataset_file(name))
+    return 0
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One ``--field-name`` flag per field of the config dataclass, defaulting to the field's default."""
+    for f in dataclasses.fields(config_cls):
+        kind = {bool: _flag, int: int, float: float}.get(type(f.default), str)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+                            help=f"default: {f.default}")
+
+
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def _train_heads(args) -> int:
+    import json
+
+    from training.medusa import HeadsTrainConfig, train_heads
+
+    fields = {f.name for f in dataclasses.fields(HeadsTrainConfig)}
+    cfg = HeadsTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    metrics = train_heads(cfg, max_steps=args.max_steps)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
+    print(f"heads saved to {cfg.out}", file=sys.stderr)
+    return 0
+
+
+def _search_tree(args) -> int:
+    import specdec
+    from heads.bundled import heads_for
+    from heads.search import describe, search_for_heads
+
+    lm = specdec.load(args.model)
+    heads, heads_dir = heads_for(lm, args.heads)
+    result = search_for_heads(lm, heads, heads_dir, max_nodes=args.max_nodes, save=args.save)
+    print(describe(result))
+    if args.save:
+        print(f"saved to {heads_dir / 'tree.json'} (the default tree for these heads)", file=sys.stderr)
     return 0
 
 
@@ -106,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reference as wide as the method's tree, same batches, no ties allowed")
     chk.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     chk.set_defaults(func=_check)
+    th = sub.add_parser("train-heads", help="train Medusa heads on a frozen model (Medusa-1; resumable)")
+    from training.medusa import HeadsTrainConfig
+
+    _add_config_args(th, HeadsTrainConfig)
+    th.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    th.set_defaults(func=_train_heads)
+    ts = sub.add_parser("search-tree", help="search the Medusa tree that is fastest on this device "
+                                            "(measured head accuracies x measured step cost)")
+    ts.add_argument("--model", default="smollm2-135m")
+    ts.add_argument("--heads", default=None, help="heads directory (default: the bundled heads for the model)")
+    ts.add_argument("--max-nodes", type=int, default=64, help="largest tree tried (nodes besides the root)")
+    ts.add_argument("--save", action="store_true", help="write tree.json beside the heads (their default tree)")
+    ts.set_defaults(func=_search_tree)
     fetch = sub.add_parser("fetch", help="download and verify registry models and data sets")
     fetch.add_argument("--models", nargs="*", default=["smollm2-135m"])
     fetch.add_argument("--datasets", nargs="*", default=[])

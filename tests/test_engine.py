@@ -59,7 +59,7 @@ class RepeatTreeProposer:
     tree: Tree
     repeat: tuple[bool, ...]
 
-    def prefill(self, params, tokens, prompt_lens, slots):
+    def prefill(self, params, tokens, prompt_lens, slots, hidden=None):
         return None
 
     def propose(self, params, state, view, sampling, rule):

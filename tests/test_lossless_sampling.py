@@ -1,6 +1,8 @@
 """Lossless speculative sampling is exact in distribution (Monte-Carlo against the exact distribution).
 
-Target and draft are different tiny random models over an 8-token vocabulary.
+Target and draft are different tiny random models over an 8-token vocabulary
+(chain and tree drafts), or random Medusa heads over a tree (deterministic
+top-k candidates, verified as point masses).
 The exact distribution of the first three generated tokens (512 outcomes) comes
 from teacher-forced target forwards; 20000 speculative samples (one row per
 seed) are compared with Pearson's chi-square test, cells with expected count
@@ -22,6 +24,8 @@ import pytest
 
 import specdec
 import specdec.verify
+from flax import nnx
+from heads.medusa import new_heads
 from specdec.config import tiny_config
 from specdec.loading import LoadedModel
 from specdec.model import init_model, teacher_forced_logits
@@ -65,20 +69,29 @@ def chi_square_p(counts: dict, exact: dict, n: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def sample_counts(target, draft, width: int) -> dict:
-    res = specdec.generate(target, [PROMPT] * SAMPLES, method="draft", draft=draft, k=2, draft_width=width,
-                           temperature=1.0, verification="rejection", max_new_tokens=NEW, seed=list(range(SAMPLES)))
+def sample_counts(target, **method) -> dict:
+    res = specdec.generate(target, [PROMPT] * SAMPLES, temperature=1.0, verification="rejection",
+                           max_new_tokens=NEW, seed=list(range(SAMPLES)), **method)
     counts: dict = {}
     for r in res:
         counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
     return counts
 
 
-@pytest.mark.parametrize("width", [1, 3], ids=["chain", "tree"])
-def test_rejection_sampling_matches_target_distribution(pair, width):
+def _method(kind: str, target, draft) -> dict:
+    if kind == "medusa-tree":  # deterministic top-k candidates over a tree: verified as point masses
+        heads = new_heads(target.module, base_name="t8", n_heads=2)
+        nnx.update(heads, jax.tree.map(lambda x: x + 0.7 * jax.random.normal(jax.random.key(1), x.shape),
+                                       nnx.state(heads, nnx.Param)))
+        return dict(method="medusa", heads=heads, tree=[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
+    return dict(method="draft", draft=draft, k=2, draft_width={"chain": 1, "tree": 3}[kind])
+
+
+@pytest.mark.parametrize("kind", ["chain", "tree", "medusa-tree"])
+def test_rejection_sampling_matches_target_distribution(pair, kind):
     target, draft = pair
-    p = chi_square_p(sample_counts(target, draft, width), exact_distribution(target), SAMPLES)
-    print(f"width {width}: p = {p:.3g}")
+    p = chi_square_p(sample_counts(target, **_method(kind, target, draft)), exact_distribution(target), SAMPLES)
+    print(f"{kind}: p = {p:.3g}")
     assert p > 1e-3, f"speculative samples differ from the target distribution (chi-square p = {p:.2e})"
 
 
@@ -88,7 +101,8 @@ def test_broken_rule_is_detected(pair, monkeypatch):
     jax.clear_caches()
     monkeypatch.setattr(specdec.verify, "residual_distribution", lambda r, q: r)
     try:
-        p = chi_square_p(sample_counts(target, draft, 1), exact_distribution(target), SAMPLES)
+        p = chi_square_p(sample_counts(target, **_method("chain", target, draft)), exact_distribution(target),
+                         SAMPLES)
     finally:
         jax.clear_caches()
     print(f"broken: p = {p:.3g}")

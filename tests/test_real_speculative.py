@@ -1,4 +1,5 @@
-"""Speculative decoding of SmolLM2-135M-Instruct: the checker finds no MISMATCH on 20 HumanEval prompts."""
+"""Speculative decoding of SmolLM2-135M-Instruct (prompt lookup, draft, bundled Medusa heads): the checker
+finds no MISMATCH on 20 HumanEval prompts."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ def reference(smollm2):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("method", [dict(method="prompt_lookup", k=4), dict(method="draft", k=3)],
-                         ids=["prompt_lookup", "target_as_draft"])
+@pytest.mark.parametrize("method", [dict(method="prompt_lookup", k=4), dict(method="draft", k=3),
+                                    dict(method="medusa")],
+                         ids=["prompt_lookup", "target_as_draft", "medusa_bundled_heads"])
 def test_no_mismatch_on_humaneval(smollm2, reference, method, batch):
     prompts, ref = reference
     options = dict(method)
@@ -31,6 +33,21 @@ def test_no_mismatch_on_humaneval(smollm2, reference, method, batch):
     assert report.counts["MISMATCH"] == 0, report.table()
     if options["method"] == "draft":  # the target drafting for itself: (nearly) everything accepted
         assert min(r.accepted_per_forward for r in report.results) > 3.0
+    if options["method"] == "medusa":  # trained heads: well above one token per forward
+        assert sum(r.accepted_per_forward for r in report.results) / len(prompts) > 1.5
+
+
+def test_strict_medusa_tree(smollm2, reference):
+    prompts, _ = reference
+    report = check(smollm2, prompts[:4], "medusa", tree="tree-16", batch_size=4, strict=True,
+                   max_new_tokens=NEW_TOKENS)
+    assert report.counts["identical"] == 4, report.table()
+
+
+def test_medusa_cli_generate(capsys):
+    assert cli_main(["generate", "--method", "medusa", "--tree", "tree-8", "--prompt", "Count from 1 to 20.",
+                     "--max-new-tokens", "24"]) == 0
+    assert "tokens per target forward" in capsys.readouterr().err
 
 
 def test_strict_check_has_no_ties(smollm2, reference):

@@ -1,0 +1,111 @@
+"""Medusa heads on SmolLM2-135M-Instruct: every built-in tree and the searched tree vs autoregressive.
+
+One process, one method at a time (never concurrently), batch 1, greedy, up to
+``--new-tokens`` tokens per prompt (EOS ends a row), on two prompt sets: the
+first ``--humaneval`` HumanEval prompts as chat requests and ``--sharegpt``
+held-out ShareGPT first turns. Each method is compiled for a prompt's shapes
+before that prompt is timed. Figures per (prompt set, method):
+
+- accepted_per_forward: generated tokens (after the first) per target forward;
+- tokens_per_s: the same tokens per second of decode wall time (after the first token);
+- speedup_vs_autoregressive: ratio to the autoregressive row of the same set in this run;
+- equivalence: the checker's worst verdict over the set (identical / tie / MISMATCH).
+
+Per-head top-1/top-5 accuracies are the held-out figures measured when the heads
+were trained (saved with them). The searched tree is the heads' default
+(``tree.json``, from ``specdec search-tree --save``).
+
+    .venv/bin/python experiments/bench_medusa.py
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import specdec
+from heads.bundled import default_tree, heads_for
+from heads.medusa import read_metadata
+from heads.trees import load_spec, tree_buffers
+from specdec.autoregressive import plan_shapes
+from specdec.bench import save_plot, write_results
+from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
+from specdec.equivalence import classify
+from specdec.sampling import Sampling
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--humaneval", type=int, default=20)
+    parser.add_argument("--sharegpt", type=int, default=50)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--trees", nargs="+", default=["chain-2", "chain-4", "tree-8", "tree-16", "tree-32",
+                                                       "tree-64"])
+    args = parser.parse_args()
+
+    model = specdec.load("smollm2-135m")
+    heads, heads_dir = heads_for(model, None)
+    searched = default_tree(heads_dir)
+    methods = [("autoregressive", {})] + [(t, dict(method="medusa", heads=heads, tree=t)) for t in args.trees]
+    methods.append(("searched", dict(method="medusa", heads=heads, tree=searched)))
+    sets = {"humaneval": humaneval_chat_prompts(args.humaneval), "sharegpt": sharegpt_prompts(args.sharegpt)}
+    tok = model.tokenizer
+    rows, compiled = [], set()
+    for set_name, prompts in sets.items():
+        ids = [tok.encode(tok.chat(p)) for p in prompts]
+        results = {name: [] for name, _ in methods}
+        for i, prompt in enumerate(ids):
+            for name, method in methods:
+                extra = tree_buffers(load_spec(method["tree"])).tree.size if method else 0
+                key = (name, plan_shapes(model.config, [len(prompt)], [args.new_tokens], None, extra))
+                if key not in compiled:  # compile these shapes before timing them
+                    specdec.generate(model, prompt, max_new_tokens=args.new_tokens, **method)
+                    compiled.add(key)
+                results[name].append(specdec.generate(model, prompt, max_new_tokens=args.new_tokens, **method))
+            print(f"{set_name}: prompt {i + 1}/{len(ids)} done", flush=True)
+        ref = results["autoregressive"]
+        for name, method in methods:
+            res = results[name]
+            tokens = sum(len(r.tokens) + (r.finish_reason == "eos") - 1 for r in res)
+            forwards = sum(r.target_forwards for r in res)
+            decode_s = sum(r.stats.wall_s - r.stats.ttft_s for r in res)
+            verdicts = [classify(model, ids[i], res[i], ref[i], sampling=Sampling(), seed=0,
+                                 eos_ids=tuple(tok.eos_ids)).verdict for i in range(len(ids))]
+            worst = "MISMATCH" if "MISMATCH" in verdicts else "tie" if "tie" in verdicts else "identical"
+            nodes = tree_buffers(load_spec(method["tree"])).tree.size if method else 1
+            rows.append({"prompts": set_name, "method": "autoregressive" if not method else "medusa",
+                         "tree": name, "tree_nodes": nodes, "accepted_per_forward": tokens / forwards,
+                         "tokens_per_s": tokens / decode_s, "equivalence": worst,
+                         "rows_identical": f"{verdicts.count('identical')}/{len(ids)}", "new_tokens": tokens,
+                         "target_forwards": forwards})
+        base = next(r for r in rows if r["prompts"] == set_name and r["tree"] == "autoregressive")
+        for row in rows:
+            if row["prompts"] == set_name:
+                row["speedup_vs_autoregressive"] = row["tokens_per_s"] / base["tokens_per_s"]
+
+    training = read_metadata(heads_dir).get("training", {})
+    acc = training.get("heldout", {})
+    notes = [f"searched tree: {searched} ({tree_buffers(load_spec(searched)).tree.size} nodes with the root)",
+             "per-head held-out accuracy (from training) top-1: " + ", ".join(f"{a:.3f}" for a in acc.get("top1", []))
+             + "; top-5: " + ", ".join(f"{a:.3f}" for a in acc.get("top5", []))]
+    write_results("bench_medusa", {
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled Medusa heads (bfloat16)",
+        "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
+        "max_new_tokens": args.new_tokens, "heads_accuracy": acc, "rows": rows, "notes": notes,
+    }, ["prompts", "tree", "tree_nodes", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive",
+        "equivalence", "rows_identical"])
+    series = {}
+    for set_name in sets:
+        pts = sorted((r["tree_nodes"], r["accepted_per_forward"]) for r in rows
+                     if r["prompts"] == set_name and r["method"] == "medusa" and r["tree"] != "searched")
+        series[set_name] = ([p[0] for p in pts], [p[1] for p in pts])
+        found = next(r for r in rows if r["prompts"] == set_name and r["tree"] == "searched")
+        series[f"{set_name}: searched tree"] = ([found["tree_nodes"]], [found["accepted_per_forward"]])
+    save_plot("bench_medusa", series, xlabel="tree nodes (with the root)", ylabel="accepted tokens per target forward",
+              title="Medusa heads on SmolLM2-135M-Instruct, greedy", logx=True)
+    for row in rows:
+        print(row)
+    print(*notes, sep="\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Medusa heads: n small residual heads that guess the tokens 2, 3, ... steps ahead.
+
+Head ``k`` (0-based) reads the backbone's final-normed hidden state at position
+``t`` (the one the LM head turns into token ``t + 1``) and predicts token
+``t + 2 + k``. Each head is ``n_layers`` residual blocks ``x + SiLU(W x + b)``
+with ``W`` and ``b`` zero-initialised (the identity at start, independent
+weights per block), then either its own vocabulary projection initialised from
+the base LM head or the base LM head itself (``shared_lm_head``; far cheaper
+for small models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from specdec.config import DTYPES
+from specdec.model import Llama
+
+CONFIG_FILE = "medusa_config.json"
+PARAMS_DIR = "params"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MedusaConfig:
+    """Shape of a set of Medusa heads and the base model they were made for."""
+
+    d_model: int
+    vocab_size: int
+    n_heads: int = 4
+    n_layers: int = 1
+    shared_lm_head: bool = True
+    dtype: str = "float32"
+    base_model: str = ""  # the base model's name, for messages
+    base_fingerprint: str = ""  # :func:`base_fingerprint` of the base model
+
+    def __post_init__(self) -> None:
+        if self.n_heads < 1 or self.n_layers < 1:
+            raise ValueError(f"n_heads and n_layers must be >= 1, got {self.n_heads} and {self.n_layers}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def jnp_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def base_head_table(model: Llama) -> jax.Array:
+    """The base model's LM head as a ``[vocab, d_model]`` table (the embedding when tied)."""
+    return model.embed.embedding[...] if model.lm_head is None else model.lm_head.kernel[...].T
+
+
+def base_fingerprint(model: Llama) -> str:
+    """A short digest of a base model: its shape and a sample of its weights (rounded to bfloat16,
+    so float32 and bfloat16 loads of one checkpoint agree)."""
+    cfg = model.config
+    shape = {k: v for k, v in asdict(cfg).items() if k != "dtype"}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    for arr in (model.norm.weight[...], base_head_table(model)[:64], model.layers[0].attn.q.kernel[...][:, :64]):
+        digest.update(np.asarray(jnp.asarray(arr, jnp.bfloat16).astype(jnp.float32)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class ResBlock(nnx.Module):
+    """``x + SiLU(W x + b)`` with W and b zero-initialised."""
+
+    def __init__(self, d: int, dtype):
+        self.linear = nnx.Linear(d, d, dtype=dtype, param_dtype=dtype, kernel_init=nnx.initializers.zeros,
+                                 bias_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + jax.nn.silu(self.linear(x))
+
+
+class MedusaHeads(nnx.Module):
+    def __init__(self, cfg: MedusaConfig, base: Llama | None = None):
+        """Fresh heads; ``base`` (needed unless ``shared_lm_head``) initialises their LM heads."""
+        self.config = cfg
+        dt = cfg.jnp_dtype
+        self.blocks = nnx.List([nnx.List([ResBlock(cfg.d_model, dt) for _ in range(cfg.n_layers)])
+                                for _ in range(cfg.n_heads)])
+        self.lm_heads = nnx.data(None)
+        if not cfg.shared_lm_head:
+            if base is None:
+                raise ValueError("heads with their own LM heads are initialised from the base model: pass base=")
+            table = base_head_table(base).astype(dt)
+            self.lm_heads = nnx.data([nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dt,
+                                                 param_dtype=dt, kernel_init=lambda *_: table.T, rngs=nnx.Rngs(0))
+                                      for _ in range(cfg.n_heads)])
+
+    def features(self, hidden: jax.Array) -> jax.Array:
+        """``hidden: [..., d]`` (final-normed backbone state) -> ``[..., n_heads, d]``."""
+        x = hidden.astype(self.config.jnp_dtype)
+        outs = []
+        for blocks in self.blocks:
+            h = x
+            for block in blocks:
+                h = block(h)
+            outs.append(h)
+        return jnp.stack(outs, axis=-2)
+
+    def logits(self, hidden: jax.Array, base_table: jax.Array | None) -> jax.Array:
+        """``hidden: [..., d]`` -> float32 logits ``[..., n_heads, vocab]``.
+
+        base_table: the base LM head ``[vocab, d]`` (:func:`base_head_table`), used when shared.
+        """
+        f = self.features(hidden)
+        if self.lm_heads is None:
+            if base_table is None:
+                raise ValueError("these heads share the base LM head: pass base_table=base_head_table(model)")
+            out = jax.lax.dot_general(f, base_table.astype(f.dtype), (((f.ndim - 1,), (1,)), ((), ())))
+        else:
+            out = jnp.stack([head(f[..., i, :]) for i, head in enumerate(self.lm_heads)], axis=-2)
+        return out.astype(jnp.float32)
+
+
+def new_heads(base: Llama, *, base_name: str, n_heads: int = 4, n_layers: int = 1, shared_lm_head: bool = True,
+              dtype: str = "float32") -> MedusaHeads:
+    """Fresh (identity-initialised) heads for ``base``."""
+    cfg = MedusaConfig(d_model=base.config.d_model, vocab_size=base.config.vocab_size, n_heads=n_heads,
+                       n_layers=n_layers, shared_lm_head=shared_lm_head, dtype=dtype, base_model=base_name,
+                       base_fingerprint=base_fingerprint(base))
+    return MedusaHeads(cfg, base)
+
+
+def save_heads(heads: MedusaHeads, path: str | Path, extra: dict | None = None) -> Path:
+    """Write ``heads`` to the directory ``path``: orbax parameters + ``medusa_config.json``.
+
+    extra: more JSON-able metadata to record (e.g. training metrics, per-head accuracies).
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path / PARAMS_DIR, nnx.to_pure_dict(nnx.state(heads, nnx.Param)), force=True)
+    ckpt.wait_until_finished()
+    meta = {"config": asdict(heads.config), **(extra or {})}
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The JSON metadata saved with heads at ``path`` (``config`` plus any extra entries)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} holds no Medusa heads: {CONFIG_FILE} is missing (save with save_heads)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is corrupt ({err}); re-save or re-train the heads") from err
+
+
+def load_heads(path: str | Path, base: Llama) -> MedusaHeads:
+    """Heads saved at ``path``, checked against the base model they will run on."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).resolve()
+    meta = read_metadata(path)
+    cfg = MedusaConfig(**meta["config"])
+    if cfg.base_fingerprint != base_fingerprint(base) or cfg.vocab_size != base.config.vocab_size:
+        raise ValueError(f"the Medusa heads at {path} were trained for base model {cfg.base_model!r} "
+                         f"(fingerprint {cfg.base_fingerprint}), not for this model (fingerprint "
+                         f"{base_fingerprint(base)}): load heads trained for this model or train new ones "
+                         f"with `specdec train-heads`")
+    heads = MedusaHeads(cfg, base)
+    state = nnx.state(heads, nnx.Param)
+    try:
+        restored = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, nnx.to_pure_dict(state))
+    except Exception as err:  # orbax raises several types for missing/corrupt/mismatched files
+        raise ValueError(f"could not read the Medusa head parameters in {path / PARAMS_DIR}: {err}") from err
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(heads, state)
+    return heads
+

@@ -1,0 +1,74 @@
+"""Medusa heads as a proposer for the speculative engine.
+
+The proposer's state is the target's final-normed hidden state ``[B, d]`` at
+the position just before the root (the one whose logits produced the root).
+Each step, the heads turn it into per-head top-k tokens, which fill the tree
+spec's nodes; after verification the state becomes the target's hidden state
+at the last accepted node of the tree forward, so no extra forward is run.
+Candidates are deterministic (top-k), so under lossless tree sampling
+(rule "rejection") they are verified as point masses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from heads.trees import TreeBuffers, candidate_tokens, tree_buffers
+from specdec.engine import Commit, Proposal, View
+from specdec.sampling import Sampling
+from specdec.tree import Tree
+
+
+@dataclass(frozen=True)
+class MedusaProposer:
+    """Propose a tree from Medusa heads. Params: ``{"heads": heads state, "table": base LM head [V, d] | None}``."""
+
+    graphdef: nnx.GraphDef
+    spec: tuple[tuple[int, ...], ...]
+
+    @cached_property
+    def buffers(self) -> TreeBuffers:
+        return tree_buffers(self.spec)
+
+    @property
+    def tree(self) -> Tree:
+        return self.buffers.tree
+
+    def prefill(self, params, tokens, prompt_lens, slots, hidden: jax.Array) -> jax.Array:
+        return hidden
+
+    def propose(self, params, hidden: jax.Array, view: View, sampling: Sampling, rule: str):
+        heads = nnx.merge(self.graphdef, params["heads"])
+        logits = heads.logits(hidden, params["table"])  # [B, n_heads, V]
+        top = jax.lax.top_k(logits, self.buffers.top_k)[1].astype(jnp.int32)
+        return hidden, Proposal(tokens=candidate_tokens(top, self.buffers), draft_probs=None)
+
+    def commit(self, params, hidden: jax.Array, commit: Commit) -> jax.Array:
+        v = commit.verdict
+        last = jnp.take_along_axis(v.path, v.n_accepted[:, None], axis=1)  # [B, 1] last accepted node
+        new = jnp.take_along_axis(commit.target.hidden, last[:, :, None], axis=1)[:, 0]
+        return jnp.where(commit.active[:, None], new.astype(hidden.dtype), hidden)
+
+
+def medusa_proposer(target, heads, spec) -> tuple[MedusaProposer, dict]:
+    """Check that ``heads`` fit ``target`` (a ``LoadedModel``) and build the proposer and its params."""
+    from heads.medusa import base_fingerprint, base_head_table
+
+    base = target.module
+    cfg = heads.config
+    if cfg.base_fingerprint != base_fingerprint(base):
+        raise ValueError(f"these Medusa heads were trained for base model {cfg.base_model!r}, not for "
+                         f"{target.name!r}: load heads trained for this model or train new ones")
+    buffers = tree_buffers(spec)
+    if buffers.tree.max_depth > cfg.n_heads:
+        raise ValueError(f"the tree is {buffers.tree.max_depth} deep but there are only {cfg.n_heads} heads; "
+                         f"use a tree of depth <= {cfg.n_heads}")
+    graphdef, state = nnx.split(heads)
+    table = base_head_table(base) if cfg.shared_lm_head else None
+    spec = tuple(tuple(p) for p in spec)
+    return MedusaProposer(graphdef=graphdef, spec=spec), {"heads": state, "table": table}

@@ -1,0 +1,174 @@
+"""Medusa: tree buffers, tree search, heads save/load, decoding equivalence, training."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import specdec
+from heads.medusa import base_head_table, load_heads, new_heads, save_heads
+from heads.trees import (BUILTIN_TREES, candidate_tokens, chain_spec, expected_accepted, grow_tree, load_spec,
+                         rank_accuracy, search_tree, tree_buffers)
+from specdec.config import tiny_config
+from specdec.equivalence import check
+from specdec.model import init_model
+from training.features import Features
+from training.medusa import HeadsTrainConfig, evaluate, fit
+
+
+def random_heads(model, seed: int, scale: float, **kw):
+    """Heads whose residual blocks have random weights (``scale`` 0: fresh, identity heads)."""
+    heads = new_heads(model, base_name="tiny", **kw)
+    state = nnx.state(heads, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    nnx.update(heads, jax.tree.unflatten(treedef, noisy))
+    return heads
+
+
+def test_tree_buffers_hand_checked():
+    spec = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 2)]
+    b = tree_buffers(list(reversed(spec)))  # order of the spec does not matter
+    assert b.tree.parents == (-1, 0, 0, 1, 1, 2, 3)
+    assert b.head.tolist() == [0, 0, 1, 1, 1, 2]
+    assert b.rank.tolist() == [0, 1, 0, 1, 0, 2]
+    assert b.top_k == 3
+    assert b.tree.depth.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    anc = np.zeros((7, 7), bool)
+    for i, chain in enumerate([[0], [0, 1], [0, 2], [0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 1, 3, 6]]):
+        anc[i, chain] = True
+    np.testing.assert_array_equal(b.tree.ancestors, anc)
+    assert b.tree.path_to[6].tolist() == [0, 1, 3, 6]
+    assert b.tree.path_to[5].tolist() == [0, 2, 5, 5]
+    top = jnp.asarray([[[10, 11, 12], [20, 21, 22], [30, 31, 32]]])  # [B=1, heads, K]
+    assert candidate_tokens(top, b).tolist() == [[10, 11, 20, 21, 20, 32]]
+
+
+def test_bad_specs_are_rejected():
+    with pytest.raises(ValueError, match="no parent path"):
+        tree_buffers([(0,), (1, 0)])
+    with pytest.raises(ValueError, match="ranks >= 0"):
+        tree_buffers([(0,), (0, -1)])
+    with pytest.raises(ValueError, match="unknown tree"):
+        load_spec("tree-17")
+
+
+def test_builtin_trees_have_their_sizes():
+    for name, spec in BUILTIN_TREES.items():
+        n = int(name.split("-")[1])
+        assert len(spec) == (n if name.startswith("chain") else n - 1)
+        assert tree_buffers(spec).tree.max_depth <= 4
+
+
+def test_expected_accepted_and_greedy_growth():
+    acc = np.array([[0.5, 0.19], [0.4, 0.1]])
+    assert expected_accepted(chain_spec(2), acc) == pytest.approx(0.5 + 0.5 * 0.4)
+    assert expected_accepted([(0,), (1,), (0, 0), (1, 0)], acc) == pytest.approx(0.5 + 0.19 + 0.2 + 0.076)
+    assert grow_tree(acc, 2) == [(0,), (0, 0)]  # 0.5 * 0.4 beats 0.19
+    assert grow_tree(acc, 3) == [(0,), (1,), (0, 0)]
+    assert grow_tree(acc, 4) == [(0,), (1,), (0, 0), (1, 0)]  # 0.076 beats 0.5 * 0.1
+    np.testing.assert_allclose(rank_accuracy([[0.5, 0.7, 0.7]]), [[0.5, 0.2, 0.0]])
+
+
+def test_search_follows_the_cost_curve():
+    acc = rank_accuracy([[0.6, 0.75, 0.8], [0.4, 0.5, 0.55], [0.3, 0.4, 0.45]])
+    flat, _ = search_tree(acc, lambda n: 1.0, max_nodes=20)
+    steep, rows = search_tree(acc, lambda n: float(n), max_nodes=20)
+    assert len(flat) == 20 and len(steep) == 1
+    assert [r.nodes for r in rows] == list(range(1, 21))
+    table, _ = search_tree(acc, {1: 1.0, 2: 1.02, 4: 1.05, 8: 1.1, 16: 3.0, 32: 6.0}, max_nodes=30)
+    assert 3 <= len(table) <= 15
+
+
+def test_heads_save_load_and_wrong_base(tiny, tmp_path):
+    heads = random_heads(tiny, 1, 0.3, shared_lm_head=False)
+    x = jax.random.normal(jax.random.key(0), (3, tiny.config.d_model))
+    save_heads(heads, tmp_path / "h", {"note": 1})
+    again = load_heads(tmp_path / "h", tiny)
+    np.testing.assert_array_equal(again.logits(x, None), heads.logits(x, None))
+    other = init_model(tiny_config(), seed=5)
+    with pytest.raises(ValueError, match="trained for base model 'tiny'"):
+        load_heads(tmp_path / "h", other)
+    with pytest.raises(FileNotFoundError, match="medusa_config.json is missing"):
+        load_heads(tmp_path, tiny)
+    (tmp_path / "h" / "medusa_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_heads(tmp_path / "h", tiny)
+
+
+def test_fresh_heads_are_the_base_head(tiny):
+    x = jax.random.normal(jax.random.key(1), (2, tiny.config.d_model))
+    for shared in (True, False):
+        heads = new_heads(tiny, base_name="tiny", shared_lm_head=shared)
+        out = heads.logits(x, base_head_table(tiny))
+        np.testing.assert_allclose(out, jnp.broadcast_to(tiny.logits(x)[:, None], out.shape), atol=1e-5)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=st.sampled_from(["chain-1", "chain-3", "tree-8", "tree-16", "tree-64"]), scale=st.sampled_from([0.0, 0.5]),
+       lens=st.lists(st.integers(1, 30), min_size=2, max_size=6), temperature=st.sampled_from([0.0, 0.9]),
+       data=st.data())
+def test_medusa_rows_equal_autoregressive(tiny_lm, tiny, tree, scale, lens, temperature, data):
+    """Greedy and coupled sampling, batch > 1, several trees: every row identical to autoregressive."""
+    heads = random_heads(tiny, 3, scale)
+    rng = np.random.default_rng(sum(lens))
+    prompts = [rng.integers(0, 97, n).tolist() for n in lens]
+    max_new = data.draw(st.lists(st.integers(1, 24), min_size=len(lens), max_size=len(lens)))
+    report = check(tiny_lm, prompts, "medusa", batch_size=len(prompts), heads=heads, tree=tree,
+                   max_new_tokens=max_new, temperature=temperature, top_k=20 if temperature else 0,
+                   seed=list(range(len(lens))))
+    assert report.counts["identical"] == len(prompts), report.table()
+
+
+def test_medusa_accepts_drafts_and_reports(tiny_lm, tiny):
+    """Fresh heads repeat the base prediction, which a looping random model often confirms."""
+    res = specdec.generate(tiny_lm, [[5, 6, 7], [9] * 12], method="medusa", heads=new_heads(tiny, base_name="t"),
+                           tree="tree-16", max_new_tokens=40)
+    assert all(sum(r.accepted_histogram[1:]) > 0 for r in res)
+    assert all(r.accepted_per_forward > 1.0 for r in res)
+    typical = specdec.generate(tiny_lm, [5, 6, 7], method="medusa", heads=new_heads(tiny, base_name="t"),
+                               tree="tree-8", verification="typical", temperature=0.7, max_new_tokens=12)
+    assert len(typical.tokens) == 12
+
+
+def test_medusa_bad_input(tiny_lm, tiny):
+    heads = new_heads(tiny, base_name="t", n_heads=2)
+    with pytest.raises(ValueError, match="only 2 heads"):
+        specdec.generate(tiny_lm, [1, 2], method="medusa", heads=heads, tree="chain-3")
+    foreign = new_heads(init_model(tiny_config(), seed=9), base_name="other")
+    with pytest.raises(ValueError, match="trained for base model 'other'"):
+        specdec.generate(tiny_lm, [1, 2], method="medusa", heads=foreign)
+    with pytest.raises(ValueError, match="ships no Medusa heads"):
+        specdec.generate(tiny_lm, [1, 2], method="medusa")
+
+
+def _features(n: int, seed: int) -> Features:
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(n, 32)).astype(np.float32)
+    labels = (np.abs(hidden[:, :4]) * 20).astype(np.int32) % 97  # learnable from the input
+    labels[::5, 3] = -1
+    return Features(hidden, labels)
+
+
+def test_training_lowers_loss_and_resumes_exactly(tiny, tmp_path):
+    data, table = _features(512, 0), base_head_table(tiny)
+    cfg = HeadsTrainConfig(batch_size=64, epochs=2, lr=1e-2, checkpoint_every=5)
+    heads = new_heads(tiny, base_name="tiny")
+    before = evaluate(heads, table, data)
+    whole = fit(heads, table, data, cfg, tmp_path / "a")
+    after = evaluate(heads, table, data)
+    assert sum(after["ce"]) < sum(before["ce"]) - 0.1
+    assert whole[-1]["loss"] < whole[0]["loss"]
+    fit(new_heads(tiny, base_name="tiny"), table, data, cfg, tmp_path / "b", max_steps=7)  # "killed" at step 7
+    resumed = new_heads(tiny, base_name="tiny")
+    log = fit(resumed, table, data, cfg, tmp_path / "b")
+    assert [r["loss"] for r in log] == [r["loss"] for r in whole]
+    assert json.dumps(evaluate(resumed, table, data)) == json.dumps(after)

@@ -1,0 +1,76 @@
+"""Pieces every training loop shares: the optimiser, resumable checkpoints and the loss log.
+
+Resuming is exact: a checkpoint holds the parameters, the optimiser state and
+the step, batches are a pure function of (seed, step), and the loss log is cut
+back to the checkpoint's step, so a killed and resumed run writes the same
+loss curve as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optax
+
+
+def make_optimizer(*, lr: float, total_steps: int, warmup: float, weight_decay: float,
+                   clip: float) -> optax.GradientTransformation:
+    """AdamW with linear warm-up over the first ``warmup`` fraction of steps, then cosine decay to 0,
+    after clipping the global gradient norm to ``clip``."""
+    warm = max(1, int(round(warmup * total_steps)))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(total_steps, warm + 1), end_value=0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Example indices of batch ``step``: epochs of a fresh seeded permutation, cut into batches."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+class Checkpoints:
+    """Orbax checkpoints of ``{"params", "opt"}`` pytrees under ``directory``, by step."""
+
+    def __init__(self, directory: str | Path, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(Path(directory).resolve(),
+                                             options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any) -> None:
+        self.manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, like: Any) -> Any:
+        """The state saved at ``step``, with the structure and dtypes of ``like``."""
+        try:
+            return self.manager.restore(step, args=self._ocp.args.StandardRestore(like))
+        except Exception as err:  # orbax raises several types for mismatched trees and corrupt files
+            raise ValueError(f"checkpoint {step} in {self.manager.directory} does not match this training "
+                             f"config or is corrupt ({err}); use another --work-dir or delete it") from err
+
+
+class LossLog:
+    """One JSON line per step in ``path``; opening it at ``resume_step`` drops later lines."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0):
+        self.path = Path(path)
+        lines = self.path.read_text().splitlines() if self.path.exists() and resume_step else []
+        kept = [ln for ln in lines if json.loads(ln)["step"] < resume_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(ln) for ln in self.path.read_text().splitlines()]

@@ -1,0 +1,218 @@
+"""Medusa-1 training: frozen backbone, loss ``sum_k decay^k * CE_k`` over the heads.
+
+Pipeline (:func:`train_heads`): ShareGPT conversations -> ChatML examples with
+an assistant mask (or, in self-distillation mode, the backbone's own replies to
+the first user turn) -> rows packed to ``seq_len`` -> backbone hidden states at
+every position with a target, computed once and cached in the work directory ->
+AdamW (warm-up + cosine, clipping) on the heads -> per-head top-1/top-5
+accuracy on the held-out split -> heads saved with their metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from heads.medusa import MedusaHeads, base_head_table, new_heads, save_heads
+from training.data import head_labels, pack, render_chat, self_distill
+from training.features import Features, backbone_features
+from training.loop import Checkpoints, LossLog, batch_indices, make_optimizer
+
+DATA_MODES = ("sharegpt", "self-distill")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadsTrainConfig:
+    """Everything one Medusa-1 run depends on (``specdec train-heads`` flags mirror it)."""
+
+    model: str = "smollm2-135m"  # registry name or path of the frozen backbone
+    out: str = "heads/trained"  # where the trained heads are saved
+    work_dir: str | None = None  # cached features, checkpoints, loss log (default: under the cache dir)
+    n_heads: int = 4
+    n_layers: int = 1  # residual blocks per head
+    shared_lm_head: bool = True
+    dtype: str = "float32"  # heads' parameters and compute while training: float32 or bfloat16
+    save_dtype: str = "bfloat16"  # dtype of the saved heads
+    data: str = "self-distill"  # "sharegpt" (the dataset's replies) or "self-distill" (the backbone's own)
+    conversations: int = 1000  # training conversations
+    heldout_conversations: int = 100  # held-out conversations for evaluation
+    seq_len: int = 512  # packed row length
+    max_prompt_tokens: int = 256  # self-distill: longer first turns are skipped
+    max_new_tokens: int = 192  # self-distill: reply budget
+    gen_batch: int = 16  # self-distill: generation batch size
+    batch_size: int = 256  # positions per optimiser step
+    epochs: float = 2.0
+    lr: float = 1e-3
+    warmup: float = 0.1  # fraction of steps
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    decay: float = 0.8  # head k's loss weight is decay ** k (k = 0 for the first head)
+    checkpoint_every: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.data not in DATA_MODES:
+            raise ValueError(f"data must be one of {DATA_MODES}, got {self.data!r}")
+        if self.batch_size < 1 or self.epochs <= 0:
+            raise ValueError(f"batch_size must be >= 1 and epochs > 0, got {self.batch_size} and {self.epochs}")
+
+    def data_key(self) -> str:
+        """A digest of the fields that decide the training data (names the feature cache)."""
+        fields = ("model", "n_heads", "data", "conversations", "heldout_conversations", "seq_len",
+                  "max_prompt_tokens", "max_new_tokens", "seed")
+        return hashlib.sha256(json.dumps([getattr(self, f) for f in fields]).encode()).hexdigest()[:12]
+
+
+def _ce_and_hits(logits: jax.Array, labels: jax.Array, ks=(1, 5)):
+    """Per-head summed CE, hits at each k and counts. logits [B, n, V]; labels [B, n] (-1 = none)."""
+    valid = labels >= 0
+    safe = jnp.where(valid, labels, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    target = jnp.take_along_axis(logits, safe[..., None], axis=-1)
+    rank = jnp.sum(logits > target, axis=-1)  # how many tokens score above the label
+    hits = [jnp.sum((rank < k) & valid, axis=0) for k in ks]
+    return jnp.sum(jnp.where(valid, ce, 0.0), axis=0), hits, jnp.sum(valid, axis=0)
+
+
+def medusa_loss(graphdef, params, table, hidden, labels, decay: float):
+    """Weighted loss ``sum_k decay^k * mean CE_k`` and per-head top-1 accuracy ``[n]`` of one batch."""
+    heads = nnx.merge(graphdef, params)
+    ce, (hit1,), count = _ce_and_hits(heads.logits(hidden, table), labels, ks=(1,))
+    count = jnp.maximum(count, 1)
+    weights = decay ** jnp.arange(ce.shape[0], dtype=jnp.float32)
+    return jnp.sum(weights * ce / count), hit1 / count
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "decay"), donate_argnames=("params", "opt"))
+def train_step(graphdef, params, opt, table, hidden, labels, *, optimizer, decay: float):
+    """One AdamW step on the heads: ``(params, opt state, loss, per-head top-1 [n])``."""
+    (loss, acc), grads = jax.value_and_grad(medusa_loss, argnums=1, has_aux=True)(graphdef, params, table, hidden,
+                                                                                   labels, decay)
+    updates, opt = optimizer.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss, acc
+
+
+TOP_K_EVAL = 10  # evaluation reports top-1 .. top-10 accuracy per head (tree search uses the curve)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _eval_batch(graphdef, params, table, hidden, labels):
+    heads = nnx.merge(graphdef, params)
+    return _ce_and_hits(heads.logits(hidden, table), labels, ks=tuple(range(1, TOP_K_EVAL + 1)))
+
+
+def evaluate(heads: MedusaHeads, table: jax.Array, data: Features, batch_size: int = 512) -> dict:
+    """Per-head accuracy and mean CE on ``data``: ``top1``, ``top5`` ``[n]``, ``topk`` ``[n, 10]``
+    (top-1 .. top-10), ``ce`` and ``positions`` ``[n]``."""
+    graphdef, params = nnx.split(heads)
+    n = heads.config.n_heads
+    ce, hits, count = np.zeros(n), np.zeros((TOP_K_EVAL, n)), np.zeros(n)
+    for start in range(0, len(data.labels), batch_size):
+        rows = slice(start, start + batch_size)
+        c, h, k = _eval_batch(graphdef, params, table, jnp.asarray(data.hidden[rows]), jnp.asarray(data.labels[rows]))
+        ce, hits, count = ce + np.asarray(c), hits + np.asarray(h), count + np.asarray(k)
+    count = np.maximum(count, 1)
+    topk = (hits / count).T.round(4)
+    return {"top1": topk[:, 0].tolist(), "top5": topk[:, 4].tolist(), "topk": topk.tolist(),
+            "ce": (ce / count).round(4).tolist(), "positions": count.astype(int).tolist()}
+
+
+def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainConfig, work_dir: str | Path,
+        max_steps: int | None = None) -> list[dict]:
+    """Train ``heads`` in place on ``data``, resuming from ``work_dir``'s latest checkpoint.
+
+    Checkpoints every ``cfg.checkpoint_every`` steps and at the end; ``max_steps`` stops early
+    (the run can be resumed). Returns the loss log (one record per step, from step 0).
+    """
+    work_dir = Path(work_dir)
+    total = max(1, int(np.ceil(cfg.epochs * len(data.labels) / cfg.batch_size)))
+    optimizer = make_optimizer(lr=cfg.lr, total_steps=total, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                               clip=cfg.clip)
+    graphdef, params = nnx.split(heads, nnx.Param)
+    opt = optimizer.init(params)
+    ckpts = Checkpoints(work_dir / "checkpoints")
+    step = ckpts.latest() or 0
+    if step:
+        restored = ckpts.restore(step, {"params": params, "opt": opt})
+        params, opt = restored["params"], restored["opt"]
+    log = LossLog(work_dir / "loss.jsonl", step)
+    stop = total if max_steps is None else min(total, max_steps)
+    bar = tqdm(range(step, stop), initial=step, total=total, desc="train Medusa heads", unit="step")
+    for step in bar:
+        idx = batch_indices(len(data.labels), cfg.batch_size, step, cfg.seed)
+        params, opt, loss, acc = train_step(graphdef, params, opt, table, jnp.asarray(data.hidden[idx]),
+                                            jnp.asarray(data.labels[idx]), optimizer=optimizer, decay=cfg.decay)
+        record = {"step": step, "loss": float(loss), "top1": np.asarray(acc).round(4).tolist()}
+        log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", top1="/".join(f"{a:.2f}" for a in record["top1"]))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
+            ckpts.save(step + 1, {"params": params, "opt": opt})
+    nnx.update(heads, params)
+    return log.read()
+
+
+def prepare_features(lm, cfg: HeadsTrainConfig, split: str) -> Features:
+    """Features for ``split`` ("train" or "heldout"), cached in the work directory."""
+    from specdec.datasets import sharegpt
+
+    cache = Path(work_dir_of(cfg)) / f"features-{split}.npz"
+    if cache.exists():
+        with np.load(cache) as f:
+            return Features(hidden=f["hidden"], labels=f["labels"])
+    count = cfg.conversations if split == "train" else cfg.heldout_conversations
+    convs = sharegpt(split)[:count]
+    if len(convs) < count:
+        raise ValueError(f"ShareGPT's {split} split has {len(convs)} conversations, fewer than the {count} asked for")
+    if cfg.data == "self-distill":
+        examples = self_distill(lm, convs, max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
+                                batch_size=cfg.gen_batch, seed=cfg.seed)
+    else:
+        examples = [render_chat(lm.tokenizer, c) for c in tqdm(convs, desc=f"tokenise {split}", unit="conv")]
+    packed = pack(examples, cfg.seq_len)
+    feats = backbone_features(lm, packed, head_labels(packed, cfg.n_heads))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, hidden=feats.hidden, labels=feats.labels)
+    return feats
+
+
+def work_dir_of(cfg: HeadsTrainConfig) -> Path:
+    from specdec.fetch import cache_dir
+
+    return Path(cfg.work_dir) if cfg.work_dir else cache_dir() / "train-heads" / cfg.data_key()
+
+
+def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
+    """Run the whole pipeline for ``cfg`` and save the heads to ``cfg.out``; returns the metrics saved."""
+    from specdec.loading import load
+
+    start = time.perf_counter()
+    lm = load(cfg.model)
+    base = lm.module
+    table = base_head_table(base)
+    train = prepare_features(lm, cfg, "train")
+    heldout = prepare_features(lm, cfg, "heldout")
+    heads = new_heads(base, base_name=cfg.model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
+                      shared_lm_head=cfg.shared_lm_head, dtype=cfg.dtype)
+    log = fit(heads, table, train, cfg, work_dir_of(cfg), max_steps=max_steps)
+    metrics = {"heldout": evaluate(heads, table, heldout), "train_positions": int(len(train.labels)),
+               "heldout_positions": int(len(heldout.labels)), "steps": len(log),
+               "final_loss": log[-1]["loss"] if log else None, "wall_s": round(time.perf_counter() - start, 1),
+               "config": asdict(cfg)}
+    saved = new_heads(base, base_name=cfg.model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
+                      shared_lm_head=cfg.shared_lm_head, dtype=cfg.save_dtype)
+    nnx.update(saved, jax.tree.map(lambda a: a.astype(saved.config.jnp_dtype), nnx.state(heads, nnx.Param)))
+    metrics["heldout_saved_dtype"] = evaluate(saved, table, heldout)
+    save_heads(saved, cfg.out, {"training": metrics})
+    return metrics
