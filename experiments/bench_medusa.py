@@ -21,6 +21,7 @@ were trained (saved with them). The searched tree is the heads' default
 from __future__ import annotations
 
 import argparse
+import os
 
 import specdec
 from heads.bundled import default_tree, heads_for
@@ -84,7 +85,8 @@ def main() -> None:
 
     training = read_metadata(heads_dir).get("training", {})
     acc = training.get("heldout", {})
-    notes = [f"searched tree: {searched} ({tree_buffers(load_spec(searched)).tree.size} nodes with the root)",
+    shown = os.path.relpath(searched) if os.path.isfile(searched) else searched
+    notes = [f"searched tree: {shown} ({tree_buffers(load_spec(searched)).tree.size} nodes with the root)",
              "per-head held-out accuracy (from training) top-1: " + ", ".join(f"{a:.3f}" for a in acc.get("top1", []))
              + "; top-5: " + ", ".join(f"{a:.3f}" for a in acc.get("top5", []))]
     write_results("bench_medusa", {

@@ -59,10 +59,11 @@ def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None) -> list[lis
 
 
 def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_nodes: int = 64,
-                     save: bool = False) -> dict:
-    """Measure accuracies and costs, search, and (``save``) write ``tree.json`` beside the heads."""
+                     topk: list[list[float]] | None = None, save: bool = False) -> dict:
+    """Measure accuracies (unless ``topk [n_heads, K]`` is given) and costs, search, and (``save``)
+    write ``tree.json`` beside the heads."""
     start = time.perf_counter()
-    topk = heldout_accuracy(lm, heads, heads_dir)
+    topk = heldout_accuracy(lm, heads, heads_dir) if topk is None else topk
     widths = sorted({w for w in COST_WIDTHS if w <= max_nodes + 1} | {max_nodes + 1})
     curve = target_cost_curve(lm, widths)
     overhead = heads_cost(lm, heads)
@@ -84,8 +85,8 @@ def describe(result: dict) -> str:
     """A short text summary of a search result."""
     acc = np.asarray(result["heldout_topk_accuracy"])
     lines = [f"device: {result['device']}",
-             "held-out accuracy per head (top-1 / top-5): "
-             + ", ".join(f"{a[0]:.2f}/{a[4]:.2f}" for a in acc),
+             f"held-out accuracy per head (top-1 / top-{min(5, acc.shape[1])}): "
+             + ", ".join(f"{a[0]:.2f}/{a[min(4, len(a) - 1)]:.2f}" for a in acc),
              f"heads cost {result['heads_relative_cost']:.2f} x a one-token forward",
              f"best tree: {result['nodes']} nodes (+ root), expected {result['expected_tokens_per_step']:.2f} "
              f"tokens per step, estimated speedup {result['estimated_speedup']:.2f}x",

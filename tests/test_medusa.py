@@ -112,7 +112,7 @@ def test_fresh_heads_are_the_base_head(tiny):
         np.testing.assert_allclose(out, jnp.broadcast_to(tiny.logits(x)[:, None], out.shape), atol=1e-5)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=st.sampled_from(["chain-1", "chain-3", "tree-8", "tree-16", "tree-64"]), scale=st.sampled_from([0.0, 0.5]),
        lens=st.lists(st.integers(1, 30), min_size=2, max_size=6), temperature=st.sampled_from([0.0, 0.9]),
        data=st.data())
@@ -148,6 +148,20 @@ def test_medusa_bad_input(tiny_lm, tiny):
         specdec.generate(tiny_lm, [1, 2], method="medusa", heads=foreign)
     with pytest.raises(ValueError, match="ships no Medusa heads"):
         specdec.generate(tiny_lm, [1, 2], method="medusa")
+
+
+def test_search_for_heads_measures_and_saves(tiny_lm, tiny, tmp_path):
+    from heads.bundled import default_tree
+    from heads.search import describe, search_for_heads
+
+    heads = new_heads(tiny, base_name="tiny")
+    save_heads(heads, tmp_path)
+    topk = [[0.6, 0.7, 0.75], [0.4, 0.5, 0.55]]
+    result = search_for_heads(tiny_lm, heads, tmp_path, max_nodes=6, topk=topk, save=True)
+    assert 1 <= result["nodes"] <= 6 and result["heads_relative_cost"] > 0
+    assert set(result["target_cost_curve"]) == {"1", "2", "4", "7"}
+    assert load_spec(default_tree(tmp_path)) == [tuple(p) for p in result["paths"]]
+    assert "best tree" in describe(result)
 
 
 def _features(n: int, seed: int) -> Features:
