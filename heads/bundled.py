@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from heads.medusa import CONFIG_FILE, MedusaHeads, base_fingerprint, load_heads
+from heads.medusa import CONFIG_FILE, MedusaHeads, base_fingerprint, load_heads, read_metadata
 
 BUNDLED = Path(__file__).resolve().parent
 TREE_FILE = "tree.json"  # the searched tree saved beside a set of heads (``specdec search-tree --save``)
@@ -16,7 +15,7 @@ def bundled_dir(target) -> Path | None:
     """The bundled heads directory trained for ``target`` (a ``LoadedModel``), if any."""
     fingerprint = base_fingerprint(target.module)
     for meta in sorted(BUNDLED.glob(f"*/{CONFIG_FILE}")):
-        if json.loads(meta.read_text())["config"]["base_fingerprint"] == fingerprint:
+        if read_metadata(meta.parent)["config"]["base_fingerprint"] == fingerprint:
             return meta.parent
     return None
 

@@ -21,7 +21,7 @@ from flax import nnx
 from heads.bundled import TREE_FILE
 from heads.medusa import MedusaHeads, base_head_table, read_metadata
 from heads.trees import rank_accuracy, search_tree
-from specdec.bench import device_label, median_time, target_cost_curve
+from specdec.bench import device_label, forward_time, median_time, target_cost_curve
 
 COST_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
@@ -34,19 +34,7 @@ def heads_cost(lm, heads: MedusaHeads, repeats: int = 7) -> float:
     hidden = jnp.ones((1, lm.config.d_model), jnp.float32)
     run(state, hidden).block_until_ready()
     t_heads = median_time(lambda: run(state, hidden).block_until_ready(), repeats)
-    t_target = _one_token_time(lm, repeats)
-    return t_heads / t_target
-
-
-def _one_token_time(lm, repeats: int) -> float:
-    from specdec.cache import init_cache
-    from specdec.model import forward
-
-    fwd = jax.jit(lambda s, c, t, p: forward(nnx.merge(lm.graphdef, s), c, tokens=t, positions=p).logits)
-    cache = init_cache(lm.config, 1, 257).with_lengths(jnp.full((1,), 256))
-    args = (lm.state, cache, jnp.ones((1, 1), jnp.int32), jnp.full((1, 1), 256))
-    fwd(*args).block_until_ready()
-    return median_time(lambda: fwd(*args).block_until_ready(), repeats)
+    return t_heads / forward_time(lm, 1, repeats=repeats)
 
 
 def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None) -> list[list[float]]:

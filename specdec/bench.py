@@ -107,12 +107,9 @@ def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, y
     return out
 
 
-def target_cost_curve(lm, widths, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> dict[int, float]:
-    """Measured cost of one target forward over ``w`` new tokens relative to ``w = 1``, per width.
-
-    Each forward runs ``w`` causal tokens per row after a committed prefix of ``prefix`` tokens
-    (batch ``batch``), jitted, timed as the median of ``repeats`` runs after a warm-up.
-    """
+def forward_time(lm, width: int, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> float:
+    """Median wall time of one jitted target forward over ``width`` causal tokens per row after a
+    committed prefix of ``prefix`` tokens (batch ``batch``), after a warm-up."""
     from flax import nnx
 
     from specdec.cache import init_cache
@@ -123,11 +120,15 @@ def target_cost_curve(lm, widths, *, prefix: int = 256, batch: int = 1, repeats:
         model = nnx.merge(lm.graphdef, state)
         return forward(model, cache, tokens=tokens, positions=positions).logits
 
-    times = {}
-    for w in sorted(set(widths) | {1}):
-        cache = init_cache(lm.config, batch, prefix + w).with_lengths(jnp.full((batch,), prefix))
-        tokens = jnp.ones((batch, w), jnp.int32)
-        positions = prefix + jnp.broadcast_to(jnp.arange(w), (batch, w))
-        run(lm.state, cache, tokens, positions).block_until_ready()
-        times[w] = median_time(lambda: run(lm.state, cache, tokens, positions).block_until_ready(), repeats)
+    cache = init_cache(lm.config, batch, prefix + width).with_lengths(jnp.full((batch,), prefix))
+    tokens = jnp.ones((batch, width), jnp.int32)
+    positions = prefix + jnp.broadcast_to(jnp.arange(width), (batch, width))
+    run(lm.state, cache, tokens, positions).block_until_ready()
+    return median_time(lambda: run(lm.state, cache, tokens, positions).block_until_ready(), repeats)
+
+
+def target_cost_curve(lm, widths, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> dict[int, float]:
+    """Measured cost of one target forward over ``w`` new tokens relative to ``w = 1``, per width
+    (each timed by :func:`forward_time`)."""
+    times = {w: forward_time(lm, w, prefix=prefix, batch=batch, repeats=repeats) for w in sorted(set(widths) | {1})}
     return {w: times[w] / times[1] for w in sorted(widths)}
