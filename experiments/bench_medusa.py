@@ -28,10 +28,8 @@ from heads.bundled import default_tree, heads_for
 from heads.medusa import read_metadata
 from heads.trees import load_spec, tree_buffers
 from specdec.autoregressive import plan_shapes
-from specdec.bench import save_plot, write_results
+from specdec.bench import greedy_summary, save_plot, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
-from specdec.equivalence import classify
-from specdec.sampling import Sampling
 
 
 def main() -> None:
@@ -63,21 +61,12 @@ def main() -> None:
                     compiled.add(key)
                 results[name].append(specdec.generate(model, prompt, max_new_tokens=args.new_tokens, **method))
             print(f"{set_name}: prompt {i + 1}/{len(ids)} done", flush=True)
-        ref = results["autoregressive"]
         for name, method in methods:
-            res = results[name]
-            tokens = sum(len(r.tokens) + (r.finish_reason == "eos") - 1 for r in res)
-            forwards = sum(r.target_forwards for r in res)
-            decode_s = sum(r.stats.wall_s - r.stats.ttft_s for r in res)
-            verdicts = [classify(model, ids[i], res[i], ref[i], sampling=Sampling(), seed=0,
-                                 eos_ids=tuple(tok.eos_ids)).verdict for i in range(len(ids))]
-            worst = "MISMATCH" if "MISMATCH" in verdicts else "tie" if "tie" in verdicts else "identical"
+            summary = greedy_summary(model, ids, results[name], results["autoregressive"])
+            summary["rows_identical"] = f"{summary['rows_identical']}/{len(ids)}"
             nodes = tree_buffers(load_spec(method["tree"])).tree.size if method else 1
             rows.append({"prompts": set_name, "method": "autoregressive" if not method else "medusa",
-                         "tree": name, "tree_nodes": nodes, "accepted_per_forward": tokens / forwards,
-                         "tokens_per_s": tokens / decode_s, "equivalence": worst,
-                         "rows_identical": f"{verdicts.count('identical')}/{len(ids)}", "new_tokens": tokens,
-                         "target_forwards": forwards})
+                         "tree": name, "tree_nodes": nodes, **summary})
         base = next(r for r in rows if r["prompts"] == set_name and r["tree"] == "autoregressive")
         for row in rows:
             if row["prompts"] == set_name:

@@ -21,10 +21,8 @@ import argparse
 
 
 import specdec
-from specdec.bench import target_cost_curve, write_results
+from specdec.bench import greedy_summary, target_cost_curve, write_results
 from specdec.datasets import humaneval_chat_prompts
-from specdec.equivalence import classify
-from specdec.sampling import Sampling
 
 
 def timed(model, prompt: str, new_tokens: int, **method):
@@ -54,16 +52,8 @@ def main() -> None:
     rows = []
     for name, method in methods:
         res = results[name + str(method.get("k", ""))]
-        tokens = sum(len(r.tokens) + (r.finish_reason == "eos") - 1 for r in res)
-        forwards = sum(r.target_forwards for r in res)
-        decode_s = sum(r.stats.wall_s - r.stats.ttft_s for r in res)
-        verdicts = [classify(model, ids[i], res[i], ref[i], sampling=Sampling(), seed=0,
-                             eos_ids=tuple(model.tokenizer.eos_ids)).verdict for i in range(len(prompts))]
-        worst = "MISMATCH" if "MISMATCH" in verdicts else "tie" if "tie" in verdicts else "identical"
         rows.append({"method": name, "options": {k: v for k, v in method.items() if k != "method"},
-                     "accepted_per_forward": tokens / forwards, "tokens_per_s": tokens / decode_s,
-                     "equivalence": worst, "rows_identical": verdicts.count("identical"),
-                     "new_tokens": tokens, "target_forwards": forwards})
+                     **greedy_summary(model, ids, res, ref)})
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup_vs_autoregressive"] = row["tokens_per_s"] / base

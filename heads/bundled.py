@@ -11,9 +11,8 @@ TREE_FILE = "tree.json"  # the searched tree saved beside a set of heads (``spec
 _LOADED: dict[tuple[str, str], MedusaHeads] = {}
 
 
-def bundled_dir(target) -> Path | None:
-    """The bundled heads directory trained for ``target`` (a ``LoadedModel``), if any."""
-    fingerprint = base_fingerprint(target.module)
+def bundled_dir(fingerprint: str) -> Path | None:
+    """The bundled heads directory trained for the base model with this :func:`base_fingerprint`, if any."""
     for meta in sorted(BUNDLED.glob(f"*/{CONFIG_FILE}")):
         if read_metadata(meta.parent)["config"]["base_fingerprint"] == fingerprint:
             return meta.parent
@@ -22,13 +21,14 @@ def bundled_dir(target) -> Path | None:
 
 def heads_for(target, path: str | Path | None) -> tuple[MedusaHeads, Path]:
     """Heads at ``path`` (default: the bundled heads for ``target``), loaded once per base model."""
+    fingerprint = base_fingerprint(target.module)
     if path is None:
-        path = bundled_dir(target)
+        path = bundled_dir(fingerprint)
         if path is None:
             raise ValueError(f"specdec ships no Medusa heads for {target.name!r}: pass heads=<directory> "
                              f"(train them with `specdec train-heads --model ...`)")
     path = Path(path).resolve()
-    key = (str(path), base_fingerprint(target.module))
+    key = (str(path), fingerprint)
     if key not in _LOADED:
         _LOADED[key] = load_heads(path, target.module)
     return _LOADED[key], path

@@ -78,6 +78,22 @@ def write_results(name: str, payload: dict, columns: list[str]) -> Path:
     return out / f"{name}.json"
 
 
+def greedy_summary(model, ids: list[list[int]], results: list, reference: list) -> dict:
+    """Work, speed and equivalence of one method's batch-1 greedy ``results`` (``Generation`` per
+    prompt ``ids``) against the autoregressive ``reference`` results of the same prompts."""
+    from specdec.equivalence import classify
+    from specdec.sampling import Sampling
+
+    tokens = sum(len(r.tokens) + (r.finish_reason == "eos") - 1 for r in results)
+    forwards = sum(r.target_forwards for r in results)
+    decode_s = sum(r.stats.wall_s - r.stats.ttft_s for r in results)
+    verdicts = [classify(model, ids[i], results[i], reference[i], sampling=Sampling(), seed=0,
+                         eos_ids=tuple(model.tokenizer.eos_ids)).verdict for i in range(len(ids))]
+    worst = "MISMATCH" if "MISMATCH" in verdicts else "tie" if "tie" in verdicts else "identical"
+    return {"accepted_per_forward": tokens / forwards, "tokens_per_s": tokens / decode_s, "equivalence": worst,
+            "rows_identical": verdicts.count("identical"), "new_tokens": tokens, "target_forwards": forwards}
+
+
 def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
               logx: bool = False) -> Path:
     """Line plot of ``{label: (xs, ys)}`` to ``results/<device>/<name>.png`` (needs the ``plots`` extra)."""
