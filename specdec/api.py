@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -9,10 +10,11 @@ from typing import Iterator
 
 import numpy as np
 
-from specdec.autoregressive import decode, plan_shapes
+from specdec.autoregressive import decode, plan_shapes, prompt_bucket
 from specdec.engine import speculative_decode
 from specdec.loading import LoadedModel, load
 from specdec.methods import METHOD_OPTIONS, build_proposer
+from specdec.pool import SlotUse, dec_of, pool_states
 from specdec.sampling import Sampling
 
 
@@ -25,6 +27,8 @@ class DecodeStats:
     new_tokens: int  # tokens generated, all rows
     target_forwards: int  # decode-loop forwards of the target (prefill excluded)
     rows: int = 1
+    row_forwards: int = 0  # target forwards summed over rows (a row counts the steps it took part in)
+    slot_utilisation: list[float] | None = None  # with slots=: share of the pool's forwards each slot was busy
     proposer_s: float | None = None  # with profile=True: wall time spent proposing (all steps)
     target_s: float | None = None  # with profile=True: wall time of target forward + verify + commit
 
@@ -33,6 +37,11 @@ class DecodeStats:
         """Decode throughput after the first token, all rows together."""
         rest = self.wall_s - self.ttft_s
         return (self.new_tokens - self.rows) / rest if rest > 0 else float("nan")
+
+    @property
+    def accepted_per_forward(self) -> float:
+        """Tokens after each row's first per row-forward, all rows together (1 for autoregressive)."""
+        return (self.new_tokens - self.rows) / self.row_forwards if self.row_forwards else float("nan")
 
 
 @dataclass
@@ -83,10 +92,11 @@ def _per_row(value, n: int, what: str) -> list[int]:
 
 
 class _Run:
-    """Shared set-up of generate/stream: encoded prompts, shapes, stop handling."""
+    """Shared set-up of generate/stream: encoded prompts, shapes, stop handling; the ``Requests``
+    the pool (``specdec.pool``) decodes, and each request's outcome once it finished."""
 
     def __init__(self, model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                 system, stop, stop_tokens, ignore_eos, max_cache_len, method, chunk_steps, **method_options):
+                 system, stop, stop_tokens, ignore_eos, max_cache_len, method, slots, chunk_steps, **method_options):
         self.lm = _resolve(model)
         built = build_proposer(method, self.lm, method_options)
         self.proposer, self.pparams = built if built is not None else (None, None)
@@ -99,51 +109,68 @@ class _Run:
             raise ValueError("no prompts given")
         self.sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         self.ids = _encode(self.lm, prompts, chat, system)
-        self.max_new = _per_row(max_new_tokens, len(prompts), "max_new_tokens")
-        self.seeds = _per_row(seed, len(prompts), "seed")
+        self.n = len(self.ids)
+        self.max_new = _per_row(max_new_tokens, self.n, "max_new_tokens")
+        self.seeds = _per_row(seed, self.n, "seed")
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         if self.stop and self.lm.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         self.width = 1 if method_options.get("block_width") is None else method_options["block_width"]
         if int(self.width) != self.width or self.width < 1:
             raise ValueError(f"block_width must be an integer >= 1, got {self.width}")
+        if slots is not None and (int(slots) != slots or slots < 1):
+            raise ValueError(f"slots (batch rows on device) must be an integer >= 1, got {slots}")
+        self.slots = self.n if slots is None else int(slots)
         extra = self.proposer.tree.size if self.proposer is not None else self.width - 1
         self.shapes = plan_shapes(self.lm.config, [len(p) for p in self.ids], self.max_new, max_cache_len, extra)
         tok = self.lm.tokenizer
         eos = set(tok.eos_ids) if tok is not None and not ignore_eos else set()
         self.eos = tuple(sorted(eos | set(stop_tokens or ())))
-        self.chunk_steps = chunk_steps if (chunk_steps or not self.stop) else 16
-        self.stopped = [None] * len(prompts)
+        pooled = slots is not None
+        self.chunk_steps = chunk_steps or (POOL_CHUNK_STEPS if self.stop or pooled else None)
+        self.stopped = [None] * self.n
+        self.outcomes: list[tuple[list[int], int, list[int] | None] | None] = [None] * self.n
+        self.use = SlotUse()
 
-    def states(self):
-        """Yield the decode state (``DecodeState``, or ``SpecState`` with ``.dec``) after each chunk."""
-        common = dict(max_new=self.max_new, seeds=self.seeds, sampling=self.sampling, eos_ids=self.eos,
-                      shapes=self.shapes, chunk_steps=self.chunk_steps)
+    def start(self, requests: list[int]) -> Iterator:
+        """The decode generator over ``requests`` (indices into the prompts)."""
+        shapes = dataclasses.replace(self.shapes, batch=len(requests),
+                                     prompt=prompt_bucket(max(len(self.ids[r]) for r in requests)))
+        common = dict(max_new=[self.max_new[r] for r in requests], seeds=[self.seeds[r] for r in requests],
+                      sampling=self.sampling, eos_ids=self.eos, shapes=shapes, chunk_steps=self.chunk_steps)
+        ids = [self.ids[r] for r in requests]
         if self.proposer is None:
-            gen = decode(self.lm.graphdef, self.lm.state, self.ids, width=self.width, **common)
-        else:
-            gen = speculative_decode(self.lm.graphdef, self.lm.state, self.proposer, self.pparams, self.ids,
-                                     rule=self.rule, times=self.times, **common)
-        st = next(gen)
-        while True:
-            yield st
-            st = self._apply_stops(st)
-            try:
-                st = gen.send(st)
-            except StopIteration:
-                return
+            return decode(self.lm.graphdef, self.lm.state, ids, width=self.width, **common)
+        return speculative_decode(self.lm.graphdef, self.lm.state, self.proposer, self.pparams, ids,
+                                  rule=self.rule, times=self.times, **common)
 
-    def _apply_stops(self, st):
+    def states(self) -> Iterator[tuple]:
+        """``(state, request in each batch row)`` after prefill and after each chunk."""
+        return pool_states(self, self.slots, self.use)
+
+    def apply_stops(self, st, rows: list[int | None]):
         if not self.stop:
             return st
-        dec = _dec(st)
+        dec = dec_of(st)
         out, n_out, done = np.asarray(dec.out), np.asarray(dec.n_out), np.array(dec.done)
-        for row in range(len(self.ids)):
-            if self.stopped[row] is None:
-                self.stopped[row] = self._find_stop(out[row, :n_out[row]])
-                done[row] |= self.stopped[row] is not None
+        for i, r in enumerate(rows):
+            if r is not None and self.stopped[r] is None:
+                self.stopped[r] = self._find_stop(out[i, :n_out[i]])
+                done[i] |= self.stopped[r] is not None
         dec = dec.replace(done=done)
-        return dec if st is _dec(st) else st.replace(dec=dec)
+        return dec if st is dec_of(st) else st.replace(dec=dec)
+
+    def harvest(self, st, row: int, request: int) -> int:
+        """Keep the finished ``request``'s tokens from batch ``row``; returns its target forwards."""
+        dec = dec_of(st)
+        n_out = int(np.asarray(dec.n_out)[row])
+        toks = np.asarray(dec.out)[row, :n_out].tolist()
+        if dec is st:  # autoregressive: one forward per token after the first
+            forwards, hist = n_out - 1, None
+        else:
+            forwards, hist = int(np.asarray(st.row_forwards)[row]), np.asarray(st.accepted_hist)[row].tolist()
+        self.outcomes[request] = (toks, forwards, hist)
+        return forwards
 
     def _find_stop(self, toks: np.ndarray) -> tuple[int, int] | None:
         """(character where the first stop string starts, tokens needed to produce it) or None."""
@@ -155,30 +182,28 @@ class _Run:
         n = next(n for n in range(1, len(toks) + 1) if any(s in decode(toks[:n]) for s in self.stop))
         return min(hits), n
 
-    def row_tokens(self, st, row: int) -> tuple[list[int], str]:
-        st = _dec(st)
-        toks = np.asarray(st.out[row, :int(st.n_out[row])]).tolist()
-        if self.stopped[row] is not None:
-            return toks[:self.stopped[row][1]], "stop"
+    def cut(self, toks: list[int], request: int) -> tuple[list[int], str]:
+        """A request's tokens without a final EOS or what follows a stop string, and why it ended."""
+        if self.stopped[request] is not None:
+            return toks[:self.stopped[request][1]], "stop"
         if toks and toks[-1] in self.eos:
             return toks[:-1], "eos"
         return toks, "length"
 
-    def text(self, toks: list[int], row: int) -> str | None:
+    def text(self, toks: list[int], request: int) -> str | None:
         if self.lm.tokenizer is None:
             return None
         text = self.lm.tokenizer.decode(toks)
-        return text[:self.stopped[row][0]] if self.stopped[row] is not None else text
-
-
-def _dec(st):
-    """The ``DecodeState`` inside an autoregressive or speculative state."""
-    return getattr(st, "dec", st)
+        return text[:self.stopped[request][0]] if self.stopped[request] is not None else text
 
 
 _METHOD_OPTIONS = sorted({o for opts in METHOD_OPTIONS.values() for o in opts})
+POOL_CHUNK_STEPS = 16
+"""On-device steps between host visits when the host has work between chunks (stop strings, a pool)."""
+
 _DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True,
-                 system=None, stop=None, stop_tokens=None, ignore_eos=False, max_cache_len=None,
+                 system=None, stop=None, stop_tokens=None, ignore_eos=False, max_cache_len=None, slots=None,
+                 chunk_steps=None,
                  method="autoregressive", **{o: None for o in _METHOD_OPTIONS})
 
 
@@ -196,6 +221,12 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
       stop_tokens: token ids that end a row, besides the tokenizer's EOS ids.
       ignore_eos: do not stop at the tokenizer's EOS ids (benchmarks of fixed length).
       max_cache_len: KV cache positions per row (default: the model's context length).
+      slots: decode through a request pool of this many batch rows (continuous batching): between
+        on-device chunks finished rows leave, waiting prompts are prefilled into the free rows, and
+        once none wait the batch shrinks to the rows still running. Outputs do not depend on it.
+        Default: every prompt in one batch. ``stats.slot_utilisation`` reports each slot's busy share.
+      chunk_steps: on-device steps between host visits (default: all at once, or 16 with stop strings
+        or slots).
       method: "autoregressive" (default), "draft" (a draft model proposes), "prompt_lookup"
         (n-gram match against the row's own context) or "medusa" (Medusa heads propose a tree).
         Speculative options:
@@ -216,35 +247,31 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
     Returns:
       a ``Generation`` for a single prompt, else a list in input order.
     """
-    unknown = set(options) - set(_DEFAULTS) - {"chunk_steps"}
+    unknown = set(options) - set(_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown generate options {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-    run = _Run(model, prompts, **{**_DEFAULTS, "chunk_steps": None, **options})
+    run = _Run(model, prompts, **{**_DEFAULTS, **options})
     start = time.perf_counter()
     ttft = None
-    for st in run.states():
+    for st, _ in run.states():
         if ttft is None:
-            _dec(st).last.block_until_ready()
+            dec_of(st).last.block_until_ready()
             ttft = time.perf_counter() - start
     wall = time.perf_counter() - start
-    rows = [run.row_tokens(st, r) for r in range(len(run.ids))]
-    dec = _dec(st)
-    stats = DecodeStats(ttft_s=ttft, wall_s=wall, new_tokens=int(np.sum(dec.n_out)),
-                        target_forwards=int(dec.forwards), rows=len(rows))
+    stats = DecodeStats(ttft_s=ttft, wall_s=wall, new_tokens=sum(len(o[0]) for o in run.outcomes),
+                        target_forwards=run.use.forwards, rows=run.n,
+                        row_forwards=sum(o[1] for o in run.outcomes),
+                        slot_utilisation=run.use.utilisation if options.get("slots") is not None else None)
     if run.times is not None:
         stats.proposer_s = sum(t.proposer_s for t in run.times)
         stats.target_s = sum(t.target_s for t in run.times)
-    if dec is st:  # autoregressive: one forward per token after the first
-        forwards = [int(n) - 1 for n in np.asarray(dec.n_out)]
-        hists = [None] * len(rows)
-    else:
-        forwards = np.asarray(st.row_forwards).tolist()
-        hists = np.asarray(st.accepted_hist).tolist()
-    n_out = np.asarray(dec.n_out)
-    results = [Generation(tokens=toks, text=run.text(toks, r), finish_reason=why, prompt_tokens=len(run.ids[r]),
-                          stats=stats, target_forwards=forwards[r], accepted_histogram=hists[r],
-                          accepted_per_forward=float(n_out[r] - 1) / forwards[r] if forwards[r] else float("nan"))
-               for r, (toks, why) in enumerate(rows)]
+    results = []
+    for r, (raw, forwards, hist) in enumerate(run.outcomes):
+        toks, why = run.cut(raw, r)
+        results.append(Generation(tokens=toks, text=run.text(toks, r), finish_reason=why,
+                                  prompt_tokens=len(run.ids[r]), stats=stats, target_forwards=forwards,
+                                  accepted_histogram=hist,
+                                  accepted_per_forward=(len(raw) - 1) / forwards if forwards else float("nan")))
     return results[0] if run.single else results
 
 
@@ -253,9 +280,15 @@ def stream(model, prompts, *, chunk_steps: int = 8, **options) -> Iterator[list[
     run = _Run(model, prompts, **{**_DEFAULTS, **options, "chunk_steps": chunk_steps})
     if run.lm.tokenizer is None:
         raise ValueError("stream needs a tokenizer to produce text; use generate with token ids")
-    shown = [""] * len(run.ids)
-    for st in run.states():
-        texts = [run.text(run.row_tokens(st, r)[0], r) for r in range(len(run.ids))]
+    shown = [""] * run.n
+    for st, rows in run.states():
+        dec = dec_of(st)
+        out, n_out = np.asarray(dec.out), np.asarray(dec.n_out)
+        raw = [o[0] if o is not None else [] for o in run.outcomes]
+        for i, r in enumerate(rows):
+            if r is not None:
+                raw[r] = out[i, :n_out[i]].tolist()
+        texts = [run.text(run.cut(toks, r)[0], r) for r, toks in enumerate(raw)]
         # hold back a trailing replacement char: a multi-byte character may be incomplete
         texts = [t[:-1] if t.endswith("\ufffd") else t for t in texts]
         yield [t[len(s):] for t, s in zip(texts, shown)]

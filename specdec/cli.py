@@ -1,4 +1,4 @@
-"""Command line: ``specdec generate``, ``check``, ``train-heads``, ``search-tree`` and ``fetch``."""
+"""Command line: ``specdec generate``, ``batch``, ``check``, ``train-heads``, ``search-tree`` and ``fetch``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,62 @@ def _generate(args) -> int:
     print(f"[{len(result.tokens)} tokens, finish: {result.finish_reason}, time to first token "
           f"{s.ttft_s:.3f} s, {s.tokens_per_s:.1f} tokens/s (includes compilation on the first call), "
           f"{result.accepted_per_forward:.2f} tokens per target forward]", file=sys.stderr)
+    return 0
+
+
+def _read_prompts(args) -> list[str]:
+    """Prompts of ``specdec batch``: a text file (one per line) or JSON Lines ({"prompt": ...}), plus data sets."""
+    import json
+    from pathlib import Path
+
+    from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
+
+    prompts = []
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(f'{path}:{n}: expected a JSON object with a "prompt" string ({err})') from None
+            else:
+                prompts.append(line)
+    prompts += humaneval_chat_prompts(args.humaneval) if args.humaneval else []
+    prompts += sharegpt_prompts(args.sharegpt) if args.sharegpt else []
+    if not prompts:
+        raise ValueError("no prompts: give --prompts-file, --humaneval N or --sharegpt N")
+    return prompts
+
+
+def _batch(args) -> int:
+    import json
+    from pathlib import Path
+
+    import specdec
+
+    model = specdec.load(args.model, dtype=args.dtype)
+    prompts = _read_prompts(args)
+    seeds = [args.seed + i for i in range(len(prompts))]
+    results = specdec.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=seeds, slots=args.slots,
+                               chunk_steps=args.chunk_steps, method=args.method, **_method_options(args))
+    lines = "".join(json.dumps({"prompt": prompt, "seed": seed, "text": r.text, "tokens": len(r.tokens),
+                                "finish_reason": r.finish_reason, "target_forwards": r.target_forwards}) + "\n"
+                    for prompt, seed, r in zip(prompts, seeds, results))
+    if args.output:
+        Path(args.output).write_text(lines)
+    else:
+        print(lines, end="")
+    s = results[0].stats
+    busy = ", ".join(f"{u:.2f}" for u in s.slot_utilisation)
+    print(f"[{len(prompts)} requests through {args.slots} slots: {s.new_tokens} tokens in {s.wall_s:.2f} s "
+          f"({s.new_tokens / s.wall_s:.1f} tokens/s, includes compilation), {s.target_forwards} target forwards, "
+          f"{s.accepted_per_forward:.2f} tokens per row-forward; slot utilisation {busy}]", file=sys.stderr)
     return 0
 
 
@@ -134,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     gen.set_defaults(func=_generate)
+    bat = sub.add_parser("batch", help="decode many prompts through a request pool (continuous batching); "
+                                       "JSON Lines out, in input order")
+    bat.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF directory")
+    bat.add_argument("--prompts-file", help="one chat prompt per line, or .jsonl with a \"prompt\" per line")
+    bat.add_argument("--humaneval", type=int, default=0, help="add this many HumanEval prompts")
+    bat.add_argument("--sharegpt", type=int, default=0, help="add this many held-out ShareGPT prompts")
+    bat.add_argument("--slots", type=int, default=8, help="batch rows on device")
+    bat.add_argument("--chunk-steps", type=int, default=None, help="on-device steps between admissions (16)")
+    _add_method_args(bat, "autoregressive")
+    bat.add_argument("--max-new-tokens", type=int, default=128)
+    bat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    bat.add_argument("--top-k", type=int, default=0)
+    bat.add_argument("--top-p", type=float, default=1.0)
+    bat.add_argument("--seed", type=int, default=0, help="request i samples with seed + i")
+    bat.add_argument("--output", help="JSON Lines file (default: standard output)")
+    bat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bat.set_defaults(func=_batch)
     chk = sub.add_parser("check", help="compare a method with autoregressive decoding, row by row "
                                        "(exit status 1 on any MISMATCH)")
     chk.add_argument("--model", default="smollm2-135m")

@@ -35,7 +35,7 @@ def _method(kind: str, k: int, width: int, tiny_lm, small_draft) -> dict:
     return dict(method="draft", draft=tiny_lm if kind == "self" else small_draft, k=k, draft_width=width)
 
 
-@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["self", "draft", "prompt_lookup"]), k=st.integers(1, 5), width=st.integers(1, 3),
        lens=st.lists(st.integers(1, 40), min_size=1, max_size=8), temperature=st.sampled_from([0.0, 0.9]),
        data=st.data())

@@ -112,7 +112,7 @@ def test_fresh_heads_are_the_base_head(tiny):
         np.testing.assert_allclose(out, jnp.broadcast_to(tiny.logits(x)[:, None], out.shape), atol=1e-5)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=st.sampled_from(["chain-1", "chain-3", "tree-8", "tree-16", "tree-64"]), scale=st.sampled_from([0.0, 0.5]),
        lens=st.lists(st.integers(1, 30), min_size=2, max_size=6), temperature=st.sampled_from([0.0, 0.9]),
        data=st.data())

@@ -1,0 +1,157 @@
+"""Ragged batches and the request pool: every row equals its prompt decoded alone, for every proposer.
+
+Tiny random target, a different 1-layer random draft and random Medusa heads. The
+reference is each prompt decoded alone, autoregressively, with the row's own seed.
+A deliberately wrong batch engine (the classic bugs) must be flagged by the checker.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import specdec
+from heads.medusa import new_heads
+from specdec.api import Generation
+from specdec.autoregressive import plan_shapes, prompt_arrays
+from specdec.config import tiny_config
+from specdec.engine import _propose_jit, _verify_jit, spec_prefill
+from specdec.equivalence import check, classify
+from specdec.loading import LoadedModel
+from specdec.methods import build_proposer
+from specdec.model import init_model
+from specdec.pool import next_power_of_two, put_rows, take_rows
+from specdec.sampling import Sampling
+
+PROPOSERS = ("draft", "prompt_lookup", "medusa")
+
+
+@pytest.fixture(scope="module")
+def draft_lm():
+    return LoadedModel.from_module(init_model(tiny_config(n_layers=1), seed=7), name="tiny-draft")
+
+
+@pytest.fixture(scope="module")
+def methods(tiny, draft_lm):
+    return {"draft": dict(method="draft", draft=draft_lm, k=3),
+            "prompt_lookup": dict(method="prompt_lookup", k=4),
+            "medusa": dict(method="medusa", heads=new_heads(tiny, base_name="tiny"), tree="tree-8")}
+
+
+def _case(seed: int, batch: int, temperature: float):
+    """Prompts of mixed lengths, mixed budgets, per-row seeds."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 97, rng.integers(1, 40)).tolist() for _ in range(batch)]
+    opts = dict(max_new_tokens=[int(n) for n in rng.integers(1, 28, batch)], temperature=temperature,
+                top_k=20 if temperature else 0, seed=[int(s) for s in rng.integers(0, 2**31, batch)], stop_tokens=[11])
+    return prompts, opts
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("proposer", PROPOSERS)
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10**6), temperature=st.sampled_from([0.0, 0.9]))
+def test_ragged_batch_rows_equal_each_prompt_alone(tiny_lm, methods, batch, proposer, seed, temperature):
+    """One batch, every row its own length and budget: greedy, and coupled sampling with the row's seed."""
+    prompts, opts = _case(seed, batch, temperature)
+    report = check(tiny_lm, prompts, **methods[proposer], **opts)
+    assert report.counts["identical"] == batch, report.table()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10**6), proposer=st.sampled_from(("autoregressive",) + PROPOSERS),
+       slots=st.sampled_from([1, 2, 3, 5, 8]), temperature=st.sampled_from([0.0, 0.9]), data=st.data())
+def test_pool_equals_each_prompt_alone_in_any_order(tiny_lm, methods, seed, proposer, slots, temperature, data):
+    """Through a pool of any slot count, in any arrival order, each request's output is its output alone."""
+    prompts, opts = _case(seed, 9, temperature)
+    alone = [specdec.generate(tiny_lm, p, **{k: v[i] if isinstance(v, list) and k != "stop_tokens" else v
+                                            for k, v in opts.items()}) for i, p in enumerate(prompts)]
+    order = data.draw(st.permutations(range(len(prompts))))
+    arrived = {k: [v[i] for i in order] if isinstance(v, list) and k != "stop_tokens" else v for k, v in opts.items()}
+    method = methods.get(proposer, {})
+    pooled = specdec.generate(tiny_lm, [prompts[i] for i in order], slots=slots, chunk_steps=3, **arrived, **method)
+    for got, i in zip(pooled, order):
+        assert (got.tokens, got.finish_reason) == (alone[i].tokens, alone[i].finish_reason), (i, slots)
+    stats = pooled[0].stats
+    assert len(stats.slot_utilisation) == min(slots, len(prompts))
+    assert all(0 < u <= 1 for u in stats.slot_utilisation)
+    assert stats.row_forwards == sum(g.target_forwards for g in pooled)
+
+
+def test_pool_reports_work_and_rejects_bad_slots(tiny_lm, methods):
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    res = specdec.generate(tiny_lm, prompts, max_new_tokens=[20, 5, 12, 30], slots=2, chunk_steps=4,
+                           ignore_eos=True, **methods["prompt_lookup"])
+    s = res[0].stats
+    assert s.new_tokens == 20 + 5 + 12 + 30 and s.rows == 4
+    assert s.accepted_per_forward == pytest.approx((s.new_tokens - 4) / s.row_forwards)
+    assert s.target_forwards < s.row_forwards  # two rows shared most forwards
+    with pytest.raises(ValueError, match="slots .* must be an integer >= 1"):
+        specdec.generate(tiny_lm, prompts, slots=0)
+
+
+def test_row_scatter_and_gather_move_whole_rows(tiny_lm):
+    from specdec.autoregressive import prefill
+
+    shapes = plan_shapes(tiny_lm.config, [5, 9, 3], [8, 8, 8])
+    prompts = [[1, 2, 3, 4, 5], list(range(9)), [7, 7, 7]]
+    common = dict(shapes=shapes, sampling=Sampling(), eos_ids=())
+    full = prefill(tiny_lm.graphdef, tiny_lm.state, *prompt_arrays(prompts, shapes, [8] * 3, [0, 1, 2]), **common)
+    two = take_rows(full, jnp.asarray([2, 0]))
+    assert two.cache.k.shape[1] == 2 and np.asarray(two.cache.lengths).tolist() == [3, 5]
+    np.testing.assert_array_equal(two.cache.k[:, 0], full.cache.k[:, 2])
+    blank = prefill(tiny_lm.graphdef, tiny_lm.state, *prompt_arrays([[0]] * 3, shapes, [8] * 3, [0, 1, 2]), **common)
+    merged = put_rows(blank, jnp.asarray([1, 3]), two)  # index 3 is past the batch: dropped
+    np.testing.assert_array_equal(merged.cache.k[:, 1], full.cache.k[:, 2])
+    assert np.asarray(merged.cache.lengths).tolist() == [1, 3, 1]
+    assert [next_power_of_two(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+
+
+def _buggy_batch_decode(lm, method: dict, prompts, max_new: int, bug: str | None) -> list[Generation]:
+    """A host-driven batch loop built from the engine's halves, with a classic batching bug added:
+    ``min_advance`` advances every row's cache by the batch's smallest accepted count while each
+    row emits its own tokens; ``shared_position`` writes every row's candidates at one shared
+    position (the batch's longest row). ``bug=None`` is the correct loop."""
+    proposer, pparams = build_proposer(method["method"], lm, {k: v for k, v in method.items() if k != "method"})
+    sampling, eos = Sampling(), ()
+    shapes = plan_shapes(lm.config, [len(p) for p in prompts], [max_new] * len(prompts), extra=proposer.tree.size)
+    st = spec_prefill(lm.graphdef, lm.state, proposer, pparams,
+                      *prompt_arrays(prompts, shapes, [max_new] * len(prompts), [0] * len(prompts)), shapes=shapes,
+                      sampling=sampling, eos_ids=eos)
+    while not bool(jnp.all(st.dec.done)):
+        lengths = st.dec.cache.lengths
+        if bug == "shared_position":
+            shared = st.dec.cache.with_lengths(jnp.full_like(lengths, lengths.max()))
+            st = st.replace(dec=st.dec.replace(cache=shared))
+        pstate, prop = _propose_jit(lm.graphdef, lm.state, proposer, pparams, st, sampling=sampling, rule="exact")
+        new = _verify_jit(lm.graphdef, lm.state, proposer, pparams, st, pstate, prop, sampling=sampling, rule="exact",
+                          eos_ids=eos)
+        if bug == "min_advance":
+            step = new.dec.cache.lengths - lengths
+            active = ~st.dec.done
+            shared = jnp.min(jnp.where(active, step, step.max()))
+            cache = new.dec.cache.with_lengths(lengths + jnp.where(active, shared, 0))
+            new = new.replace(dec=new.dec.replace(cache=cache))
+        st = new
+    out, n_out = np.asarray(st.dec.out), np.asarray(st.dec.n_out)
+    return [Generation(tokens=out[i, :n_out[i]].tolist(), text=None, finish_reason="length", prompt_tokens=len(p),
+                       stats=None) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("bug", [None, "min_advance", "shared_position"])
+def test_checker_flags_the_classic_batch_bugs(tiny_lm, bug):
+    """The suite can tell a wrong batch implementation: the same loop with a classic bug is a MISMATCH."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (3, 21, 9, 34)]
+    method = dict(method="prompt_lookup", k=4)  # rows accept different numbers of tokens per step
+    ours = _buggy_batch_decode(tiny_lm, method, prompts, 24, bug)
+    ref = [specdec.generate(tiny_lm, p, max_new_tokens=24, ignore_eos=True) for p in prompts]
+    verdicts = [classify(tiny_lm, p, a, b, sampling=Sampling(), seed=0, eos_ids=()).verdict
+                for p, a, b in zip(prompts, ours, ref)]
+    if bug is None:
+        assert verdicts == ["identical"] * 4
+    else:
+        assert "MISMATCH" in verdicts, verdicts
