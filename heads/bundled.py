@@ -4,31 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from heads.medusa import CONFIG_FILE, MedusaHeads, base_fingerprint, load_heads, read_metadata
+from heads.medusa import CONFIG_FILE, MedusaHeads, load_heads
+from specdec.model import fingerprint
+from specdec.saved import find_bundled
 
 BUNDLED = Path(__file__).resolve().parent
 TREE_FILE = "tree.json"  # the searched tree saved beside a set of heads (``specdec search-tree --save``)
 _LOADED: dict[tuple[str, str], MedusaHeads] = {}
 
 
-def bundled_dir(fingerprint: str) -> Path | None:
-    """The bundled heads directory trained for the base model with this :func:`base_fingerprint`, if any."""
-    for meta in sorted(BUNDLED.glob(f"*/{CONFIG_FILE}")):
-        if read_metadata(meta.parent)["config"]["base_fingerprint"] == fingerprint:
-            return meta.parent
-    return None
-
-
 def heads_for(target, path: str | Path | None) -> tuple[MedusaHeads, Path]:
     """Heads at ``path`` (default: the bundled heads for ``target``), loaded once per base model."""
-    fingerprint = base_fingerprint(target.module)
+    mark = fingerprint(target.module)
     if path is None:
-        path = bundled_dir(fingerprint)
+        path = find_bundled(BUNDLED, CONFIG_FILE, "config.base_fingerprint", mark)
         if path is None:
             raise ValueError(f"specdec ships no Medusa heads for {target.name!r}: pass heads=<directory> "
                              f"(train them with `specdec train-heads --model ...`)")
     path = Path(path).resolve()
-    key = (str(path), fingerprint)
+    key = (str(path), mark)
     if key not in _LOADED:
         _LOADED[key] = load_heads(path, target.module)
     return _LOADED[key], path

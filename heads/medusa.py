@@ -11,18 +11,17 @@ for small models).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from specdec.config import DTYPES
-from specdec.model import Llama
+from specdec.model import Llama, fingerprint, head_table
+from specdec.saved import read_config
 
 CONFIG_FILE = "medusa_config.json"
 PARAMS_DIR = "params"
@@ -52,22 +51,6 @@ class MedusaConfig:
         return DTYPES[self.dtype]
 
 
-def base_head_table(model: Llama) -> jax.Array:
-    """The base model's LM head as a ``[vocab, d_model]`` table (the embedding when tied)."""
-    return model.embed.embedding[...] if model.lm_head is None else model.lm_head.kernel[...].T
-
-
-def base_fingerprint(model: Llama) -> str:
-    """A short digest of a base model: its shape and a sample of its weights (rounded to bfloat16,
-    so float32 and bfloat16 loads of one checkpoint agree)."""
-    cfg = model.config
-    shape = {k: v for k, v in asdict(cfg).items() if k != "dtype"}
-    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
-    for arr in (model.norm.weight[...], base_head_table(model)[:64], model.layers[0].attn.q.kernel[...][:, :64]):
-        digest.update(np.asarray(jnp.asarray(arr, jnp.bfloat16).astype(jnp.float32)).tobytes())
-    return digest.hexdigest()[:16]
-
-
 class ResBlock(nnx.Module):
     """``x + SiLU(W x + b)`` with W and b zero-initialised."""
 
@@ -90,7 +73,7 @@ class MedusaHeads(nnx.Module):
         if not cfg.shared_lm_head:
             if base is None:
                 raise ValueError("heads with their own LM heads are initialised from the base model: pass base=")
-            table = base_head_table(base).astype(dt)
+            table = head_table(base).astype(dt)
             self.lm_heads = nnx.data([nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dt,
                                                  param_dtype=dt, kernel_init=lambda *_: table.T, rngs=nnx.Rngs(0))
                                       for _ in range(cfg.n_heads)])
@@ -109,12 +92,12 @@ class MedusaHeads(nnx.Module):
     def logits(self, hidden: jax.Array, base_table: jax.Array | None) -> jax.Array:
         """``hidden: [..., d]`` -> float32 logits ``[..., n_heads, vocab]``.
 
-        base_table: the base LM head ``[vocab, d]`` (:func:`base_head_table`), used when shared.
+        base_table: the base LM head ``[vocab, d]`` (:func:`head_table`), used when shared.
         """
         f = self.features(hidden)
         if self.lm_heads is None:
             if base_table is None:
-                raise ValueError("these heads share the base LM head: pass base_table=base_head_table(model)")
+                raise ValueError("these heads share the base LM head: pass base_table=head_table(model)")
             out = jax.lax.dot_general(f, base_table.astype(f.dtype), (((f.ndim - 1,), (1,)), ((), ())))
         else:
             out = jnp.stack([head(f[..., i, :]) for i, head in enumerate(self.lm_heads)], axis=-2)
@@ -126,7 +109,7 @@ def new_heads(base: Llama, *, base_name: str, n_heads: int = 4, n_layers: int = 
     """Fresh (identity-initialised) heads for ``base``."""
     cfg = MedusaConfig(d_model=base.config.d_model, vocab_size=base.config.vocab_size, n_heads=n_heads,
                        n_layers=n_layers, shared_lm_head=shared_lm_head, dtype=dtype, base_model=base_name,
-                       base_fingerprint=base_fingerprint(base))
+                       base_fingerprint=fingerprint(base))
     return MedusaHeads(cfg, base)
 
 
@@ -149,13 +132,7 @@ def save_heads(heads: MedusaHeads, path: str | Path, extra: dict | None = None) 
 
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata saved with heads at ``path`` (``config`` plus any extra entries)."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} holds no Medusa heads: {CONFIG_FILE} is missing (save with save_heads)")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is corrupt ({err}); re-save or re-train the heads") from err
+    return read_config(path, CONFIG_FILE, what="Medusa heads", fix="re-save or re-train the heads (save_heads)")
 
 
 def load_heads(path: str | Path, base: Llama) -> MedusaHeads:
@@ -165,10 +142,10 @@ def load_heads(path: str | Path, base: Llama) -> MedusaHeads:
     path = Path(path).resolve()
     meta = read_metadata(path)
     cfg = MedusaConfig(**meta["config"])
-    if cfg.base_fingerprint != base_fingerprint(base) or cfg.vocab_size != base.config.vocab_size:
+    if cfg.base_fingerprint != fingerprint(base) or cfg.vocab_size != base.config.vocab_size:
         raise ValueError(f"the Medusa heads at {path} were trained for base model {cfg.base_model!r} "
                          f"(fingerprint {cfg.base_fingerprint}), not for this model (fingerprint "
-                         f"{base_fingerprint(base)}): load heads trained for this model or train new ones "
+                         f"{fingerprint(base)}): load heads trained for this model or train new ones "
                          f"with `specdec train-heads`")
     heads = MedusaHeads(cfg, base)
     state = nnx.state(heads, nnx.Param)

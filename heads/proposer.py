@@ -57,11 +57,11 @@ class MedusaProposer:
 
 def medusa_proposer(target, heads, spec) -> tuple[MedusaProposer, dict]:
     """Check that ``heads`` fit ``target`` (a ``LoadedModel``) and build the proposer and its params."""
-    from heads.medusa import base_fingerprint, base_head_table
+    from specdec.model import fingerprint, head_table
 
     base = target.module
     cfg = heads.config
-    if cfg.base_fingerprint != base_fingerprint(base):
+    if cfg.base_fingerprint != fingerprint(base):
         raise ValueError(f"these Medusa heads were trained for base model {cfg.base_model!r}, not for "
                          f"{target.name!r}: load heads trained for this model or train new ones")
     buffers = tree_buffers(spec)
@@ -69,6 +69,6 @@ def medusa_proposer(target, heads, spec) -> tuple[MedusaProposer, dict]:
         raise ValueError(f"the tree is {buffers.tree.max_depth} deep but there are only {cfg.n_heads} heads; "
                          f"use a tree of depth <= {cfg.n_heads}")
     graphdef, state = nnx.split(heads)
-    table = base_head_table(base) if cfg.shared_lm_head else None
+    table = head_table(base) if cfg.shared_lm_head else None
     spec = tuple(tuple(p) for p in spec)
     return MedusaProposer(graphdef=graphdef, spec=spec), {"heads": state, "table": table}

@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from heads.bundled import TREE_FILE
-from heads.medusa import MedusaHeads, base_head_table, read_metadata
+from heads.medusa import MedusaHeads, read_metadata
+from specdec.model import head_table
 from heads.trees import rank_accuracy, search_tree
 from specdec.bench import device_label, forward_time, median_time, target_cost_curve
 
@@ -29,7 +30,7 @@ COST_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 def heads_cost(lm, heads: MedusaHeads, repeats: int = 7) -> float:
     """Wall time of the heads' logits + top-k for one row, relative to a one-token target forward."""
     graphdef, state = nnx.split(heads)
-    table = base_head_table(lm.module) if heads.config.shared_lm_head else None
+    table = head_table(lm.module) if heads.config.shared_lm_head else None
     run = jax.jit(lambda s, h: jax.lax.top_k(nnx.merge(graphdef, s).logits(h, table), 10)[1])
     hidden = jnp.ones((1, lm.config.d_model), jnp.float32)
     run(state, hidden).block_until_ready()
@@ -43,7 +44,7 @@ def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None) -> list[lis
 
     meta = read_metadata(heads_dir) if heads_dir is not None else {}
     cfg = HeadsTrainConfig(**meta.get("training", {}).get("config", {"model": lm.name}))
-    return evaluate(heads, base_head_table(lm.module), prepare_features(lm, cfg, "heldout"))["topk"]
+    return evaluate(heads, head_table(lm.module), prepare_features(lm, cfg, "heldout"))["topk"]
 
 
 def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_nodes: int = 64,

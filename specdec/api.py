@@ -110,6 +110,7 @@ class _Run:
         self.sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         self.ids = _encode(self.lm, prompts, chat, system)
         self.n = len(self.ids)
+        self.prompt_lens = [len(p) for p in self.ids]
         self.max_new = _per_row(max_new_tokens, self.n, "max_new_tokens")
         self.seeds = _per_row(seed, self.n, "seed")
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])

@@ -1,4 +1,5 @@
-"""Command line: ``specdec generate``, ``batch``, ``check``, ``train-heads``, ``search-tree`` and ``fetch``."""
+"""Command line: ``specdec generate``, ``batch``, ``check``, ``train-heads``, ``train-draft``,
+``search-tree`` and ``fetch``."""
 
 from __future__ import annotations
 
@@ -158,6 +159,19 @@ def _train_heads(args) -> int:
     return 0
 
 
+def _train_draft(args) -> int:
+    import json
+
+    from training.draft import DraftTrainConfig, train_draft
+
+    fields = {f.name for f in dataclasses.fields(DraftTrainConfig)}
+    cfg = DraftTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    metrics = train_draft(cfg, max_steps=args.max_steps)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
+    print(f"draft saved to {cfg.out}", file=sys.stderr)
+    return 0
+
+
 def _search_tree(args) -> int:
     import specdec
     from heads.bundled import heads_for
@@ -230,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(th, HeadsTrainConfig)
     th.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     th.set_defaults(func=_train_heads)
+    td = sub.add_parser("train-draft", help="train a small draft model for a target by distillation (resumable)")
+    from training.draft import DraftTrainConfig
+
+    _add_config_args(td, DraftTrainConfig)
+    td.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    td.set_defaults(func=_train_draft)
     ts = sub.add_parser("search-tree", help="search the Medusa tree that is fastest on this device "
                                             "(measured head accuracies x measured step cost)")
     ts.add_argument("--model", default="smollm2-135m")

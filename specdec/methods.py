@@ -23,13 +23,16 @@ def _opt(options: dict, name: str, default):
 
 
 def _draft(target, options: dict) -> tuple[Any, Any]:
+    from pathlib import Path
+
     from drafts.draft_model import draft_proposer
+    from drafts.saved import CONFIG_FILE, draft_for
     from specdec.loading import LoadedModel, load
 
     draft = options.get("draft")
-    if draft is None:
-        raise ValueError("method 'draft' needs a draft model: pass draft=<LoadedModel, registry name or path>")
-    if not isinstance(draft, LoadedModel):
+    if draft is None or (not isinstance(draft, LoadedModel) and (Path(draft) / CONFIG_FILE).is_file()):
+        draft = draft_for(target, draft)  # the bundled draft, or one saved by `specdec train-draft`
+    elif not isinstance(draft, LoadedModel):
         draft = load(draft, dtype=target.config.dtype)
     proposer = draft_proposer(target.config, draft.config, draft.graphdef, k=_opt(options, "k", 4),
                               width=_opt(options, "draft_width", 1))

@@ -7,10 +7,14 @@ the KV cache passed in and returned as an explicit pytree.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from specdec.cache import KVCache, causal_mask, init_cache, visibility, write_layer
@@ -190,6 +194,21 @@ def teacher_forced_logits(model: Llama, tokens: jax.Array) -> jax.Array:
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     return forward(model, init_cache(model.config, b, t), tokens=tokens, positions=positions).logits
+
+
+def head_table(model: Llama) -> jax.Array:
+    """The LM head as a ``[vocab, d_model]`` table (the embedding when tied)."""
+    return model.embed.embedding[...] if model.lm_head is None else model.lm_head.kernel[...].T
+
+
+def fingerprint(model: Llama) -> str:
+    """A short digest of a model: its shape and a sample of its weights (rounded to bfloat16, so
+    float32 and bfloat16 loads of one checkpoint agree). Saved heads and drafts record their target's."""
+    shape = {k: v for k, v in asdict(model.config).items() if k != "dtype"}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    for arr in (model.norm.weight[...], head_table(model)[:64], model.layers[0].attn.q.kernel[...][:, :64]):
+        digest.update(np.asarray(jnp.asarray(arr, jnp.bfloat16).astype(jnp.float32)).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:

@@ -2,7 +2,7 @@
 
 The decode state (autoregressive or speculative) has one row per slot. Between
 on-device chunks the host harvests the rows that finished, prefills waiting
-requests as one batch and scatters them into the free rows; no other row moves,
+requests (one batch per prompt-length bucket) and scatters them into the free rows; no other row moves,
 and every row keeps its own length, positions, budget and seed, so a request's
 output does not depend on its slot, its neighbours or when it was admitted.
 Once nothing waits, the batch shrinks to the next power of two that holds the
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specdec.autoregressive import prompt_bucket
 from specdec.cache import KVCache
 
 
@@ -58,6 +59,7 @@ class Requests(Protocol):
     """What the pool needs from the caller (``specdec.api``'s run set-up)."""
 
     n: int  # number of requests
+    prompt_lens: list[int]  # prompt tokens per request
 
     def start(self, requests: list[int]) -> Iterator:
         """A decode generator over these requests: its first item is their prefilled state, and it
@@ -80,8 +82,6 @@ class SlotUse:
 
     busy: list[int] = field(default_factory=list)
     forwards: int = 0  # target forwards of the pool (all slots step together)
-    admissions: int = 0  # batched prefills after the first
-    widths: list[int] = field(default_factory=list)  # batch width after each change
 
     @property
     def utilisation(self) -> list[float]:
@@ -104,7 +104,6 @@ def pool_states(requests: Requests, slots: int, use: SlotUse, *, shrink: bool = 
     del waiting[:slots]
     slot_of_row = list(range(len(rows)))  # logical slot of each batch row (rows move when the batch shrinks)
     use.busy[:] = [0] * len(rows)
-    use.widths[:] = [len(rows)]
     gen = requests.start(rows)
     state = next(gen)
     while True:
@@ -119,13 +118,17 @@ def pool_states(requests: Requests, slots: int, use: SlotUse, *, shrink: bool = 
         if waiting and free:
             group = waiting[:len(free)]
             del waiting[:len(group)]
-            padded = next_power_of_two(len(group))  # few prefill shapes to compile
-            new = next(requests.start(group + [group[0]] * (padded - len(group))))
-            at = free[:len(group)] + [len(rows)] * (padded - len(group))  # padding rows are dropped
-            state = put_rows(state, jnp.asarray(at, jnp.int32), new)
-            for i, r in zip(at, group):
-                rows[i] = r
-            use.admissions += 1
+            by_bucket: dict[int, list[int]] = {}  # one prefill per prompt bucket: little padding
+            for r in group:
+                by_bucket.setdefault(prompt_bucket(requests.prompt_lens[r]), []).append(r)
+            for part in by_bucket.values():
+                padded = next_power_of_two(len(part))  # few prefill shapes to compile
+                new = next(requests.start(part + [part[0]] * (padded - len(part))))
+                at = free[:len(part)] + [len(rows)] * (padded - len(part))  # padding rows are dropped
+                del free[:len(part)]
+                state = put_rows(state, jnp.asarray(at, jnp.int32), new)
+                for i, r in zip(at, part):
+                    rows[i] = r
         running = [i for i, r in enumerate(rows) if r is not None]
         use.forwards = int(dec_of(state).forwards)
         if not running:
@@ -136,7 +139,6 @@ def pool_states(requests: Requests, slots: int, use: SlotUse, *, shrink: bool = 
             state = take_rows(state, jnp.asarray(keep, jnp.int32))
             rows = [rows[i] for i in keep]
             slot_of_row = [slot_of_row[i] for i in keep]
-            use.widths.append(width)
         try:
             state = gen.send(state)
         except StopIteration:  # cannot happen while a row runs; kept for a clear failure

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import specdec
-from heads.medusa import base_head_table, load_heads, new_heads, save_heads
+from heads.medusa import load_heads, new_heads, save_heads
+from specdec.model import head_table
 from heads.trees import (BUILTIN_TREES, candidate_tokens, chain_spec, expected_accepted, grow_tree, load_spec,
                          rank_accuracy, search_tree, tree_buffers)
 from specdec.config import tiny_config
@@ -108,7 +109,7 @@ def test_fresh_heads_are_the_base_head(tiny):
     x = jax.random.normal(jax.random.key(1), (2, tiny.config.d_model))
     for shared in (True, False):
         heads = new_heads(tiny, base_name="tiny", shared_lm_head=shared)
-        out = heads.logits(x, base_head_table(tiny))
+        out = heads.logits(x, head_table(tiny))
         np.testing.assert_allclose(out, jnp.broadcast_to(tiny.logits(x)[:, None], out.shape), atol=1e-5)
 
 
@@ -173,7 +174,7 @@ def _features(n: int, seed: int) -> Features:
 
 
 def test_training_lowers_loss_and_resumes_exactly(tiny, tmp_path):
-    data, table = _features(512, 0), base_head_table(tiny)
+    data, table = _features(512, 0), head_table(tiny)
     cfg = HeadsTrainConfig(batch_size=64, epochs=2, lr=1e-2, checkpoint_every=5)
     heads = new_heads(tiny, base_name="tiny")
     before = evaluate(heads, table, data)

@@ -102,18 +102,25 @@ def pack(examples: Sequence[Example], length: int) -> Packed:
     return packed
 
 
-def head_labels(packed: Packed, n_heads: int) -> np.ndarray:
-    """``[R, L, n_heads]`` int32 Medusa targets: head k at position t learns token ``t + 2 + k``.
-
-    -1 where that token is past the row, in another example, padding, or not an assistant token.
-    """
+def ahead_labels(packed: Packed, aheads) -> np.ndarray:
+    """``[R, L, len(aheads)]`` int32: column j at position t is token ``t + aheads[j]``, or -1 where
+    that token is past the row, in another example, padding, or not an assistant token."""
     r, length = packed.tokens.shape
-    labels = np.full((r, length, n_heads), -1, np.int32)
-    for k in range(n_heads):
-        ahead = 2 + k
+    labels = np.full((r, length, len(aheads)), -1, np.int32)
+    for j, ahead in enumerate(aheads):
         if ahead >= length:
             break
         same = (packed.segments[:, ahead:] == packed.segments[:, :-ahead]) & (packed.segments[:, ahead:] > 0)
         ok = same & packed.mask[:, ahead:]
-        labels[:, :-ahead, k] = np.where(ok, packed.tokens[:, ahead:], -1)
+        labels[:, :-ahead, j] = np.where(ok, packed.tokens[:, ahead:], -1)
     return labels
+
+
+def head_labels(packed: Packed, n_heads: int) -> np.ndarray:
+    """``[R, L, n_heads]`` Medusa targets: head k at position t learns token ``t + 2 + k``."""
+    return ahead_labels(packed, range(2, 2 + n_heads))
+
+
+def next_labels(packed: Packed) -> np.ndarray:
+    """``[R, L]`` next-token targets (token ``t + 1``, -1 where there is none)."""
+    return ahead_labels(packed, [1])[..., 0]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 
 def make_optimizer(*, lr: float, total_steps: int, warmup: float, weight_decay: float,
@@ -74,3 +75,30 @@ class LossLog:
 
     def read(self) -> list[dict]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines()]
+
+
+def train_loop(*, params, opt, step_fn: Callable, n: int, batch_size: int, seed: int, total: int, work_dir: Path,
+               checkpoint_every: int, max_steps: int | None, desc: str, show: Callable[[dict], str]):
+    """Run optimiser steps ``step, ..., total - 1`` from ``work_dir``'s latest checkpoint (or 0).
+
+    ``step_fn(params, opt, example_indices) -> (params, opt, record)``; each record (plus its step)
+    goes to ``work_dir/loss.jsonl`` and the progress bar (``show(record)``). Checkpoints every
+    ``checkpoint_every`` steps and at the end; ``max_steps`` stops early (resume later).
+    Returns ``(params, opt, the loss log from step 0)``.
+    """
+    ckpts = Checkpoints(work_dir / "checkpoints")
+    step = ckpts.latest() or 0
+    if step:
+        restored = ckpts.restore(step, {"params": params, "opt": opt})
+        params, opt = restored["params"], restored["opt"]
+    log = LossLog(work_dir / "loss.jsonl", step)
+    stop = total if max_steps is None else min(total, max_steps)
+    bar = tqdm(range(step, stop), initial=step, total=total, desc=desc, unit="step")
+    for step in bar:
+        params, opt, record = step_fn(params, opt, batch_indices(n, batch_size, step, seed))
+        record = {"step": step, **record}
+        log.write(record)
+        bar.set_postfix_str(show(record))
+        if (step + 1) % checkpoint_every == 0 or step + 1 == stop:
+            ckpts.save(step + 1, {"params": params, "opt": opt})
+    return params, opt, log.read()

@@ -24,10 +24,11 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from heads.medusa import MedusaHeads, base_head_table, new_heads, save_heads
+from heads.medusa import MedusaHeads, new_heads, save_heads
+from specdec.model import head_table
 from training.data import head_labels, pack, render_chat, self_distill
 from training.features import Features, backbone_features
-from training.loop import Checkpoints, LossLog, batch_indices, make_optimizer
+from training.loop import make_optimizer, train_loop
 
 DATA_MODES = ("sharegpt", "self-distill")
 
@@ -141,26 +142,19 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
     optimizer = make_optimizer(lr=cfg.lr, total_steps=total, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                                clip=cfg.clip)
     graphdef, params = nnx.split(heads, nnx.Param)
-    opt = optimizer.init(params)
-    ckpts = Checkpoints(work_dir / "checkpoints")
-    step = ckpts.latest() or 0
-    if step:
-        restored = ckpts.restore(step, {"params": params, "opt": opt})
-        params, opt = restored["params"], restored["opt"]
-    log = LossLog(work_dir / "loss.jsonl", step)
-    stop = total if max_steps is None else min(total, max_steps)
-    bar = tqdm(range(step, stop), initial=step, total=total, desc="train Medusa heads", unit="step")
-    for step in bar:
-        idx = batch_indices(len(data.labels), cfg.batch_size, step, cfg.seed)
+
+    def step(params, opt, idx):
         params, opt, loss, acc = train_step(graphdef, params, opt, table, jnp.asarray(data.hidden[idx]),
                                             jnp.asarray(data.labels[idx]), optimizer=optimizer, decay=cfg.decay)
-        record = {"step": step, "loss": float(loss), "top1": np.asarray(acc).round(4).tolist()}
-        log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", top1="/".join(f"{a:.2f}" for a in record["top1"]))
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
-            ckpts.save(step + 1, {"params": params, "opt": opt})
+        return params, opt, {"loss": float(loss), "top1": np.asarray(acc).round(4).tolist()}
+
+    params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=len(data.labels),
+                                batch_size=cfg.batch_size, seed=cfg.seed, total=total, work_dir=work_dir,
+                                checkpoint_every=cfg.checkpoint_every, max_steps=max_steps,
+                                desc="train Medusa heads", show=lambda r: f"loss={r['loss']:.3f}, top1="
+                                + "/".join(f"{a:.2f}" for a in r["top1"]))
     nnx.update(heads, params)
-    return log.read()
+    return log
 
 
 def prepare_features(lm, cfg: HeadsTrainConfig, split: str) -> Features:
@@ -200,7 +194,7 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
     start = time.perf_counter()
     lm = load(cfg.model)
     base = lm.module
-    table = base_head_table(base)
+    table = head_table(base)
     train = prepare_features(lm, cfg, "train")
     heldout = prepare_features(lm, cfg, "heldout")
     heads = new_heads(base, base_name=cfg.model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
