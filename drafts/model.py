@@ -134,7 +134,7 @@ def new_draft(target: Llama, spec: DraftSpec, *, vocab_map: np.ndarray | None = 
     if spec.init == "layers":
         for mine, theirs in enumerate(spec.target_layers(target.config.n_layers)):
             nnx.update(draft.layers[mine], jax.tree.map(jnp.copy, nnx.state(target.layers[theirs])))
-        draft.norm.weight[...] = target.norm.weight[...]
+        draft.norm.weight.set_value(jnp.copy(target.norm.weight.get_value()))
     return draft
 
 

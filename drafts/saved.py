@@ -3,7 +3,6 @@ with specdec (one directory per target under ``drafts/``)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,10 +14,9 @@ from flax import nnx
 from drafts.model import DraftLlama, DraftSpec, head_rows, new_draft, trainable
 from specdec.loading import LoadedModel
 from specdec.model import Llama, fingerprint
-from specdec.saved import find_bundled, read_config
+from specdec.saved import read_config, restore_params, save_dir, saved_for
 
 CONFIG_FILE = "draft_config.json"
-PARAMS_DIR = "params"
 BUNDLED = Path(__file__).resolve().parent
 _LOADED: dict[tuple[str, str], LoadedModel] = {}
 
@@ -34,19 +32,11 @@ def _saved_state(draft: DraftLlama, spec: DraftSpec) -> nnx.State:
 def save_draft(draft: DraftLlama, spec: DraftSpec, target: Llama, path: str | Path, *, target_name: str,
                dtype: str = "bfloat16", extra: dict | None = None) -> Path:
     """Write ``draft`` (for ``target``) to the directory ``path``, parameters cast to ``dtype``."""
-    import orbax.checkpoint as ocp
-
-    path = Path(path).resolve()
-    path.mkdir(parents=True, exist_ok=True)
     pure = nnx.to_pure_dict(_saved_state(draft, spec))
     pure = jax.tree.map(lambda a: a if jnp.issubdtype(a.dtype, jnp.integer) else a.astype(dtype), pure)
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path / PARAMS_DIR, pure, force=True)
-    ckpt.wait_until_finished()
     meta = {"spec": {**asdict(spec), "layers": list(spec.layers) if spec.layers else None}, "saved_dtype": dtype,
             "target": target_name, "target_fingerprint": fingerprint(target), **(extra or {})}
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    return path
+    return save_dir(path, pure, CONFIG_FILE, meta)
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -56,8 +46,6 @@ def read_metadata(path: str | Path) -> dict:
 
 def load_draft(path: str | Path, target: LoadedModel) -> LoadedModel:
     """The draft saved at ``path``, checked against and attached to ``target`` (its dtype too)."""
-    import orbax.checkpoint as ocp
-
     path = Path(path).resolve()
     meta = read_metadata(path)
     base = target.module
@@ -73,10 +61,7 @@ def load_draft(path: str | Path, target: LoadedModel) -> LoadedModel:
     state = _saved_state(draft, spec)
     like = jax.tree.map(lambda a: a if jnp.issubdtype(a.dtype, jnp.integer) else a.astype(meta["saved_dtype"]),
                         nnx.to_pure_dict(state))
-    try:
-        restored = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, like)
-    except Exception as err:  # orbax raises several types for missing/corrupt/mismatched files
-        raise ValueError(f"could not read the draft parameters in {path / PARAMS_DIR}: {err}") from err
+    restored = restore_params(path, like, "draft")
     dtype = target.config.jnp_dtype
     nnx.replace_by_pure_dict(state, jax.tree.map(
         lambda a: a if jnp.issubdtype(a.dtype, jnp.integer) else jnp.asarray(a, dtype), restored))
@@ -86,15 +71,9 @@ def load_draft(path: str | Path, target: LoadedModel) -> LoadedModel:
     return LoadedModel.from_module(draft, target.tokenizer, name=f"draft:{path.name}")
 
 
-def draft_for(target: LoadedModel, path: str | Path | None) -> LoadedModel:
-    """The draft at ``path`` (default: the one bundled for ``target``), loaded once per target."""
-    mark = fingerprint(target.module)
-    if path is None:
-        path = find_bundled(BUNDLED, CONFIG_FILE, "target_fingerprint", mark)
-        if path is None:
-            raise ValueError(f"specdec ships no draft for {target.name!r}: pass draft=<model or directory> "
-                             f"(train one with `specdec train-draft --model ...`)")
-    key = (str(Path(path).resolve()), mark)
-    if key not in _LOADED:
-        _LOADED[key] = load_draft(path, target)
-    return _LOADED[key]
+def draft_for(target: LoadedModel, path: str | Path | None) -> tuple[LoadedModel, Path]:
+    """``(draft, its directory)`` at ``path`` (default: the one bundled for ``target``), loaded once
+    per target."""
+    return saved_for(target, path, root=BUNDLED, file=CONFIG_FILE, key="target_fingerprint", what="draft",
+                     how="pass draft=<model or directory> (train one with `specdec train-draft --model ...`)",
+                     cache=_LOADED, load=lambda p: load_draft(p, target))

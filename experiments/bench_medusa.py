@@ -27,8 +27,7 @@ import specdec
 from heads.bundled import default_tree, heads_for
 from heads.medusa import read_metadata
 from heads.trees import load_spec, tree_buffers
-from specdec.autoregressive import plan_shapes
-from specdec.bench import greedy_summary, save_plot, write_results
+from specdec.bench import greedy_summary, save_plot, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 
 
@@ -48,19 +47,10 @@ def main() -> None:
     methods.append(("searched", dict(method="medusa", heads=heads, tree=searched)))
     sets = {"humaneval": humaneval_chat_prompts(args.humaneval), "sharegpt": sharegpt_prompts(args.sharegpt)}
     tok = model.tokenizer
-    rows, compiled = [], set()
+    rows = []
     for set_name, prompts in sets.items():
         ids = [tok.encode(tok.chat(p)) for p in prompts]
-        results = {name: [] for name, _ in methods}
-        for i, prompt in enumerate(ids):
-            for name, method in methods:
-                extra = tree_buffers(load_spec(method["tree"])).tree.size if method else 0
-                key = (name, plan_shapes(model.config, [len(prompt)], [args.new_tokens], None, extra))
-                if key not in compiled:  # compile these shapes before timing them
-                    specdec.generate(model, prompt, max_new_tokens=args.new_tokens, **method)
-                    compiled.add(key)
-                results[name].append(specdec.generate(model, prompt, max_new_tokens=args.new_tokens, **method))
-            print(f"{set_name}: prompt {i + 1}/{len(ids)} done", flush=True)
+        results = timed_generations(model, ids, dict(methods), args.new_tokens, progress=f"{set_name}: ")
         for name, method in methods:
             summary = greedy_summary(model, ids, results[name], results["autoregressive"])
             summary["rows_identical"] = f"{summary['rows_identical']}/{len(ids)}"

@@ -2,7 +2,7 @@
 
 One process, one method at a time (never concurrently), on the same HumanEval chat
 prompts at batch 1, greedy, up to ``--new-tokens`` tokens per prompt (EOS ends a row).
-Each (prompt, method) pair runs once to compile and once timed. Figures per method:
+Each method is compiled for a prompt's shapes before that prompt is timed. Figures per method:
 
 - accepted_per_forward: generated tokens (after the first) per target forward;
 - tokens_per_s: the same tokens per second of decode wall time (after the first token);
@@ -19,15 +19,9 @@ from __future__ import annotations
 
 import argparse
 
-
 import specdec
-from specdec.bench import greedy_summary, target_cost_curve, write_results
+from specdec.bench import greedy_summary, target_cost_curve, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts
-
-
-def timed(model, prompt: str, new_tokens: int, **method):
-    specdec.generate(model, prompt, max_new_tokens=new_tokens, **method)  # compile these shapes
-    return specdec.generate(model, prompt, max_new_tokens=new_tokens, **method)
 
 
 def main() -> None:
@@ -40,20 +34,13 @@ def main() -> None:
 
     model = specdec.load("smollm2-135m")
     prompts = humaneval_chat_prompts(args.prompts)
-    methods = [("autoregressive", {})] + [("prompt_lookup", dict(method="prompt_lookup", k=k)) for k in args.ks]
-    results = {name + str(m.get("k", "")): [] for name, m in methods}
-    for i, prompt in enumerate(prompts):
-        for name, method in methods:
-            results[name + str(method.get("k", ""))].append(timed(model, prompt, args.new_tokens, **method))
-        print(f"prompt {i + 1}/{len(prompts)} done", flush=True)
-
-    ref = results["autoregressive"]
+    methods = {"autoregressive": {}, **{f"prompt_lookup{k}": dict(method="prompt_lookup", k=k) for k in args.ks}}
     ids = [model.tokenizer.encode(model.tokenizer.chat(p)) for p in prompts]
-    rows = []
-    for name, method in methods:
-        res = results[name + str(method.get("k", ""))]
-        rows.append({"method": name, "options": {k: v for k, v in method.items() if k != "method"},
-                     **greedy_summary(model, ids, res, ref)})
+    results = timed_generations(model, ids, methods, args.new_tokens)
+    rows = [{"method": method.get("method", "autoregressive"),
+             "options": {k: v for k, v in method.items() if k != "method"},
+             **greedy_summary(model, ids, results[name], results["autoregressive"])}
+            for name, method in methods.items()]
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup_vs_autoregressive"] = row["tokens_per_s"] / base

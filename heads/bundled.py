@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from heads.medusa import CONFIG_FILE, MedusaHeads, load_heads
-from specdec.model import fingerprint
-from specdec.saved import find_bundled
+from specdec.saved import saved_for
 
 BUNDLED = Path(__file__).resolve().parent
 TREE_FILE = "tree.json"  # the searched tree saved beside a set of heads (``specdec search-tree --save``)
@@ -15,17 +14,9 @@ _LOADED: dict[tuple[str, str], MedusaHeads] = {}
 
 def heads_for(target, path: str | Path | None) -> tuple[MedusaHeads, Path]:
     """Heads at ``path`` (default: the bundled heads for ``target``), loaded once per base model."""
-    mark = fingerprint(target.module)
-    if path is None:
-        path = find_bundled(BUNDLED, CONFIG_FILE, "config.base_fingerprint", mark)
-        if path is None:
-            raise ValueError(f"specdec ships no Medusa heads for {target.name!r}: pass heads=<directory> "
-                             f"(train them with `specdec train-heads --model ...`)")
-    path = Path(path).resolve()
-    key = (str(path), mark)
-    if key not in _LOADED:
-        _LOADED[key] = load_heads(path, target.module)
-    return _LOADED[key], path
+    return saved_for(target, path, root=BUNDLED, file=CONFIG_FILE, key="config.base_fingerprint",
+                     what="Medusa heads", how="pass heads=<directory> (train them with `specdec train-heads "
+                     "--model ...`)", cache=_LOADED, load=lambda p: load_heads(p, target.module))
 
 
 def default_tree(heads_dir: Path | None) -> str:

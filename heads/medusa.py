@@ -11,7 +11,6 @@ for small models).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,10 +20,9 @@ from flax import nnx
 
 from specdec.config import DTYPES
 from specdec.model import Llama, fingerprint, head_table
-from specdec.saved import read_config
+from specdec.saved import read_config, restore_params, save_dir
 
 CONFIG_FILE = "medusa_config.json"
-PARAMS_DIR = "params"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,16 +116,8 @@ def save_heads(heads: MedusaHeads, path: str | Path, extra: dict | None = None) 
 
     extra: more JSON-able metadata to record (e.g. training metrics, per-head accuracies).
     """
-    import orbax.checkpoint as ocp
-
-    path = Path(path).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path / PARAMS_DIR, nnx.to_pure_dict(nnx.state(heads, nnx.Param)), force=True)
-    ckpt.wait_until_finished()
-    meta = {"config": asdict(heads.config), **(extra or {})}
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    return path
+    return save_dir(path, nnx.to_pure_dict(nnx.state(heads, nnx.Param)), CONFIG_FILE,
+                    {"config": asdict(heads.config), **(extra or {})})
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -137,8 +127,6 @@ def read_metadata(path: str | Path) -> dict:
 
 def load_heads(path: str | Path, base: Llama) -> MedusaHeads:
     """Heads saved at ``path``, checked against the base model they will run on."""
-    import orbax.checkpoint as ocp
-
     path = Path(path).resolve()
     meta = read_metadata(path)
     cfg = MedusaConfig(**meta["config"])
@@ -149,10 +137,7 @@ def load_heads(path: str | Path, base: Llama) -> MedusaHeads:
                          f"with `specdec train-heads`")
     heads = MedusaHeads(cfg, base)
     state = nnx.state(heads, nnx.Param)
-    try:
-        restored = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, nnx.to_pure_dict(state))
-    except Exception as err:  # orbax raises several types for missing/corrupt/mismatched files
-        raise ValueError(f"could not read the Medusa head parameters in {path / PARAMS_DIR}: {err}") from err
+    restored = restore_params(path, nnx.to_pure_dict(state), "Medusa head")
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(heads, state)
     return heads

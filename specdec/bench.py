@@ -78,6 +78,33 @@ def write_results(name: str, payload: dict, columns: list[str]) -> Path:
     return out / f"{name}.json"
 
 
+def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new_tokens: int,
+                      progress: str = "") -> dict[str, list]:
+    """Each method's batch-1 ``Generation`` per prompt of ``ids``, prompt by prompt (methods
+    interleaved), each method compiled for a prompt's shapes before that prompt is timed.
+    ``methods``: name -> ``generate`` options (``{}`` is autoregressive)."""
+    import specdec
+    from specdec.autoregressive import plan_shapes
+    from specdec.methods import build_proposer
+
+    extra = {}
+    for name, options in methods.items():
+        built = build_proposer(options.get("method", "autoregressive"), model,
+                               {k: v for k, v in options.items() if k != "method"})
+        extra[name] = built[0].tree.size if built is not None else 0
+    results: dict[str, list] = {name: [] for name in methods}
+    compiled = set()
+    for i, prompt in enumerate(ids):
+        for name, options in methods.items():
+            key = (name, plan_shapes(model.config, [len(prompt)], [new_tokens], None, extra[name]))
+            if key not in compiled:
+                specdec.generate(model, prompt, max_new_tokens=new_tokens, **options)
+                compiled.add(key)
+            results[name].append(specdec.generate(model, prompt, max_new_tokens=new_tokens, **options))
+        print(f"{progress}prompt {i + 1}/{len(ids)} done", flush=True)
+    return results
+
+
 def greedy_summary(model, ids: list[list[int]], results: list, reference: list) -> dict:
     """Work, speed and equivalence of one method's batch-1 greedy ``results`` (``Generation`` per
     prompt ``ids``) against the autoregressive ``reference`` results of the same prompts."""

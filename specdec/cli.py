@@ -146,30 +146,28 @@ def _flag(text: str) -> bool:
     return text.lower() in ("true", "1", "yes")
 
 
-def _train_heads(args) -> int:
+def _train(args, config_cls, run, what: str) -> int:
+    """Build ``config_cls`` from the flags, ``run(cfg, max_steps=...)`` it, print its metrics."""
     import json
 
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    cfg = config_cls(**{k: v for k, v in vars(args).items() if k in fields})
+    metrics = run(cfg, max_steps=args.max_steps)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
+    print(f"{what} saved to {cfg.out}", file=sys.stderr)
+    return 0
+
+
+def _train_heads(args) -> int:
     from training.medusa import HeadsTrainConfig, train_heads
 
-    fields = {f.name for f in dataclasses.fields(HeadsTrainConfig)}
-    cfg = HeadsTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    metrics = train_heads(cfg, max_steps=args.max_steps)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
-    print(f"heads saved to {cfg.out}", file=sys.stderr)
-    return 0
+    return _train(args, HeadsTrainConfig, train_heads, "heads")
 
 
 def _train_draft(args) -> int:
-    import json
-
     from training.draft import DraftTrainConfig, train_draft
 
-    fields = {f.name for f in dataclasses.fields(DraftTrainConfig)}
-    cfg = DraftTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    metrics = train_draft(cfg, max_steps=args.max_steps)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
-    print(f"draft saved to {cfg.out}", file=sys.stderr)
-    return 0
+    return _train(args, DraftTrainConfig, train_draft, "draft")
 
 
 def _search_tree(args) -> int:

@@ -31,7 +31,7 @@ def _draft(target, options: dict) -> tuple[Any, Any]:
 
     draft = options.get("draft")
     if draft is None or (not isinstance(draft, LoadedModel) and (Path(draft) / CONFIG_FILE).is_file()):
-        draft = draft_for(target, draft)  # the bundled draft, or one saved by `specdec train-draft`
+        draft = draft_for(target, draft)[0]  # the bundled draft, or one saved by `specdec train-draft`
     elif not isinstance(draft, LoadedModel):
         draft = load(draft, dtype=target.config.dtype)
     proposer = draft_proposer(target.config, draft.config, draft.graphdef, k=_opt(options, "k", 4),

@@ -1,5 +1,5 @@
-"""Speculative decoding of SmolLM2-135M-Instruct (prompt lookup, draft, bundled Medusa heads), in batches
-and through the request pool: the checker finds no MISMATCH on HumanEval + held-out ShareGPT prompts."""
+"""Speculative decoding of SmolLM2-135M-Instruct (prompt lookup, the bundled draft, the bundled Medusa heads)
+through the request pool: the checker finds no MISMATCH on HumanEval + held-out ShareGPT prompts."""
 
 from __future__ import annotations
 
@@ -22,25 +22,20 @@ def reference(smollm2):
     return prompts, check(smollm2, prompts, "autoregressive", max_new_tokens=NEW_TOKENS).reference
 
 
-PL, DRAFT = dict(method="prompt_lookup", k=4), dict(method="draft", k=3)
+PL = dict(method="prompt_lookup", k=4)
 
 
-@pytest.mark.parametrize("method", [PL, DRAFT, dict(method="medusa")],
-                         ids=["prompt_lookup", "target_as_draft", "medusa_bundled_heads"])
+@pytest.mark.parametrize("method", [PL, dict(method="draft", k=3), dict(method="medusa")],
+                         ids=["prompt_lookup", "bundled_draft", "medusa_bundled_heads"])
 def test_request_pool_with_8_slots_has_no_mismatch(smollm2, reference, method):
     """All 32 prompts through 8 slots (ragged rows, admissions, then shrinking): each equals the
     prompt decoded alone."""
     prompts, ref = reference
-    options = dict(method)
-    if options["method"] == "draft":
-        options["draft"] = smollm2
-    report = check(smollm2, prompts, reference=ref, max_new_tokens=NEW_TOKENS, slots=8, **options)
+    report = check(smollm2, prompts, reference=ref, max_new_tokens=NEW_TOKENS, slots=8, **method)
     assert report.counts["MISMATCH"] == 0, report.table()
     stats = report.results[0].stats
     assert len(stats.slot_utilisation) == 8 and stats.target_forwards < stats.row_forwards / 4
-    if options["method"] == "draft":  # the target drafting for itself: (nearly) everything accepted
-        assert min(r.accepted_per_forward for r in report.results) > 3.0
-    if options["method"] == "medusa":  # trained heads and their searched tree: 1.3-1.4 measured; fresh heads ~1.0
+    if method["method"] != "prompt_lookup":  # trained draft / heads: ~1.4-1.5 measured; untrained ~1.0
         assert stats.accepted_per_forward > 1.2
 
 

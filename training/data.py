@@ -49,11 +49,12 @@ def render_chat(tok: TextTokenizer, turns: Sequence[dict], system: str | None = 
 
 def self_distill(lm, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int, max_prompt_tokens: int,
                  batch_size: int, temperature: float = 0.0, seed: int = 0) -> list[Example]:
-    """Replace each conversation's first reply by the model's own, generated in batches.
+    """Replace each conversation's first reply by the model's own, generated through a request
+    pool of ``batch_size`` slots.
 
     The prompt is the system prompt and first user turn (conversations whose prompt has more
     than ``max_prompt_tokens`` tokens are skipped); the reply is what ``lm`` generates, with
-    the ``<|im_end|>`` it ended on. Prompts are batched by length.
+    the ``<|im_end|>`` it ended on. Prompts go in by length.
     """
     from specdec.api import generate
 
@@ -62,10 +63,12 @@ def self_distill(lm, conversations: Sequence[Sequence[dict]], *, max_new_tokens:
     prompts = [tok.encode(tok.chat(c[0]["content"])) for c in conversations]
     order = sorted((i for i, p in enumerate(prompts) if len(p) <= max_prompt_tokens), key=lambda i: len(prompts[i]))
     out: dict[int, Example] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc="self-distillation (generate replies)", unit="batch"):
-        rows = order[start:start + batch_size]
+    block = batch_size * 8  # requests per request-pool run (progress is shown per block)
+    for start in tqdm(range(0, len(order), block), desc=f"self-distillation (generate replies, {block} per block)",
+                      unit="block"):
+        rows = order[start:start + block]
         gens = generate(lm, [prompts[i] for i in rows], max_new_tokens=max_new_tokens, temperature=temperature,
-                        seed=[seed + i for i in rows])
+                        seed=[seed + i for i in rows], slots=batch_size)
         for i, g in zip(rows, gens):
             reply = g.tokens + (end if g.finish_reason == "eos" else [])
             out[i] = Example(prompts[i] + reply, [0] * len(prompts[i]) + [1] * len(reply))
@@ -124,3 +127,19 @@ def head_labels(packed: Packed, n_heads: int) -> np.ndarray:
 def next_labels(packed: Packed) -> np.ndarray:
     """``[R, L]`` next-token targets (token ``t + 1``, -1 where there is none)."""
     return ahead_labels(packed, [1])[..., 0]
+
+
+def split_examples(lm, cfg, split: str) -> list[Example]:
+    """The chat examples of ShareGPT's ``split`` ("train" or "heldout") a training config asks for:
+    ``cfg.conversations`` (or ``cfg.heldout_conversations``) conversations, with the dataset's
+    replies (``cfg.data == "sharegpt"``) or ``lm``'s own (``"self-distill"``, see :func:`self_distill`)."""
+    from specdec.datasets import sharegpt
+
+    count = cfg.conversations if split == "train" else cfg.heldout_conversations
+    convs = sharegpt(split)[:count]
+    if len(convs) < count:
+        raise ValueError(f"ShareGPT's {split} split has {len(convs)} conversations, fewer than the {count} asked for")
+    if cfg.data == "self-distill":
+        return self_distill(lm, convs, max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
+                            batch_size=cfg.gen_batch, seed=cfg.seed)
+    return [render_chat(lm.tokenizer, c) for c in tqdm(convs, desc=f"tokenise {split}", unit="conv")]

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from drafts.model import DraftLlama, DraftSpec, frequent_vocab, new_draft, token_frequencies, trainable
 from specdec.cache import init_cache
 from specdec.model import forward
-from training.data import Packed, next_labels, pack, render_chat, self_distill
+from training.data import Packed, next_labels, pack, split_examples
 from training.features import segment_mask
 from training.loop import make_optimizer, train_loop
 
@@ -287,21 +287,11 @@ def work_dir_of(cfg: DraftTrainConfig) -> Path:
 
 def prepare_data(lm, cfg: DraftTrainConfig, split: str) -> Teacher:
     """Packed rows and the target's distributions for ``split`` ("train"/"heldout"), cached."""
-    from specdec.datasets import sharegpt
-
     cache = work_dir_of(cfg) / f"teacher-{split}.npz"
     if cache.exists():
         with np.load(cache) as f:
             return Teacher(*(f[name] for name in Teacher._fields))
-    count = cfg.conversations if split == "train" else cfg.heldout_conversations
-    convs = sharegpt(split)[:count]
-    if len(convs) < count:
-        raise ValueError(f"ShareGPT's {split} split has {len(convs)} conversations, fewer than the {count} asked for")
-    if cfg.data == "self-distill":
-        examples = self_distill(lm, convs, max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
-                                batch_size=cfg.gen_batch, seed=cfg.seed)
-    else:
-        examples = [render_chat(lm.tokenizer, c) for c in tqdm(convs, desc=f"tokenise {split}", unit="conv")]
+    examples = split_examples(lm, cfg, split)
     data = teacher_targets(lm, pack(examples, cfg.seq_len), cfg.teacher_top_k)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **data._asdict())

@@ -22,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from heads.medusa import MedusaHeads, new_heads, save_heads
 from specdec.model import head_table
-from training.data import head_labels, pack, render_chat, self_distill
+from training.data import head_labels, pack, split_examples
 from training.features import Features, backbone_features
 from training.loop import make_optimizer, train_loop
 
@@ -159,21 +158,11 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
 
 def prepare_features(lm, cfg: HeadsTrainConfig, split: str) -> Features:
     """Features for ``split`` ("train" or "heldout"), cached in the work directory."""
-    from specdec.datasets import sharegpt
-
     cache = Path(work_dir_of(cfg)) / f"features-{split}.npz"
     if cache.exists():
         with np.load(cache) as f:
             return Features(hidden=f["hidden"], labels=f["labels"])
-    count = cfg.conversations if split == "train" else cfg.heldout_conversations
-    convs = sharegpt(split)[:count]
-    if len(convs) < count:
-        raise ValueError(f"ShareGPT's {split} split has {len(convs)} conversations, fewer than the {count} asked for")
-    if cfg.data == "self-distill":
-        examples = self_distill(lm, convs, max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
-                                batch_size=cfg.gen_batch, seed=cfg.seed)
-    else:
-        examples = [render_chat(lm.tokenizer, c) for c in tqdm(convs, desc=f"tokenise {split}", unit="conv")]
+    examples = split_examples(lm, cfg, split)
     packed = pack(examples, cfg.seq_len)
     feats = backbone_features(lm, packed, head_labels(packed, cfg.n_heads))
     cache.parent.mkdir(parents=True, exist_ok=True)

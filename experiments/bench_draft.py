@@ -1,0 +1,80 @@
+"""The draft model for SmolLM2-135M-Instruct at k = 1..8, next to prompt lookup and Medusa, vs autoregressive.
+
+One process, one method at a time (never concurrently), batch 1, greedy, up to
+``--new-tokens`` tokens per prompt (EOS ends a row), on HumanEval chat prompts and
+held-out ShareGPT first turns together. Each method is compiled for a prompt's
+shapes before that prompt is timed. Figures per method:
+
+- acceptance_rate: accepted draft tokens / proposed draft tokens (k per target forward);
+- accepted_per_forward: generated tokens (after the first) per target forward;
+- tokens_per_s and speedup_vs_autoregressive (same run);
+- equivalence: the checker's worst verdict over the prompts (identical / tie / MISMATCH).
+
+The draft is the one bundled for the model (``drafts/smollm2-135m``) unless ``--draft``.
+
+    .venv/bin/python experiments/bench_draft.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import specdec
+from drafts.saved import draft_for, read_metadata
+from specdec.bench import greedy_summary, save_plot, timed_generations, write_results
+from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--humaneval", type=int, default=8)
+    parser.add_argument("--sharegpt", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--ks", type=int, nargs="+", default=list(range(1, 9)))
+    parser.add_argument("--draft", default=None, help="a saved draft directory (default: the bundled one)")
+    args = parser.parse_args()
+
+    model = specdec.load("smollm2-135m")
+    draft, where = draft_for(model, args.draft)
+    methods = {"autoregressive": {}, **{f"draft k={k}": dict(method="draft", draft=draft, k=k) for k in args.ks},
+               "prompt_lookup k=4": dict(method="prompt_lookup", k=4), "medusa": dict(method="medusa")}
+    tok = model.tokenizer
+    prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
+    ids = [tok.encode(tok.chat(p)) for p in prompts]
+    results = timed_generations(model, ids, methods, args.new_tokens)
+    rows = []
+    for name, options in methods.items():
+        summary = greedy_summary(model, ids, results[name], results["autoregressive"])
+        k = options.get("k")  # draft tokens proposed per forward (Medusa proposes a tree: no rate)
+        rate = (summary["accepted_per_forward"] - 1) / k if k else None
+        rows.append({"method": name, "options": {o: v for o, v in options.items() if o in ("method", "k")},
+                     "acceptance_rate": rate, **summary,
+                     "rows_identical": f"{summary['rows_identical']}/{len(ids)}"})
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speedup_vs_autoregressive"] = row["tokens_per_s"] / base
+    meta = read_metadata(where)
+    held = meta.get("training", {}).get("heldout", {})
+    notes = [f"draft: {os.path.relpath(where)} ({meta['spec']}); held-out greedy acceptance from training "
+             f"{held.get('greedy_accept')}, expected tokens per forward {held.get('expected_per_forward')}",
+             "target: accepted_per_forward >= 2.5 at the best k"]
+    write_results("bench_draft", {
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, Medusa heads",
+        "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
+        "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
+    }, ["method", "acceptance_rate", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive",
+        "equivalence", "rows_identical"])
+    drafts = [r for r in rows if r["method"].startswith("draft")]
+    save_plot("bench_draft", {"accepted tokens per forward": ([r["options"]["k"] for r in drafts],
+                                                              [r["accepted_per_forward"] for r in drafts]),
+                              "speedup vs autoregressive": ([r["options"]["k"] for r in drafts],
+                                                            [r["speedup_vs_autoregressive"] for r in drafts])},
+              xlabel="draft tokens per step (k)", ylabel="ratio", title="Draft model on SmolLM2-135M-Instruct")
+    for row in rows:
+        print(row)
+    print(*notes, sep="\n")
+
+
+if __name__ == "__main__":
+    main()
