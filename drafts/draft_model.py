@@ -29,6 +29,26 @@ from specdec.tree import Tree
 DRAFT_SALT = 0xD4A  # draft draws under rule "rejection": fold_in(position_key(seed, position), salt)
 
 
+def pick_draft(logits: jax.Array, seeds: jax.Array, position: jax.Array, sampling: Sampling, rule: str,
+               width: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A draft's choice from ``logits: [B, V]`` for the token at ``position: [B]``.
+
+    Returns the chain token [B], the ``width - 1`` next most likely tokens [B, width - 1] and the
+    chain token's distribution [B, V]. Under rule "rejection" (sampling) the token is drawn with
+    its own key; otherwise with the Gumbel draw the target makes at that position (coupled).
+    """
+    logq = sampling.log_probs(logits)
+    if rule == "rejection" and not sampling.greedy:
+        keys = jax.vmap(lambda s, p: jax.random.fold_in(position_key(s, p), DRAFT_SALT))(
+            seeds.astype(jnp.uint32), position)
+        token = jax.vmap(lambda key, lq: jax.random.categorical(key, lq))(keys, logq).astype(jnp.int32)
+    else:
+        token = sampling.sample(logits, seeds, position)
+    others = jnp.where(jax.nn.one_hot(token, logq.shape[-1], dtype=bool), -jnp.inf, logq)
+    siblings = jax.lax.top_k(others, width - 1)[1].astype(jnp.int32)
+    return token, siblings, jnp.exp(logq)
+
+
 def chain_with_siblings(k: int, width: int) -> Tree:
     """Root, then ``k`` depths of ``width`` nodes: the first continues the chain, the rest are leaves."""
     if width < 1:
@@ -60,19 +80,6 @@ class DraftModelProposer:
                       compute_logits=False)
         return res.cache.with_lengths(prompt_lens - 1)  # the last prompt token is re-fed next step
 
-    def _pick(self, logits: jax.Array, seeds: jax.Array, position: jax.Array, sampling: Sampling, rule: str):
-        """Chain token [B], sibling tokens [B, width-1] and the chain token's distribution [B, V]."""
-        logq = sampling.log_probs(logits)
-        if rule == "rejection" and not sampling.greedy:
-            keys = jax.vmap(lambda s, p: jax.random.fold_in(position_key(s, p), DRAFT_SALT))(
-                seeds.astype(jnp.uint32), position)
-            token = jax.vmap(lambda key, lq: jax.random.categorical(key, lq))(keys, logq).astype(jnp.int32)
-        else:  # coupled: the same Gumbel draw the target makes at this position
-            token = sampling.sample(logits, seeds, position)
-        others = jnp.where(jax.nn.one_hot(token, logq.shape[-1], dtype=bool), -jnp.inf, logq)
-        siblings = jax.lax.top_k(others, self.width - 1)[1].astype(jnp.int32)
-        return token, siblings, jnp.exp(logq)
-
     def propose(self, params, cache: KVCache, view: View, sampling: Sampling, rule: str):
         model = nnx.merge(self.graphdef, params)
         length = view.lengths
@@ -83,13 +90,13 @@ class DraftModelProposer:
 
         def step(carry, depth):
             cache, logits = carry
-            token, siblings, q = self._pick(logits, view.seeds, length + depth, sampling, rule)
+            token, siblings, q = pick_draft(logits, view.seeds, length + depth, sampling, rule, self.width)
             out = forward(model, cache, tokens=token[:, None], positions=(length + depth)[:, None])
             return (out.cache.advance(jnp.ones_like(length)), out.logits[:, 0]), (token, siblings, q)
 
         (cache, logits), (tokens, siblings, qs) = jax.lax.scan(step, (cache, res.logits[:, 0]),
                                                                jnp.arange(1, self.k))
-        last = self._pick(logits, view.seeds, length + self.k, sampling, rule)
+        last = pick_draft(logits, view.seeds, length + self.k, sampling, rule, self.width)
         tokens = jnp.concatenate([tokens, last[0][None]], axis=0).T  # [B, k]
         siblings = jnp.concatenate([siblings, last[1][None]], axis=0).transpose(1, 0, 2)  # [B, k, w-1]
         nodes = jnp.concatenate([tokens[:, :, None], siblings], axis=2).reshape(tokens.shape[0], -1)

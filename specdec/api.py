@@ -16,6 +16,7 @@ from specdec.loading import LoadedModel, load
 from specdec.methods import METHOD_OPTIONS, build_proposer
 from specdec.pool import SlotUse, dec_of, pool_states
 from specdec.sampling import Sampling
+from specdec.skipdecode import load_finetuned, schedule_for
 
 
 @dataclass
@@ -29,6 +30,7 @@ class DecodeStats:
     rows: int = 1
     row_forwards: int = 0  # target forwards summed over rows (a row counts the steps it took part in)
     slot_utilisation: list[float] | None = None  # with slots=: share of the pool's forwards each slot was busy
+    mean_active_layers: float | None = None  # method="skipdecode": mean layers per generated position
     proposer_s: float | None = None  # with profile=True: wall time spent proposing (all steps)
     target_s: float | None = None  # with profile=True: wall time of target forward + verify + commit
 
@@ -56,6 +58,17 @@ class Generation:
     target_forwards: int = 0  # decode-loop target forwards this row took part in
     accepted_per_forward: float = float("nan")  # tokens after the first per target forward (1 for autoregressive)
     accepted_histogram: list[int] | None = None  # speculative: steps that accepted 0, 1, ... draft tokens
+    drafts: list[Draft] | None = None  # method="superposed": the k drafts, best first (tokens/text: the best)
+
+
+@dataclass
+class Draft:
+    """One of superposed decoding's drafts: ``tokens`` exclude a final EOS token."""
+
+    tokens: list[int]
+    text: str | None
+    score: float  # sum over its steps of the interpolated LM + n-gram log-probabilities
+    finish_reason: str  # "eos" or "length"
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,6 +111,14 @@ class _Run:
     def __init__(self, model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, chat,
                  system, stop, stop_tokens, ignore_eos, max_cache_len, method, slots, chunk_steps, **method_options):
         self.lm = _resolve(model)
+        self.method, self.options = method, method_options
+        self.schedule = None
+        if method == "skipdecode":
+            if slots is not None:
+                raise ValueError("method 'skipdecode' shares one layer schedule across a batch's steps, so rows "
+                                 "cannot join mid-way: drop slots= (decode the prompts as one batch)")
+            if method_options.get("weights") is not None:
+                self.lm = load_finetuned(self.lm, method_options["weights"])
         built = build_proposer(method, self.lm, method_options)
         self.proposer, self.pparams = built if built is not None else (None, None)
         self.rule = method_options.get("verification") or "exact"
@@ -140,6 +161,12 @@ class _Run:
         common = dict(max_new=[self.max_new[r] for r in requests], seeds=[self.seeds[r] for r in requests],
                       sampling=self.sampling, eos_ids=self.eos, shapes=shapes, chunk_steps=self.chunk_steps)
         ids = [self.ids[r] for r in requests]
+        if self.method == "skipdecode":
+            end = max(len(i) for i in ids)
+            self.schedule = schedule_for(self.lm.config.n_layers, self.options, prompt_end=end,
+                                         max_length=end + max(common["max_new"]))
+            return decode(self.lm.graphdef, self.lm.state, ids, layer_masks=self.schedule.step_masks(shapes.out),
+                          **common)
         if self.proposer is None:
             return decode(self.lm.graphdef, self.lm.state, ids, width=self.width, **common)
         return speculative_decode(self.lm.graphdef, self.lm.state, self.proposer, self.pparams, ids,
@@ -229,7 +256,9 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
       chunk_steps: on-device steps between host visits (default: all at once, or 16 with stop strings
         or slots).
       method: "autoregressive" (default), "draft" (a draft model proposes), "prompt_lookup"
-        (n-gram match against the row's own context) or "medusa" (Medusa heads propose a tree).
+        (n-gram match against the row's own context), "medusa" (Medusa heads propose a tree),
+        "early_exit" (the target's bottom layers propose), "skipdecode" (LOSSY early exit) or
+        "superposed" (k drafts per prompt from one pass, see below).
         Speculative options:
         draft: the draft model (``LoadedModel``, registry name or path; same vocabulary);
         k: draft tokens per step (default 4); draft_width: candidates per depth (default 1, a chain);
@@ -237,6 +266,8 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for
         the model); tree: a built-in tree name, a JSON file or a list of paths (default: the
         searched tree saved with the heads, else "tree-16");
+        exit_layer (method "early_exit", lossless self-speculation): draft with the target's
+        first exit_layer layers, then verify with the rest (default: half the layers);
         verification: "exact" (default; greedy, or coupled sampling: token-identical to
         autoregressive with the same seeds), "rejection" (lossless speculative sampling, exact
         in distribution) or "typical" (Medusa typical acceptance, LOSSY);
@@ -245,12 +276,29 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         block_width (autoregressive only): run each step as a forward over this many tokens
         (the newest plus hidden padding): the strict reference for a speculative method whose
         candidate tree has this many nodes (see ``specdec.equivalence.check(strict=True)``).
+        method "skipdecode" (SkipDecode early exit, LOSSY: not the target's output): every
+        generated position runs warmup_layers bottom layers (default 1) and the top ones, their
+        number decaying linearly from max_active to min_active over the batch's generation;
+        target_speedup (default 2) picks the two so that n_layers / mean active layers matches
+        it. weights: a directory written by ``specdec train-skipdecode`` (parameters fine-tuned
+        with the schedule). Not with slots=.
+        method "superposed" (Superposed Decoding: k drafts for about the cost of one greedy run;
+        not the target's greedy output): num_drafts k (default 3); tau, the shared distribution's
+        temperature (default 0.06); n_token_sample (default 3k); alpha, the n-gram weight
+        (default 0.54; 0 for the LM alone); ngrams: an ``NgramModel`` or a file from
+        ``specdec build-ngrams`` (default: the model's tables in the cache, built from ShareGPT
+        on first use); ngram_weights, lambda per n (default 0.01, 0.04, 0.15, 0.18, 0.12 for
+        n = 2..6); reset_every (default 0, never). Each result's ``drafts`` lists the k drafts
+        best first with their scores; ``tokens``/``text`` are the best one's. Not with
+        temperature, top_k, top_p, stop, slots or chunk_steps.
     Returns:
       a ``Generation`` for a single prompt, else a list in input order.
     """
     unknown = set(options) - set(_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown generate options {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
+    if options.get("method") == "superposed":
+        return _superposed(model, prompts, {**_DEFAULTS, **options})
     run = _Run(model, prompts, **{**_DEFAULTS, **options})
     start = time.perf_counter()
     ttft = None
@@ -262,7 +310,8 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
     stats = DecodeStats(ttft_s=ttft, wall_s=wall, new_tokens=sum(len(o[0]) for o in run.outcomes),
                         target_forwards=run.use.forwards, rows=run.n,
                         row_forwards=sum(o[1] for o in run.outcomes),
-                        slot_utilisation=run.use.utilisation if options.get("slots") is not None else None)
+                        slot_utilisation=run.use.utilisation if options.get("slots") is not None else None,
+                        mean_active_layers=run.schedule.mean_active if run.schedule is not None else None)
     if run.times is not None:
         stats.proposer_s = sum(t.proposer_s for t in run.times)
         stats.target_s = sum(t.target_s for t in run.times)
@@ -278,6 +327,9 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
 
 def stream(model, prompts, *, chunk_steps: int = 8, **options) -> Iterator[list[str]]:
     """Like ``generate`` but yields, after each on-device chunk, each row's new text."""
+    if options.get("method") == "superposed":
+        raise ValueError("stream does not support method 'superposed' (its drafts are ranked at the end): "
+                         "use generate")
     run = _Run(model, prompts, **{**_DEFAULTS, **options, "chunk_steps": chunk_steps})
     if run.lm.tokenizer is None:
         raise ValueError("stream needs a tokenizer to produce text; use generate with token ids")
@@ -294,3 +346,60 @@ def stream(model, prompts, *, chunk_steps: int = 8, **options) -> Iterator[list[
         texts = [t[:-1] if t.endswith("\ufffd") else t for t in texts]
         yield [t[len(s):] for t, s in zip(texts, shown)]
         shown = texts
+
+
+_NOT_SUPERPOSED = ("temperature", "top_k", "top_p", "stop", "slots", "chunk_steps")
+
+
+def _superposed(model, prompts, options: dict) -> Generation | list[Generation]:
+    """``generate(method="superposed")``: k drafts per prompt from one superposed pass."""
+    from specdec.ngrams import NgramModel, build_ngram_file, default_ngram_path, load_ngrams, tokenizer_name
+    from specdec.superposed import PUBLISHED, superposed_decode
+
+    given = [o for o in _NOT_SUPERPOSED if options[o] != _DEFAULTS[o]]
+    if given:
+        raise ValueError(f"method 'superposed' does not take {given}: it draws from its own shared distribution "
+                         f"(tau, n_token_sample) and decodes every prompt as one batch")
+    build_proposer("superposed", None, {o: options[o] for o in _METHOD_OPTIONS})  # rejects foreign options
+    lm = _resolve(model)
+    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+    ids = _encode(lm, [prompts] if single else list(prompts), options["chat"], options["system"])
+    if not ids:
+        raise ValueError("no prompts given")
+    ngrams, alpha = options["ngrams"], options["alpha"]
+    if alpha != 0 and not isinstance(ngrams, NgramModel):
+        if ngrams is None:
+            if lm.tokenizer is None:
+                raise ValueError(f"model {lm.name!r} has no tokenizer to build n-grams with: pass ngrams= or alpha=0")
+            ngrams = default_ngram_path(lm.name)
+            if not ngrams.exists():
+                print(f"building the default n-gram tables for {lm.name} at {ngrams} (once)")
+                build_ngram_file(lm.tokenizer, ngrams)
+        ngrams = load_ngrams(ngrams, vocab_size=lm.config.vocab_size,
+                             tokenizer=tokenizer_name(lm.tokenizer) if lm.tokenizer is not None else None)
+    eos = set(lm.tokenizer.eos_ids) if lm.tokenizer is not None and not options["ignore_eos"] else set()
+    eos |= set(options["stop_tokens"] or ())
+    new = int(options["max_new_tokens"])
+    start = time.perf_counter()
+    per_prompt = superposed_decode(
+        lm.graphdef, lm.state, ids, num_drafts=options["num_drafts"] or 3, max_new_tokens=new,
+        ngrams=None if alpha == 0 else ngrams, alpha=alpha,
+        temperature=PUBLISHED["temperature"] if options["tau"] is None else options["tau"],
+        n_token_sample=options["n_token_sample"], lambdas=options["ngram_weights"],
+        reset_every=options["reset_every"] or 0, eos_ids=tuple(eos), max_cache_len=options["max_cache_len"])
+    wall = time.perf_counter() - start
+    decode = lm.tokenizer.decode if lm.tokenizer is not None else None
+    results = []
+    for prompt, found in zip(ids, per_prompt):
+        drafts = []
+        for toks, score in found:
+            ended = bool(toks) and toks[-1] in eos
+            toks = toks[:-1] if ended else toks
+            drafts.append(Draft(tokens=toks, text=decode(toks) if decode else None, score=score,
+                                finish_reason="eos" if ended else "length"))
+        results.append(drafts)
+    stats = DecodeStats(ttft_s=float("nan"), wall_s=wall, new_tokens=sum(len(d[0].tokens) for d in results if d),
+                        target_forwards=new - 1, rows=len(ids), row_forwards=(new - 1) * len(ids))
+    out = [Generation(tokens=d[0].tokens, text=d[0].text, finish_reason=d[0].finish_reason, prompt_tokens=len(p),
+                      stats=stats, target_forwards=new - 1, drafts=d) for p, d in zip(ids, results)]
+    return out[0] if single else out

@@ -115,13 +115,15 @@ def prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: De
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "width"), donate_argnames=("st",))
-def decode_chunk(graphdef, params, st: DecodeState, steps, *, sampling: Sampling,
-                 eos_ids: tuple[int, ...], width: int = 1) -> DecodeState:
+def decode_chunk(graphdef, params, st: DecodeState, steps, layer_masks: jax.Array | None = None, *,
+                 sampling: Sampling, eos_ids: tuple[int, ...], width: int = 1) -> DecodeState:
     """Up to ``steps`` one-token steps for every unfinished row, on device.
 
     ``width > 1`` runs each step as a forward over ``width`` tokens (the newest, then
     padding the causal mask hides from it): the strict reference for a speculative
     method whose verification forward has that width (same shapes, same arithmetic).
+    ``layer_masks: [S, n_layers]`` bool (SkipDecode): decode step ``i`` (``st.forwards``, shared
+    by the batch) runs only the layers of row ``min(i, S - 1)``.
     """
     model = nnx.merge(graphdef, params)
 
@@ -130,7 +132,9 @@ def decode_chunk(graphdef, params, st: DecodeState, steps, *, sampling: Sampling
         active = ~st.done
         b = st.last.shape[0]
         tokens = jnp.zeros((b, width), jnp.int32).at[:, 0].set(st.last)
-        res = forward(model, st.cache, tokens=tokens, positions=st.cache.lengths[:, None] + jnp.arange(width))
+        mask = None if layer_masks is None else layer_masks[jnp.minimum(st.forwards, layer_masks.shape[0] - 1)]
+        res = forward(model, st.cache, tokens=tokens, positions=st.cache.lengths[:, None] + jnp.arange(width),
+                      layer_mask=mask)
         cache = res.cache.advance(active)
         token = sampling.sample(res.logits[:, 0], st.seeds, cache.lengths)
         st = _record(st.replace(cache=cache, forwards=st.forwards + 1), active, token, eos_ids)
@@ -174,15 +178,17 @@ def run_chunks(state, chunk: Callable, finished: Callable) -> Iterator:
 
 def decode(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new: Sequence[int],
            seeds: Sequence[int], sampling: Sampling, eos_ids: tuple[int, ...], shapes: DecodeShapes,
-           chunk_steps: int | None = None, width: int = 1) -> Iterator[DecodeState]:
+           chunk_steps: int | None = None, width: int = 1,
+           layer_masks: np.ndarray | None = None) -> Iterator[DecodeState]:
     """Decode ``prompts`` (token id lists), yielding the state after prefill and after each chunk.
 
     The caller may mark rows done between chunks (``state.replace(done=...)``) via ``send``.
-    ``width``: tokens per step's forward (see :func:`decode_chunk`).
+    ``width``: tokens per step's forward; ``layer_masks``: layers per step (see :func:`decode_chunk`).
     """
     st = prefill(graphdef, params, *prompt_arrays(prompts, shapes, max_new, seeds), shapes=shapes,
                  sampling=sampling, eos_ids=eos_ids)
     steps = jnp.int32(chunk_steps or shapes.out)
-    return run_chunks(st, lambda st: decode_chunk(graphdef, params, st, steps, sampling=sampling, eos_ids=eos_ids,
-                                                  width=width),
+    masks = None if layer_masks is None else jnp.asarray(layer_masks)
+    return run_chunks(st, lambda st: decode_chunk(graphdef, params, st, steps, masks, sampling=sampling,
+                                                  eos_ids=eos_ids, width=width),
                       lambda st: bool(jnp.all(st.done)))

@@ -79,10 +79,12 @@ def write_results(name: str, payload: dict, columns: list[str]) -> Path:
 
 
 def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new_tokens: int,
-                      progress: str = "") -> dict[str, list]:
+                      progress: str = "", common: dict | None = None) -> dict[str, list]:
     """Each method's batch-1 ``Generation`` per prompt of ``ids``, prompt by prompt (methods
     interleaved), each method compiled for a prompt's shapes before that prompt is timed.
-    ``methods``: name -> ``generate`` options (``{}`` is autoregressive)."""
+    ``methods``: name -> ``generate`` options (``{}`` is autoregressive); ``common``: options
+    every call shares (e.g. ``ignore_eos``)."""
+    common = common or {}
     import specdec
     from specdec.autoregressive import plan_shapes
     from specdec.methods import build_proposer
@@ -98,9 +100,9 @@ def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new
         for name, options in methods.items():
             key = (name, plan_shapes(model.config, [len(prompt)], [new_tokens], None, extra[name]))
             if key not in compiled:
-                specdec.generate(model, prompt, max_new_tokens=new_tokens, **options)
+                specdec.generate(model, prompt, max_new_tokens=new_tokens, **common, **options)
                 compiled.add(key)
-            results[name].append(specdec.generate(model, prompt, max_new_tokens=new_tokens, **options))
+            results[name].append(specdec.generate(model, prompt, max_new_tokens=new_tokens, **common, **options))
         print(f"{progress}prompt {i + 1}/{len(ids)} done", flush=True)
     return results
 
@@ -122,7 +124,7 @@ def greedy_summary(model, ids: list[list[int]], results: list, reference: list) 
 
 
 def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
-              logx: bool = False) -> Path:
+              logx: bool = False, logy: bool = False) -> Path:
     """Line plot of ``{label: (xs, ys)}`` to ``results/<device>/<name>.png`` (needs the ``plots`` extra)."""
     try:
         import matplotlib
@@ -137,6 +139,8 @@ def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, y
         ax.plot(xs, ys, marker="o", label=name_)
     if logx:
         ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title}\n({label})", fontsize=10)

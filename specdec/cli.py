@@ -1,10 +1,11 @@
 """Command line: ``specdec generate``, ``batch``, ``check``, ``train-heads``, ``train-draft``,
-``search-tree`` and ``fetch``."""
+``train-skipdecode``, ``build-ngrams``, ``search-tree`` and ``fetch``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
 from specdec.methods import METHOD_OPTIONS, METHODS
@@ -26,6 +27,22 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
                                        "of paths (default: the searched tree saved with the heads)")
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
+    parser.add_argument("--exit-layer", type=int, help="--method early_exit: draft with this many bottom layers "
+                                                        "(default: half)")
+    parser.add_argument("--target-speedup", type=float, help="--method skipdecode (LOSSY): layers / mean active "
+                                                             "layers (default 2)")
+    parser.add_argument("--warmup-layers", type=int, help="--method skipdecode: bottom layers always run (default 1)")
+    parser.add_argument("--min-active", type=int, help="--method skipdecode: fewest layers run (instead of a speedup)")
+    parser.add_argument("--max-active", type=int, help="--method skipdecode: most layers run (instead of a speedup)")
+    parser.add_argument("--weights", help="--method skipdecode: fine-tuned weights from `specdec train-skipdecode`")
+    parser.add_argument("--num-drafts", type=int, help="--method superposed: drafts per prompt (default 3)")
+    parser.add_argument("--ngrams", help="--method superposed: n-gram file from `specdec build-ngrams` "
+                                         "(default: the model's, built on first use)")
+    parser.add_argument("--alpha", type=float, help="--method superposed: n-gram weight (default 0.54; 0 = LM only)")
+    parser.add_argument("--tau", type=float, help="--method superposed: temperature of the shared distribution "
+                                                  "(default 0.06)")
+    parser.add_argument("--n-token-sample", type=int, help="--method superposed: candidates per step (default 3k)")
+    parser.add_argument("--reset-every", type=int, help="--method superposed: reset period in steps (default: never)")
     parser.add_argument("--verification", choices=["exact", "rejection", "typical"],
                         help="exact (default; greedy/coupled, seed-identical to autoregressive), rejection "
                              "(lossless in distribution) or typical (LOSSY)")
@@ -44,6 +61,12 @@ def _generate(args) -> int:
         print()
         return 0
     result = specdec.generate(model, args.prompt, **options)
+    if result.drafts is not None:
+        for i, d in enumerate(result.drafts):
+            print(f"--- draft {i + 1} (score {d.score:.3f}, {d.finish_reason})\n{d.text}")
+        print(f"[{len(result.drafts)} drafts in {result.stats.wall_s:.3f} s (includes compilation on the first "
+              f"call)]", file=sys.stderr)
+        return 0
     print(result.text)
     s = result.stats
     print(f"[{len(result.tokens)} tokens, finish: {result.finish_reason}, time to first token "
@@ -54,7 +77,6 @@ def _generate(args) -> int:
 
 def _read_prompts(args) -> list[str]:
     """Prompts of ``specdec batch``: a text file (one per line) or JSON Lines ({"prompt": ...}), plus data sets."""
-    import json
     from pathlib import Path
 
     from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
@@ -82,7 +104,6 @@ def _read_prompts(args) -> list[str]:
 
 
 def _batch(args) -> int:
-    import json
     from pathlib import Path
 
     import specdec
@@ -148,8 +169,6 @@ def _flag(text: str) -> bool:
 
 def _train(args, config_cls, run, what: str) -> int:
     """Build ``config_cls`` from the flags, ``run(cfg, max_steps=...)`` it, print its metrics."""
-    import json
-
     fields = {f.name for f in dataclasses.fields(config_cls)}
     cfg = config_cls(**{k: v for k, v in vars(args).items() if k in fields})
     metrics = run(cfg, max_steps=args.max_steps)
@@ -168,6 +187,27 @@ def _train_draft(args) -> int:
     from training.draft import DraftTrainConfig, train_draft
 
     return _train(args, DraftTrainConfig, train_draft, "draft")
+
+
+def _train_skipdecode(args) -> int:
+    from training.skipdecode import SkipTrainConfig, train_skipdecode
+
+    return _train(args, SkipTrainConfig, train_skipdecode, "SkipDecode weights")
+
+
+def _build_ngrams(args) -> int:
+    import specdec
+    from specdec.ngrams import build_ngram_file, default_ngram_path
+
+    lm = specdec.load(args.model)
+    if lm.tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer to tokenise the corpus with")
+    out = args.out or default_ngram_path(lm.name)
+    ng = build_ngram_file(lm.tokenizer, out, source=args.corpus, max_documents=args.max_documents or None,
+                          ns=tuple(args.ns))
+    print(json.dumps(ng.info, indent=1))
+    print(f"n-gram tables saved to {out}", file=sys.stderr)
+    return 0
 
 
 def _search_tree(args) -> int:
@@ -248,6 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(td, DraftTrainConfig)
     td.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     td.set_defaults(func=_train_draft)
+    tsk = sub.add_parser("train-skipdecode", help="fine-tune a model with the SkipDecode layer schedule active "
+                                                   "(resumable)")
+    from training.skipdecode import SkipTrainConfig
+
+    _add_config_args(tsk, SkipTrainConfig)
+    tsk.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    tsk.set_defaults(func=_train_skipdecode)
+    ng = sub.add_parser("build-ngrams", help="count n-grams (n = 2..6) of a corpus with a model's tokenizer "
+                                             "(for --method superposed)")
+    ng.add_argument("--model", default="smollm2-135m")
+    ng.add_argument("--corpus", default="sharegpt", help="\"sharegpt\" (training split), a .jsonl file (\"text\" "
+                                                         "or conversations per line) or a text file (blank-line "
+                                                         "separated documents)")
+    ng.add_argument("--max-documents", type=int, default=5000, help="documents (conversations) used; 0 = all")
+    ng.add_argument("--ns", type=int, nargs="+", default=[2, 3, 4, 5, 6], help="n-gram orders")
+    ng.add_argument("--out", default=None, help="output .npz (default: the model's file in the specdec cache)")
+    ng.set_defaults(func=_build_ngrams)
     ts = sub.add_parser("search-tree", help="search the Medusa tree that is fastest on this device "
                                             "(measured head accuracies x measured step cost)")
     ts.add_argument("--model", default="smollm2-135m")

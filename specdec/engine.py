@@ -34,6 +34,11 @@ RULES = ("exact", "rejection", "typical")
 class Proposal(NamedTuple):
     tokens: jax.Array  # [B, N - 1] tokens of nodes 1 .. N - 1 of the proposer's tree
     draft_probs: jax.Array | None  # [B, N, V] distribution each node was drawn from (rule "rejection"), or None
+    # A proposer that runs the target's own bottom layers (early exit) hands back the target cache
+    # with their K/V written for nodes 0 .. N - 1, and the residual stream [B, N, d] leaving them:
+    # verification then runs only layers ``proposer.verify_from`` and up.
+    cache: KVCache | None = None
+    hidden: jax.Array | None = None
 
 
 class View(NamedTuple):
@@ -43,6 +48,7 @@ class View(NamedTuple):
     lengths: jax.Array  # [B] committed target length = the root's position
     last: jax.Array  # [B] the root token (newest, not yet in the target cache)
     seeds: jax.Array  # [B] uint32 row seeds
+    cache: KVCache  # the target's cache (a proposer that writes to it returns it in its Proposal)
 
 
 class Commit(NamedTuple):
@@ -59,6 +65,7 @@ class Proposer(Protocol):
     parameters and state are pytrees passed alongside it."""
 
     tree: Tree
+    # optional ``verify_from: int``: the layer verification starts at when proposals carry ``hidden``
 
     def prefill(self, params: Any, tokens: jax.Array, prompt_lens: jax.Array, slots: int, hidden: jax.Array) -> Any:
         """Proposer state after the padded prompts ``tokens: [B, P]``; ``hidden: [B, d]`` is the
@@ -128,7 +135,7 @@ def _emit(st: SpecState, verdict: Verdict, tokens: jax.Array, active: jax.Array,
 def propose_part(graphdef, params, proposer, pparams, st: SpecState, sampling: Sampling, rule: str):
     """The proposer's half of a step: ``(proposer state, Proposal)``."""
     d = st.dec
-    view = View(history=st.history, lengths=d.cache.lengths, last=d.last, seeds=d.seeds)
+    view = View(history=st.history, lengths=d.cache.lengths, last=d.last, seeds=d.seeds, cache=d.cache)
     return proposer.propose(pparams, st.proposer, view, sampling, rule)
 
 
@@ -141,8 +148,12 @@ def verify_part(graphdef, params, proposer, pparams, st: SpecState, pstate, prop
     active = ~dec.done
     lengths = dec.cache.lengths
     tokens = jnp.concatenate([dec.last[:, None], prop.tokens.astype(jnp.int32)], axis=1)
-    res = forward(model, dec.cache, tokens=tokens, positions=node_positions(tree, lengths),
-                  block_mask=jnp.asarray(tree.ancestors))
+    where = dict(positions=node_positions(tree, lengths), block_mask=jnp.asarray(tree.ancestors))
+    if prop.hidden is None:
+        res = forward(model, dec.cache, tokens=tokens, **where)
+    else:
+        res = forward(model, prop.cache, embeds=prop.hidden,
+                      layers=range(proposer.verify_from, model.config.n_layers), **where)
     verdict = _verify(tree, rule, sampling, tokens, res.logits, prop, dec.seeds, lengths)
     n = verdict.n_accepted
     cache = res.cache if tree.is_chain else _compact(res.cache, verdict.path, n)

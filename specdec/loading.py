@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from specdec.config import LlamaConfig
@@ -30,7 +32,13 @@ class LoadedModel:
 
     @property
     def module(self) -> Llama:
+        """The model as a module. It shares this state's variables and arrays: use
+        :meth:`copy_module` for a module to train or update."""
         return nnx.merge(self.graphdef, self.state)
+
+    def copy_module(self) -> Llama:
+        """The model as a module with its own copy of the parameters (safe to train, donate or update)."""
+        return nnx.merge(self.graphdef, jax.tree.map(jnp.copy, self.state))
 
 
 def load(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedModel:

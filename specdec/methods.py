@@ -13,6 +13,9 @@ METHOD_OPTIONS = {
     "draft": ("draft", "k", "draft_width", "verification", "profile"),
     "prompt_lookup": ("k", "max_ngram", "min_ngram", "verification", "profile"),
     "medusa": ("heads", "tree", "verification", "profile"),
+    "early_exit": ("exit_layer", "k", "verification", "profile"),
+    "skipdecode": ("target_speedup", "warmup_layers", "min_active", "max_active", "weights"),
+    "superposed": ("num_drafts", "ngrams", "alpha", "tau", "n_token_sample", "ngram_weights", "reset_every"),
 }
 METHODS = tuple(METHOD_OPTIONS)
 
@@ -59,11 +62,22 @@ def _medusa(target, options: dict) -> tuple[Any, Any]:
     return medusa_proposer(target, heads, load_spec(tree if tree is not None else default_tree(heads_dir)))
 
 
-_BUILDERS: dict[str, Callable] = {"draft": _draft, "prompt_lookup": _prompt_lookup, "medusa": _medusa}
+def _early_exit(target, options: dict) -> tuple[Any, Any]:
+    from drafts.early_exit import early_exit_proposer
+
+    exit_layer = _opt(options, "exit_layer", target.config.n_layers // 2)
+    return early_exit_proposer(target.config, target.graphdef, exit_layer=exit_layer,
+                               k=_opt(options, "k", 4)), target.state
+
+
+_BUILDERS: dict[str, Callable] = {"draft": _draft, "prompt_lookup": _prompt_lookup, "medusa": _medusa,
+                                  "early_exit": _early_exit}
 
 
 def build_proposer(method: str, target, options: dict) -> tuple[Any, Any] | None:
-    """``(proposer, params)`` for ``method``, or None for autoregressive decoding.
+    """``(proposer, params)`` for ``method``, or None for autoregressive decoding (and SkipDecode,
+    which runs the autoregressive loop with a layer schedule: :func:`specdec.skipdecode.schedule_for`,
+    and superposed decoding, :func:`specdec.superposed.superposed_decode`).
 
     Raises ValueError for an unknown method or an option the method does not take.
     """
@@ -74,7 +88,7 @@ def build_proposer(method: str, target, options: dict) -> tuple[Any, Any] | None
     if foreign:
         raise ValueError(f"method {method!r} does not take option(s) {sorted(foreign)}; "
                          f"it takes {list(METHOD_OPTIONS[method]) or 'none'}")
-    if method == "autoregressive":
+    if method in ("autoregressive", "skipdecode", "superposed"):
         return None
     from specdec.engine import RULES
 

@@ -133,6 +133,18 @@ def _block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, positions: 
     return x, cache
 
 
+def _masked_block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, positions: jax.Array, cache: KVCache,
+                  visible: jax.Array, layer_mask: jax.Array | None) -> tuple[jax.Array, KVCache]:
+    """One block, skipped or kept per ``layer_mask`` (see :func:`forward`)."""
+    if layer_mask is None:
+        return _block(cfg, block, layer, x, positions, cache, visible)
+    if layer_mask.ndim == 1:
+        return jax.lax.cond(layer_mask[layer], lambda x, c: _block(cfg, block, layer, x, positions, c, visible),
+                            lambda x, c: (x, c), x, cache)
+    y, cache = _block(cfg, block, layer, x, positions, cache, visible)
+    return jnp.where(layer_mask[:, :, layer, None], y, x), cache
+
+
 def forward(
     model: Llama,
     cache: KVCache,
@@ -142,6 +154,7 @@ def forward(
     embeds: jax.Array | None = None,
     block_mask: jax.Array | None = None,
     layers: Sequence[int] | None = None,
+    layer_mask: jax.Array | None = None,
     hidden_layers: Sequence[int] = (),
     logits_at: jax.Array | None = None,
     compute_logits: bool = True,
@@ -158,6 +171,10 @@ def forward(
         default causal (a chain). Use an ancestor mask for a tree.
       layers: static layer indices to run, in order (default all). Stopping at an
         exit layer E is ``layers=range(E)``; the final norm and LM head still apply.
+      layer_mask: optional dynamic choice among ``layers`` (SkipDecode). ``[n_layers]`` bool: one
+        set for the whole batch, a layer that is off is not computed and its K/V neither written
+        nor read (``lax.cond``); ``[B, T, n_layers]``: per token, every layer is computed and a
+        token keeps a layer's output only where its mask is on (teacher forcing, training).
       hidden_layers: static layer indices whose output residual stream is returned.
       logits_at: optional [B, K] indices into T: compute logits only there.
       compute_logits: skip the LM head entirely when False.
@@ -177,7 +194,7 @@ def forward(
     wanted = set(hidden_layers)
     hiddens = {}
     for layer in run:
-        x, cache = _block(cfg, model.layers[layer], layer, x, positions, cache, visible)
+        x, cache = _masked_block(cfg, model.layers[layer], layer, x, positions, cache, visible, layer_mask)
         if layer in wanted:
             hiddens[layer] = x
     if missing := wanted - set(hiddens):

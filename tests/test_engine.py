@@ -71,7 +71,7 @@ class RepeatTreeProposer:
         return state
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), batch=st.integers(1, 6), temperature=st.sampled_from([0.0, 0.9]))
 def test_any_tree_shape_commits_exactly(tiny, data, batch, temperature):
     """Arbitrary trees: accepted paths at any node indices are compacted correctly (output = autoregressive)."""

@@ -12,7 +12,7 @@ from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from specdec.equivalence import check
 
 pytestmark = pytest.mark.real
-NEW_TOKENS = 32
+NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")

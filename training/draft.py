@@ -37,7 +37,9 @@ from specdec.cache import init_cache
 from specdec.model import forward
 from training.data import Packed, next_labels, pack, split_examples
 from training.features import segment_mask
-from training.loop import make_optimizer, train_loop
+from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
+
+KIND = "train-draft"  # work directories under the cache
 
 LOSSES = ("kl", "tv", "kl+tv", "ce")
 DATA_MODES = ("sharegpt", "self-distill")
@@ -279,23 +281,11 @@ def evaluate(draft: DraftLlama, data: Teacher, batch_size: int = 8) -> dict:
     return out
 
 
-def work_dir_of(cfg: DraftTrainConfig) -> Path:
-    from specdec.fetch import cache_dir
-
-    return Path(cfg.work_dir) if cfg.work_dir else cache_dir() / "train-draft" / cfg.data_key()
-
-
 def prepare_data(lm, cfg: DraftTrainConfig, split: str) -> Teacher:
     """Packed rows and the target's distributions for ``split`` ("train"/"heldout"), cached."""
-    cache = work_dir_of(cfg) / f"teacher-{split}.npz"
-    if cache.exists():
-        with np.load(cache) as f:
-            return Teacher(*(f[name] for name in Teacher._fields))
-    examples = split_examples(lm, cfg, split)
-    data = teacher_targets(lm, pack(examples, cfg.seq_len), cfg.teacher_top_k)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **data._asdict())
-    return data
+    return cached_arrays(work_dir_of(cfg, KIND) / f"teacher-{split}.npz", Teacher,
+                         lambda: teacher_targets(lm, pack(split_examples(lm, cfg, split), cfg.seq_len),
+                                                 cfg.teacher_top_k))
 
 
 def draft_vocab(lm, data: Teacher, size: int) -> np.ndarray:
@@ -316,7 +306,7 @@ def train_draft(cfg: DraftTrainConfig, max_steps: int | None = None) -> dict:
     vocab_map = draft_vocab(lm, train, spec.vocab_size) if spec.vocab_size else None
     draft = new_draft(lm.module, spec, vocab_map=vocab_map, seed=cfg.seed)
     before = evaluate(draft, heldout)
-    log = fit(draft, spec, train, cfg, work_dir_of(cfg), max_steps=max_steps)
+    log = fit(draft, spec, train, cfg, work_dir_of(cfg, KIND), max_steps=max_steps)
     metrics = {"heldout": evaluate(draft, heldout), "heldout_at_init": before,
                "train_rows": int(len(train.tokens)), "train_positions": int(np.sum(train.labels >= 0)),
                "heldout_positions": int(np.sum(heldout.labels >= 0)), "steps": len(log),

@@ -10,11 +10,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import numpy as np
 import optax
 from tqdm.auto import tqdm
+
+
+Arrays = TypeVar("Arrays", bound=NamedTuple)
+
+
+def work_dir_of(cfg, kind: str) -> Path:
+    """A run's work directory: ``cfg.work_dir``, else ``<specdec cache>/<kind>/<cfg.data_key()>``."""
+    from specdec.fetch import cache_dir
+
+    return Path(cfg.work_dir) if cfg.work_dir else cache_dir() / kind / cfg.data_key()
+
+
+def cached_arrays(path: Path, kind: type[Arrays], build: Callable[[], Arrays]) -> Arrays:
+    """The NamedTuple of arrays ``kind`` saved at ``path`` (.npz), or ``build()`` saved there first."""
+    if path.exists():
+        with np.load(path) as f:
+            return kind(*(f[name] for name in kind._fields))
+    data = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **data._asdict())
+    return data
 
 
 def make_optimizer(*, lr: float, total_steps: int, warmup: float, weight_decay: float,

@@ -27,7 +27,9 @@ from heads.medusa import MedusaHeads, new_heads, save_heads
 from specdec.model import head_table
 from training.data import head_labels, pack, split_examples
 from training.features import Features, backbone_features
-from training.loop import make_optimizer, train_loop
+from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
+
+KIND = "train-heads"  # work directories under the cache
 
 DATA_MODES = ("sharegpt", "self-distill")
 
@@ -158,22 +160,11 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
 
 def prepare_features(lm, cfg: HeadsTrainConfig, split: str) -> Features:
     """Features for ``split`` ("train" or "heldout"), cached in the work directory."""
-    cache = Path(work_dir_of(cfg)) / f"features-{split}.npz"
-    if cache.exists():
-        with np.load(cache) as f:
-            return Features(hidden=f["hidden"], labels=f["labels"])
-    examples = split_examples(lm, cfg, split)
-    packed = pack(examples, cfg.seq_len)
-    feats = backbone_features(lm, packed, head_labels(packed, cfg.n_heads))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, hidden=feats.hidden, labels=feats.labels)
-    return feats
+    def build() -> Features:
+        packed = pack(split_examples(lm, cfg, split), cfg.seq_len)
+        return backbone_features(lm, packed, head_labels(packed, cfg.n_heads))
 
-
-def work_dir_of(cfg: HeadsTrainConfig) -> Path:
-    from specdec.fetch import cache_dir
-
-    return Path(cfg.work_dir) if cfg.work_dir else cache_dir() / "train-heads" / cfg.data_key()
+    return cached_arrays(work_dir_of(cfg, KIND) / f"features-{split}.npz", Features, build)
 
 
 def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
@@ -188,7 +179,7 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
     heldout = prepare_features(lm, cfg, "heldout")
     heads = new_heads(base, base_name=cfg.model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
                       shared_lm_head=cfg.shared_lm_head, dtype=cfg.dtype)
-    log = fit(heads, table, train, cfg, work_dir_of(cfg), max_steps=max_steps)
+    log = fit(heads, table, train, cfg, work_dir_of(cfg, KIND), max_steps=max_steps)
     metrics = {"heldout": evaluate(heads, table, heldout), "train_positions": int(len(train.labels)),
                "heldout_positions": int(len(heldout.labels)), "steps": len(log),
                "final_loss": log[-1]["loss"] if log else None, "wall_s": round(time.perf_counter() - start, 1),
