@@ -133,6 +133,8 @@ def pool_states(requests: Requests, slots: int, use: SlotUse, *, shrink: bool = 
         use.forwards = int(dec_of(state).forwards)
         if not running:
             return
+        if np.asarray(dec_of(state).done)[running].all():
+            continue  # every running request ended at its prefill (budget 1, EOS first): harvest, admit more
         width = next_power_of_two(len(running))
         if shrink and not waiting and width <= len(rows) // 2:
             keep = running + [i for i, r in enumerate(rows) if r is None][:width - len(running)]

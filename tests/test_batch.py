@@ -81,6 +81,16 @@ def test_pool_equals_each_prompt_alone_in_any_order(tiny_lm, methods, seed, prop
     assert stats.row_forwards == sum(g.target_forwards for g in pooled)
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_pool_admits_requests_that_end_at_prefill(tiny_lm, slots):
+    """Requests with a budget of one token finish at their prefill: the pool harvests them and goes on
+    (once the only running rows were such requests and the decode loop had nothing left to run)."""
+    prompts, budgets = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3]], [5, 1, 1, 4]
+    alone = [specdec.generate(tiny_lm, p, max_new_tokens=n).tokens for p, n in zip(prompts, budgets)]
+    pooled = specdec.generate(tiny_lm, prompts, max_new_tokens=budgets, slots=slots, chunk_steps=2)
+    assert [r.tokens for r in pooled] == alone
+
+
 def test_pool_reports_work_and_rejects_bad_slots(tiny_lm, methods):
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
     res = specdec.generate(tiny_lm, prompts, max_new_tokens=[20, 5, 12, 30], slots=2, chunk_steps=4,
