@@ -379,10 +379,13 @@ def _superposed(model, prompts, options: dict) -> Generation | list[Generation]:
                              tokenizer=tokenizer_name(lm.tokenizer) if lm.tokenizer is not None else None)
     eos = set(lm.tokenizer.eos_ids) if lm.tokenizer is not None and not options["ignore_eos"] else set()
     eos |= set(options["stop_tokens"] or ())
+    if isinstance(options["max_new_tokens"], (list, tuple)):
+        raise ValueError("method 'superposed' takes one max_new_tokens for all prompts (its drafts advance together)")
     new = int(options["max_new_tokens"])
     start = time.perf_counter()
     per_prompt = superposed_decode(
-        lm.graphdef, lm.state, ids, num_drafts=options["num_drafts"] or 3, max_new_tokens=new,
+        lm.graphdef, lm.state, ids, max_new_tokens=new,
+        num_drafts=3 if options["num_drafts"] is None else options["num_drafts"],
         ngrams=None if alpha == 0 else ngrams, alpha=alpha,
         temperature=PUBLISHED["temperature"] if options["tau"] is None else options["tau"],
         n_token_sample=options["n_token_sample"], lambdas=options["ngram_weights"],

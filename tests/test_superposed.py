@@ -279,5 +279,7 @@ def test_generate_superposed(tiny_lm, tiny, corpus, tmp_path):
         specdec.generate(tiny_lm, PROMPTS, method="superposed", k=3)
     with pytest.raises(ValueError, match="no tokenizer"):
         specdec.generate(tiny_lm, PROMPTS, method="superposed")
+    with pytest.raises(ValueError, match="one max_new_tokens"):
+        specdec.generate(tiny_lm, PROMPTS, method="superposed", alpha=0, max_new_tokens=[4, 5, 6, 7])
     with pytest.raises(ValueError, match="use generate"):
         next(specdec.stream(tiny_lm, "hi", method="superposed"))
