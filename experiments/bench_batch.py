@@ -3,8 +3,10 @@ through the request pool (continuous batching), in one run.
 
 The same HumanEval + held-out ShareGPT chat prompts go through ``specdec.generate(..., slots=S)``
 for every method and S, greedy, up to ``--new-tokens`` tokens per request (EOS ends a request).
-Each (method, S) runs once to compile every shape the pool meets (prefill groups, batch widths)
-and once timed. Figures:
+Each speculative proposer runs with one k (or Medusa tree) at every S and, at the S where it
+differs, with a by-load schedule (``PL_BY_LOAD`` etc.: fewer candidates per row once more rows
+run, picked at each chunk's start). Each (method, S) runs once to compile every shape the pool
+meets (prefill groups, batch widths) and once timed. Figures:
 
 - tokens_per_s: generated tokens of all requests / wall time of the whole pool run (prefills included);
 - accepted_per_forward: tokens after each request's first per row-forward;
@@ -29,7 +31,18 @@ import specdec
 from specdec.bench import save_plot, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from specdec.equivalence import classify
+from heads.bundled import default_tree, heads_for
 from specdec.sampling import Sampling
+
+PL_BY_LOAD = {1: 4, 4: 2}
+DRAFT_BY_LOAD = {1: 4, 4: 1}
+MEDUSA_BY_LOAD = {4: "chain-1"}  # from 1 row: the searched tree
+
+
+def schedule_label(value, searched: str) -> str:
+    """``{1: 4, 8: 2}`` -> ``"1:4,8:2"`` (the CLI's by-load form), the searched tree's file as "searched"."""
+    name = lambda v: "searched" if v == searched else str(v)  # noqa: E731
+    return ",".join(f"{r}:{name(v)}" for r, v in sorted(value.items())) if isinstance(value, dict) else name(value)
 
 
 def main() -> None:
@@ -38,20 +51,26 @@ def main() -> None:
     parser.add_argument("--sharegpt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--draft", default=None, help="draft model for the draft proposer (skipped without one)")
+    parser.add_argument("--draft", default=None, help="draft model for the draft proposer (default: the bundled one)")
     args = parser.parse_args()
 
     model = specdec.load("smollm2-135m")
     tok = model.tokenizer
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
     ids = [tok.encode(tok.chat(p)) for p in prompts]
-    methods = {"autoregressive": {}, "prompt_lookup": dict(method="prompt_lookup", k=4),
-               "medusa": dict(method="medusa")}
-    if args.draft:
-        methods["draft"] = dict(method="draft", draft=specdec.load(args.draft), k=4)
+    draft = dict(draft=specdec.load(args.draft)) if args.draft else {}
+    searched = default_tree(heads_for(model, None)[1])
+    # (label, generate options, slots it runs at): each proposer with one k / tree, and by load
+    methods = [("autoregressive", {}, args.slots)]
+    for name, fixed, schedule in [("prompt_lookup", dict(k=4), dict(k=PL_BY_LOAD)),
+                                  ("draft", dict(k=4, **draft), dict(k=DRAFT_BY_LOAD, **draft)),
+                                  ("medusa", dict(tree=searched), dict(tree={**MEDUSA_BY_LOAD, 1: searched}))]:
+        varied = min(r for r in next(iter(schedule.values())) if r > 1)
+        methods.append((name, dict(method=name, **fixed), args.slots))
+        methods.append((f"{name} by load", dict(method=name, **schedule), [s for s in args.slots if s >= varied]))
     rows, alone = [], None
-    for name, method in methods.items():
-        for slots in args.slots:
+    for label, method, slots_run in methods:
+        for slots in slots_run:
             specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)  # compile
             start = time.perf_counter()
             res = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
@@ -61,8 +80,10 @@ def main() -> None:
             verdicts = [classify(model, ids[i], res[i], alone[i], sampling=Sampling(), seed=0,
                                  eos_ids=tuple(tok.eos_ids)).verdict for i in range(len(ids))]
             s = res[0].stats
-            rows.append({"method": name, "options": {"slots": slots, **{k: v for k, v in method.items()
-                                                                          if k in ("k", "method")}},
+            choice = method.get("k", method.get("tree"))
+            rows.append({"method": label, "k_or_tree": "" if choice is None else schedule_label(choice, searched),
+                         "options": {"slots": slots, "method": method.get("method", "autoregressive"),
+                                     **({} if choice is None else {"k" if "k" in method else "tree": choice})},
                          "slots": slots, "tokens_per_s": s.new_tokens / wall,
                          "accepted_per_forward": s.accepted_per_forward, "target_forwards": s.target_forwards,
                          "slot_utilisation": float(np.mean(s.slot_utilisation)), "new_tokens": s.new_tokens,
@@ -71,22 +92,25 @@ def main() -> None:
                          "rows_identical": f"{verdicts.count('identical')}/{len(ids)}"})
             print({k: v for k, v in rows[-1].items() if k != "options"}, flush=True)
     for row in rows:
-        one = next(r for r in rows if r["method"] == row["method"] and r["slots"] == min(args.slots))
+        base = row["method"].removesuffix(" by load")  # by load at 1 slot is the base method at 1 slot
+        one = next(r for r in rows if r["method"] == base and r["slots"] == min(args.slots))
         ar = next(r for r in rows if r["method"] == "autoregressive" and r["slots"] == row["slots"])
         row["x_vs_1_slot"] = row["tokens_per_s"] / one["tokens_per_s"]
         row["x_vs_autoregressive"] = row["tokens_per_s"] / ar["tokens_per_s"]
     notes = ["tokens_per_s = all generated tokens / wall time of the pool run, prefills included",
+             "k_or_tree: draft tokens per step, or the Medusa tree; ROWS:VALUE,... = by load (picked at each "
+             "chunk's start from the rows running then; `k={1: 4, 4: 2}` in the API)",
+             "x_vs_1_slot of a by-load row: over its base method at 1 slot (the same proposer there)",
              "targets: speculative at 8 slots >= 3x the same proposer at 1 slot, and >= autoregressive at 8 slots"]
-    if not args.draft:
-        notes.append("draft proposer: not run (no trained draft for SmolLM2 yet; pass --draft)")
     write_results("bench_batch", {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled Medusa heads and searched tree",
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, Medusa heads and "
+                 "searched tree" + (f" (draft: {args.draft})" if args.draft else ""),
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, greedy, "
                    f"through the request pool", "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
-    }, ["method", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive", "accepted_per_forward",
+    }, ["method", "k_or_tree", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive", "accepted_per_forward",
         "target_forwards", "slot_utilisation", "equivalence", "rows_identical"])
-    series = {name: ([r["slots"] for r in rows if r["method"] == name],
-                     [r["tokens_per_s"] for r in rows if r["method"] == name]) for name in methods}
+    series = {label: ([r["slots"] for r in rows if r["method"] == label],
+                      [r["tokens_per_s"] for r in rows if r["method"] == label]) for label, _, _ in methods}
     save_plot("bench_batch", series, xlabel="batch slots", ylabel="tokens/s (all requests)",
               title="Request pool throughput on SmolLM2-135M-Instruct, greedy", logx=True)
     print(*notes, sep="\n")

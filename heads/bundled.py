@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from heads.medusa import CONFIG_FILE, MedusaHeads, load_heads
@@ -20,7 +21,18 @@ def heads_for(target, path: str | Path | None) -> tuple[MedusaHeads, Path]:
 
 
 def default_tree(heads_dir: Path | None) -> str:
-    """The tree saved beside the heads (``tree.json``), else the built-in ``tree-16``."""
+    """The tree searched for one row, saved beside the heads (``tree.json``), else the built-in ``tree-16``."""
     if heads_dir is not None and (heads_dir / TREE_FILE).is_file():
         return str(heads_dir / TREE_FILE)
     return "tree-16"
+
+
+def default_trees(heads_dir: Path | None) -> str | dict[int, list]:
+    """What ``method="medusa"`` runs by default: the trees searched per batch size (``{rows: paths}``,
+    picked by running rows) when ``tree.json`` holds more than one, else :func:`default_tree`."""
+    if heads_dir is None or not (heads_dir / TREE_FILE).is_file():
+        return default_tree(heads_dir)
+    loads = json.loads((heads_dir / TREE_FILE).read_text()).get("by_load", [])
+    if len({json.dumps(load["paths"]) for load in loads}) < 2:
+        return default_tree(heads_dir)
+    return {int(load["rows"]): load["paths"] for load in loads}

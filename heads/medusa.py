@@ -76,23 +76,25 @@ class MedusaHeads(nnx.Module):
                                                  param_dtype=dt, kernel_init=lambda *_: table.T, rngs=nnx.Rngs(0))
                                       for _ in range(cfg.n_heads)])
 
-    def features(self, hidden: jax.Array) -> jax.Array:
-        """``hidden: [..., d]`` (final-normed backbone state) -> ``[..., n_heads, d]``."""
+    def features(self, hidden: jax.Array, n: int | None = None) -> jax.Array:
+        """``hidden: [..., d]`` (final-normed backbone state) -> ``[..., n, d]`` for the first ``n``
+        heads (default: all)."""
         x = hidden.astype(self.config.jnp_dtype)
         outs = []
-        for blocks in self.blocks:
+        for blocks in self.blocks[:n]:
             h = x
             for block in blocks:
                 h = block(h)
             outs.append(h)
         return jnp.stack(outs, axis=-2)
 
-    def logits(self, hidden: jax.Array, base_table: jax.Array | None) -> jax.Array:
-        """``hidden: [..., d]`` -> float32 logits ``[..., n_heads, vocab]``.
+    def logits(self, hidden: jax.Array, base_table: jax.Array | None, n: int | None = None) -> jax.Array:
+        """``hidden: [..., d]`` -> float32 logits ``[..., n, vocab]`` of the first ``n`` heads (default: all;
+        a tree ``D`` deep needs only ``D``, and each head's vocabulary projection is most of its cost).
 
         base_table: the base LM head ``[vocab, d]`` (:func:`head_table`), used when shared.
         """
-        f = self.features(hidden)
+        f = self.features(hidden, n)
         if self.lm_heads is None:
             if base_table is None:
                 raise ValueError("these heads share the base LM head: pass base_table=head_table(model)")

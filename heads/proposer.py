@@ -44,7 +44,7 @@ class MedusaProposer:
 
     def propose(self, params, hidden: jax.Array, view: View, sampling: Sampling, rule: str):
         heads = nnx.merge(self.graphdef, params["heads"])
-        logits = heads.logits(hidden, params["table"])  # [B, n_heads, V]
+        logits = heads.logits(hidden, params["table"], self.tree.max_depth)  # [B, depth, V]
         top = jax.lax.top_k(logits, self.buffers.top_k)[1].astype(jnp.int32)
         return hidden, Proposal(tokens=candidate_tokens(top, self.buffers), draft_probs=None)
 

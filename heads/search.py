@@ -4,7 +4,9 @@
 heads' top-k accuracy curve on held-out data (ShareGPT, prepared exactly as in
 their training run) and the relative cost of a Medusa step with ``n`` tree
 nodes on the current device (one target forward over ``n`` nodes, plus the
-heads' own cost), then grows the tree.
+cost of the heads a tree that deep runs), then grows the tree; optionally for
+several batch sizes, since a batched forward turns compute-bound and smaller
+trees pay off there.
 """
 
 from __future__ import annotations
@@ -27,15 +29,20 @@ from specdec.bench import device_label, forward_time, median_time, target_cost_c
 COST_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
-def heads_cost(lm, heads: MedusaHeads, repeats: int = 7) -> float:
-    """Wall time of the heads' logits + top-k for one row, relative to a one-token target forward."""
+def heads_cost(lm, heads: MedusaHeads, *, batch: int = 1, repeats: int = 7) -> list[float]:
+    """``[n_heads + 1]``: wall time of the first ``d`` heads' logits + top-k for ``batch`` rows, relative
+    to a one-token target forward of ``batch`` rows (entry 0: no heads, 0)."""
     graphdef, state = nnx.split(heads)
     table = head_table(lm.module) if heads.config.shared_lm_head else None
-    run = jax.jit(lambda s, h: jax.lax.top_k(nnx.merge(graphdef, s).logits(h, table), 10)[1])
-    hidden = jnp.ones((1, lm.config.d_model), jnp.float32)
-    run(state, hidden).block_until_ready()
-    t_heads = median_time(lambda: run(state, hidden).block_until_ready(), repeats)
-    return t_heads / forward_time(lm, 1, repeats=repeats)
+    run = jax.jit(lambda s, h, d: jax.lax.top_k(nnx.merge(graphdef, s).logits(h, table, d), 10)[1],
+                  static_argnums=2)
+    hidden = jnp.ones((batch, lm.config.d_model), jnp.float32)
+    step = forward_time(lm, 1, batch=batch, repeats=repeats)
+    costs = [0.0]
+    for d in range(1, heads.config.n_heads + 1):
+        run(state, hidden, d).block_until_ready()
+        costs.append(median_time(lambda: run(state, hidden, d).block_until_ready(), repeats) / step)
+    return costs
 
 
 def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None) -> list[list[float]]:
@@ -48,21 +55,30 @@ def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None) -> list[lis
 
 
 def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_nodes: int = 64,
-                     topk: list[list[float]] | None = None, save: bool = False) -> dict:
-    """Measure accuracies (unless ``topk [n_heads, K]`` is given) and costs, search, and (``save``)
-    write ``tree.json`` beside the heads."""
+                     topk: list[list[float]] | None = None, rows: tuple[int, ...] = (1,),
+                     save: bool = False) -> dict:
+    """Measure accuracies (unless ``topk [n_heads, K]`` is given) and, for each batch of ``rows``
+    running rows, the costs; search one tree per batch size; (``save``) write ``tree.json`` beside
+    the heads. The top-level ``paths`` are the tree for ``rows[0] = 1`` row; ``by_load`` holds every
+    batch size's tree (the default by-load schedule, see :func:`heads.bundled.default_tree`)."""
+    rows = tuple(sorted(set(int(r) for r in rows)))
+    if not rows or rows[0] != 1:
+        raise ValueError(f"rows (batch sizes to search for) must include 1, got {list(rows)}")
     start = time.perf_counter()
     topk = heldout_accuracy(lm, heads, heads_dir) if topk is None else topk
     widths = sorted({w for w in COST_WIDTHS if w <= max_nodes + 1} | {max_nodes + 1})
-    curve = target_cost_curve(lm, widths)
-    overhead = heads_cost(lm, heads)
-    cost = {w: c + overhead for w, c in curve.items()}
-    spec, rows = search_tree(rank_accuracy(topk), cost, max_nodes=max_nodes)
-    best = max(rows, key=lambda r: r.score)
-    result = {"paths": [list(p) for p in spec], "nodes": len(spec), "expected_tokens_per_step": best.expected_tokens,
-              "estimated_speedup": best.score, "device": device_label()[1], "heldout_topk_accuracy": topk,
-              "target_cost_curve": {str(w): c for w, c in curve.items()}, "heads_relative_cost": overhead,
-              "sizes": [r._asdict() for r in rows], "search_s": round(time.perf_counter() - start, 1)}
+    by_load = []
+    for r in rows:
+        curve = target_cost_curve(lm, widths, batch=r)
+        heads_by_depth = heads_cost(lm, heads, batch=r)
+        spec, sizes = search_tree(rank_accuracy(topk), curve, max_nodes=max_nodes, depth_cost=heads_by_depth)
+        best = max(sizes, key=lambda s: s.score)
+        by_load.append({"rows": r, "paths": [list(p) for p in spec], "nodes": len(spec),
+                        "expected_tokens_per_step": best.expected_tokens, "estimated_speedup": best.score,
+                        "target_cost_curve": {str(w): c for w, c in curve.items()},
+                        "heads_relative_cost_by_depth": heads_by_depth, "sizes": [s._asdict() for s in sizes]})
+    result = {**{k: v for k, v in by_load[0].items() if k != "rows"}, "device": device_label()[1],
+              "heldout_topk_accuracy": topk, "by_load": by_load, "search_s": round(time.perf_counter() - start, 1)}
     if save:
         if heads_dir is None:
             raise ValueError("save=True needs heads loaded from a directory")
@@ -76,8 +92,10 @@ def describe(result: dict) -> str:
     lines = [f"device: {result['device']}",
              f"held-out accuracy per head (top-1 / top-{min(5, acc.shape[1])}): "
              + ", ".join(f"{a[0]:.2f}/{a[min(4, len(a) - 1)]:.2f}" for a in acc),
-             f"heads cost {result['heads_relative_cost']:.2f} x a one-token forward",
-             f"best tree: {result['nodes']} nodes (+ root), expected {result['expected_tokens_per_step']:.2f} "
-             f"tokens per step, estimated speedup {result['estimated_speedup']:.2f}x",
-             f"paths: {json.dumps(result['paths'])}"]
+             "heads cost by depth 1.. (x a one-token forward of 1 row): "
+             + ", ".join(f"{c:.2f}" for c in result["heads_relative_cost_by_depth"][1:])]
+    for load in result["by_load"]:
+        lines += [f"{load['rows']} rows: best tree {load['nodes']} nodes (+ root), expected "
+                  f"{load['expected_tokens_per_step']:.2f} tokens per step, estimated speedup "
+                  f"{load['estimated_speedup']:.2f}x; paths {json.dumps(load['paths'])}"]
     return "\n".join(lines)

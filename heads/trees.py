@@ -91,11 +91,12 @@ class SearchRow(NamedTuple):
 
 
 def search_tree(rank_acc: np.ndarray, cost: Callable[[int], float] | Mapping[int, float],
-                max_nodes: int = 64) -> tuple[Spec, list[SearchRow]]:
+                max_nodes: int = 64, depth_cost: Sequence[float] | None = None) -> tuple[Spec, list[SearchRow]]:
     """The spec with at most ``max_nodes`` drafts that maximises expected tokens per unit of time.
 
     cost: relative cost of a step whose target forward covers ``n`` tree nodes (root included),
     as a function or a measured ``{n: cost}`` table (interpolated linearly, extrapolated flat).
+    depth_cost: ``[n_heads + 1]`` extra cost of a tree ``d`` deep (the ``d`` heads it runs), if any.
     Returns the best spec and the estimate for every size tried.
     """
     if not callable(cost):
@@ -108,7 +109,8 @@ def search_tree(rank_acc: np.ndarray, cost: Callable[[int], float] | Mapping[int
     for n in range(1, max_nodes + 1):
         spec = grow_tree(rank_acc, n)
         tokens = 1.0 + expected_accepted(spec, rank_acc)
-        rows.append(SearchRow(n, tokens, cost_fn(n + 1), tokens / cost_fn(n + 1)))
+        step = cost_fn(n + 1) + (0.0 if depth_cost is None else depth_cost[max(len(p) for p in spec)])
+        rows.append(SearchRow(n, tokens, step, tokens / step))
         specs.append(spec)
     best = max(range(len(rows)), key=lambda i: rows[i].score)
     return specs[best], rows

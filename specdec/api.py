@@ -16,7 +16,7 @@ from specdec.loading import LoadedModel, load
 from specdec.methods import METHOD_OPTIONS, build_proposer
 from specdec.pool import SlotUse, dec_of, pool_states
 from specdec.sampling import Sampling
-from specdec.skipdecode import load_finetuned, schedule_for
+from specdec.skipdecode import finetuned_for, schedule_for
 
 
 @dataclass
@@ -104,6 +104,11 @@ def _per_row(value, n: int, what: str) -> list[int]:
     return [int(v) for v in values]
 
 
+def _is_single(prompts) -> bool:
+    """One prompt (a string or a list of token ids) rather than a list of prompts."""
+    return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+
+
 class _Run:
     """Shared set-up of generate/stream: encoded prompts, shapes, stop handling; the ``Requests``
     the pool (``specdec.pool``) decodes, and each request's outcome once it finished."""
@@ -118,13 +123,12 @@ class _Run:
                 raise ValueError("method 'skipdecode' shares one layer schedule across a batch's steps, so rows "
                                  "cannot join mid-way: drop slots= (decode the prompts as one batch)")
             if method_options.get("weights") is not None:
-                self.lm = load_finetuned(self.lm, method_options["weights"])
+                self.lm = finetuned_for(self.lm, method_options["weights"])
         built = build_proposer(method, self.lm, method_options)
         self.proposer, self.pparams = built if built is not None else (None, None)
         self.rule = method_options.get("verification") or "exact"
         self.times = [] if method_options.get("profile") else None
-        self.single = isinstance(prompts, str) or (
-            len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+        self.single = _is_single(prompts)
         prompts = [prompts] if self.single else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
@@ -262,6 +266,9 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         Speculative options:
         draft: the draft model (``LoadedModel``, registry name or path; same vocabulary);
         k: draft tokens per step (default 4); draft_width: candidates per depth (default 1, a chain);
+        k (and Medusa's tree) may also be a dict by load, ``{running rows: value}`` with a key 1,
+        picked at each chunk's start: e.g. ``k={1: 4, 8: 2}`` verifies fewer candidates once 8 rows
+        run, where a batched target forward is compute-bound (with slots=, or chunk_steps=);
         max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1);
         heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for
         the model); tree: a built-in tree name, a JSON file or a list of paths (default: the
@@ -362,7 +369,7 @@ def _superposed(model, prompts, options: dict) -> Generation | list[Generation]:
                          f"(tau, n_token_sample) and decodes every prompt as one batch")
     build_proposer("superposed", None, {o: options[o] for o in _METHOD_OPTIONS})  # rejects foreign options
     lm = _resolve(model)
-    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+    single = _is_single(prompts)
     ids = _encode(lm, [prompts] if single else list(prompts), options["chat"], options["system"])
     if not ids:
         raise ValueError("no prompts given")

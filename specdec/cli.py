@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from specdec.methods import METHOD_OPTIONS, METHODS
 
@@ -17,14 +18,32 @@ def _method_options(args) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
+def _by_load(cast):
+    """argparse type: ``VALUE``, or ``ROWS:VALUE,ROWS:VALUE,...`` (by running rows, from 1) as a dict."""
+
+    def parse(text: str):
+        if ":" not in text:
+            return cast(text)
+        try:
+            pairs = [part.split(":", 1) for part in text.split(",")]
+            return {int(rows): cast(value) for rows, value in pairs}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected VALUE or ROWS:VALUE,ROWS:VALUE,... (e.g. 1:4,8:2), "
+                                             f"got {text!r}") from None
+
+    return parse
+
+
 def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--method", default=default, choices=METHODS)
-    parser.add_argument("--k", type=int, help="draft tokens per step (speculative methods; default 4)")
+    parser.add_argument("--k", type=_by_load(int), help="draft tokens per step (speculative methods; default 4); "
+                        "ROWS:K,ROWS:K,... picks k by running rows (e.g. 1:4,8:2)")
     parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
     parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft (default 1)")
     parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
-    parser.add_argument("--tree", help="Medusa tree: a built-in name (chain-1..4, tree-8/16/32/64) or a JSON file "
-                                       "of paths (default: the searched tree saved with the heads)")
+    parser.add_argument("--tree", type=_by_load(str), help="Medusa tree: a built-in name (chain-1..4, "
+                        "tree-8/16/32/64) or a JSON file of paths (default: the searched tree saved with the heads); "
+                        "ROWS:TREE,ROWS:TREE,... picks the tree by running rows")
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
     parser.add_argument("--exit-layer", type=int, help="--method early_exit: draft with this many bottom layers "
@@ -77,8 +96,6 @@ def _generate(args) -> int:
 
 def _read_prompts(args) -> list[str]:
     """Prompts of ``specdec batch``: a text file (one per line) or JSON Lines ({"prompt": ...}), plus data sets."""
-    from pathlib import Path
-
     from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 
     prompts = []
@@ -104,8 +121,6 @@ def _read_prompts(args) -> list[str]:
 
 
 def _batch(args) -> int:
-    from pathlib import Path
-
     import specdec
 
     model = specdec.load(args.model, dtype=args.dtype)
@@ -214,10 +229,18 @@ def _search_tree(args) -> int:
     import specdec
     from heads.bundled import heads_for
     from heads.search import describe, search_for_heads
+    from specdec.saved import read_config
 
     lm = specdec.load(args.model)
     heads, heads_dir = heads_for(lm, args.heads)
-    result = search_for_heads(lm, heads, heads_dir, max_nodes=args.max_nodes, save=args.save)
+    topk = None
+    if args.accuracy_from:
+        topk = read_config(Path(args.accuracy_from).parent, Path(args.accuracy_from).name, what="tree search",
+                           fix="pass a tree.json written by `specdec search-tree --save`").get("heldout_topk_accuracy")
+        if topk is None:
+            raise SystemExit(f"{args.accuracy_from} records no heldout_topk_accuracy; drop --accuracy-from")
+    result = search_for_heads(lm, heads, heads_dir, max_nodes=args.max_nodes, topk=topk, rows=tuple(args.rows),
+                              save=args.save)
     print(describe(result))
     if args.save:
         print(f"saved to {heads_dir / 'tree.json'} (the default tree for these heads)", file=sys.stderr)
@@ -310,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--model", default="smollm2-135m")
     ts.add_argument("--heads", default=None, help="heads directory (default: the bundled heads for the model)")
     ts.add_argument("--max-nodes", type=int, default=64, help="largest tree tried (nodes besides the root)")
+    ts.add_argument("--rows", type=int, nargs="+", default=[1], help="batch sizes (running rows) to search a tree "
+                    "for, from 1; with several, method medusa picks them by load (e.g. --rows 1 2 4 8 16)")
+    ts.add_argument("--accuracy-from", default=None, help="reuse the held-out head accuracies recorded in this "
+                    "tree.json instead of measuring them again")
     ts.add_argument("--save", action="store_true", help="write tree.json beside the heads (their default tree)")
     ts.set_defaults(func=_search_tree)
     fetch = sub.add_parser("fetch", help="download and verify registry models and data sets")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple, Protocol, Sequence
 
 import jax
@@ -76,6 +77,39 @@ class Proposer(Protocol):
 
     def commit(self, params: Any, state: Any, commit: Commit) -> Any:
         """Roll the proposer's state forward to the accepted path."""
+
+
+@dataclass(frozen=True)
+class ByLoad:
+    """Proposers chosen by load: at each chunk's start, with ``r`` rows running, the proposer of the
+    last ``(rows, proposer)`` step with ``rows <= r`` runs the chunk (steps ascending, the first from
+    1 row). Verifying fewer candidates per row as the batch grows keeps the target forward cheap
+    where it turns compute-bound. The proposers must share params and state layout (e.g. one draft
+    or prompt lookup with several k, or one set of Medusa heads with several trees)."""
+
+    steps: tuple[tuple[int, Any], ...]
+
+    def __post_init__(self) -> None:
+        rows = [r for r, _ in self.steps]
+        if not rows or rows[0] != 1 or rows != sorted(set(rows)):
+            raise ValueError(f"a by-load schedule needs distinct ascending row counts starting at 1, got {rows}")
+
+    def pick(self, running: int):
+        return [p for r, p in self.steps if r <= max(running, 1)][-1]
+
+    @property
+    def tree(self) -> Tree:
+        """The largest tree of the schedule (what shapes are planned for)."""
+        return max((p.tree for _, p in self.steps), key=lambda t: t.size)
+
+    @property
+    def max_depth(self) -> int:
+        return max(p.tree.max_depth for _, p in self.steps)
+
+
+def by_load(proposer) -> ByLoad:
+    """``proposer`` as a schedule (a single proposer runs at every load)."""
+    return proposer if isinstance(proposer, ByLoad) else ByLoad(((1, proposer),))
 
 
 @struct.dataclass
@@ -185,10 +219,11 @@ def spec_chunk(graphdef, params, proposer, pparams, st: SpecState, steps, *, sam
     return jax.lax.while_loop(cond, body, (jnp.int32(0), st))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "proposer", "shapes", "sampling", "eos_ids"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "proposer", "shapes", "sampling", "eos_ids", "max_depth"))
 def spec_prefill(graphdef, params, proposer, pparams, tokens, prompt_lens, max_new, seeds, *,
-                 shapes: DecodeShapes, sampling: Sampling, eos_ids: tuple[int, ...]) -> SpecState:
-    """Prefill the target (and sample each row's first token) and the proposer."""
+                 shapes: DecodeShapes, sampling: Sampling, eos_ids: tuple[int, ...], max_depth: int) -> SpecState:
+    """Prefill the target (and sample each row's first token) and the proposer; ``max_depth``: the
+    deepest tree the decode will verify (sizes the accepted-count histogram)."""
     dec, hidden = prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, shapes=shapes,
                                       sampling=sampling, eos_ids=eos_ids)
     b = tokens.shape[0]
@@ -197,7 +232,7 @@ def spec_prefill(graphdef, params, proposer, pparams, tokens, prompt_lens, max_n
     history = history.at[jnp.arange(b), prompt_lens].set(dec.last, mode="drop")
     pstate = proposer.prefill(pparams, tokens, prompt_lens, shapes.slots, hidden)
     return SpecState(dec=dec, history=history, proposer=pstate, row_forwards=jnp.zeros((b,), jnp.int32),
-                     accepted_hist=jnp.zeros((b, proposer.tree.max_depth + 1), jnp.int32))
+                     accepted_hist=jnp.zeros((b, max_depth + 1), jnp.int32))
 
 
 class StepTimes(NamedTuple):
@@ -237,21 +272,24 @@ def speculative_decode(graphdef, params, proposer, pparams, prompts: Sequence[Se
     """Decode ``prompts`` speculatively, yielding the state after prefill and after each chunk.
 
     Like :func:`specdec.autoregressive.decode`, the caller may ``send`` back a state with
-    more rows marked done. ``shapes.slots`` must leave room for a whole tree past the budget.
+    more rows marked done. ``proposer``: a :class:`Proposer` or a :class:`ByLoad` schedule (picked
+    at each chunk's start). ``shapes.slots`` must leave room for a whole tree past the budget.
     ``times``: when a list, steps run from the host via :func:`timed_steps` and each chunk's
     :class:`StepTimes` is appended to it (profiling; slower).
     """
     if rule not in RULES:
         raise ValueError(f"unknown verification rule {rule!r}; known: {', '.join(RULES)}")
-    st = spec_prefill(graphdef, params, proposer, pparams, *prompt_arrays(prompts, shapes, max_new, seeds),
-                      shapes=shapes, sampling=sampling, eos_ids=eos_ids)
+    load = by_load(proposer)
+    st = spec_prefill(graphdef, params, load.steps[0][1], pparams, *prompt_arrays(prompts, shapes, max_new, seeds),
+                      shapes=shapes, sampling=sampling, eos_ids=eos_ids, max_depth=load.max_depth)
     steps = chunk_steps or shapes.out
     static = dict(sampling=sampling, rule=rule, eos_ids=eos_ids)
 
     def chunk(st: SpecState) -> SpecState:
+        chosen = load.pick(int((~st.dec.done).sum())) if len(load.steps) > 1 else load.steps[0][1]
         if times is None:
-            return spec_chunk(graphdef, params, proposer, pparams, st, jnp.int32(steps), **static)
-        st, spent = timed_steps(graphdef, params, proposer, pparams, st, steps, **static)
+            return spec_chunk(graphdef, params, chosen, pparams, st, jnp.int32(steps), **static)
+        st, spent = timed_steps(graphdef, params, chosen, pparams, st, steps, **static)
         times.append(spent)
         return st
 

@@ -143,9 +143,13 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
     ours = _batched(lm, prompts, batch_size or len(prompts), method=method, **options, **method_only)
     ref_options = dict(options)
     if strict:
+        from specdec.engine import ByLoad
         from specdec.methods import build_proposer
 
         built = build_proposer(method, lm, method_only)
+        if built is not None and isinstance(built[0], ByLoad):
+            raise ValueError("strict=True compares forwards of one width: give k (or tree) one value, not a "
+                             "by-load dict")
         ref_options["block_width"] = built[0].tree.size if built is not None else None
         reference_batch_size, tolerance = batch_size or len(prompts), 0.0
     ref = reference or _batched(lm, prompts, reference_batch_size or 1, method="autoregressive", **ref_options)

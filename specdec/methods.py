@@ -6,7 +6,9 @@ and returns ``(proposer, proposer params)``; ``autoregressive`` has no proposer.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 METHOD_OPTIONS = {
     "autoregressive": ("block_width",),
@@ -25,6 +27,19 @@ def _opt(options: dict, name: str, default):
     return default if value is None else value
 
 
+def _by_load(value, build: Callable) -> tuple[Any, Any]:
+    """``build(value) -> (proposer, params)``; for a ``{running rows: value}`` mapping, a
+    :class:`specdec.engine.ByLoad` with one proposer per entry (they share the first one's params)."""
+    if not isinstance(value, Mapping):
+        return build(value)
+    from specdec.engine import ByLoad
+
+    if any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) for r in value):
+        raise ValueError(f"a by-load option maps running-row counts (integers) to values, got keys {list(value)}")
+    built = [(int(r), build(v)) for r, v in sorted(value.items())]
+    return ByLoad(tuple((r, proposer) for r, (proposer, _) in built)), built[0][1][1]
+
+
 def _draft(target, options: dict) -> tuple[Any, Any]:
     from pathlib import Path
 
@@ -37,20 +52,20 @@ def _draft(target, options: dict) -> tuple[Any, Any]:
         draft = draft_for(target, draft)[0]  # the bundled draft, or one saved by `specdec train-draft`
     elif not isinstance(draft, LoadedModel):
         draft = load(draft, dtype=target.config.dtype)
-    proposer = draft_proposer(target.config, draft.config, draft.graphdef, k=_opt(options, "k", 4),
-                              width=_opt(options, "draft_width", 1))
-    return proposer, draft.state
+    width = _opt(options, "draft_width", 1)
+    return _by_load(_opt(options, "k", 4), lambda k: (
+        draft_proposer(target.config, draft.config, draft.graphdef, k=k, width=width), draft.state))
 
 
 def _prompt_lookup(target, options: dict) -> tuple[Any, Any]:
     from drafts.prompt_lookup import PromptLookupProposer
 
-    return PromptLookupProposer(k=_opt(options, "k", 4), max_ngram=_opt(options, "max_ngram", 3),
-                                min_ngram=_opt(options, "min_ngram", 1)), None
+    ngrams = dict(max_ngram=_opt(options, "max_ngram", 3), min_ngram=_opt(options, "min_ngram", 1))
+    return _by_load(_opt(options, "k", 4), lambda k: (PromptLookupProposer(k=k, **ngrams), None))
 
 
 def _medusa(target, options: dict) -> tuple[Any, Any]:
-    from heads.bundled import default_tree, heads_for
+    from heads.bundled import default_trees, heads_for
     from heads.medusa import MedusaHeads
     from heads.proposer import medusa_proposer
     from heads.trees import load_spec
@@ -58,16 +73,16 @@ def _medusa(target, options: dict) -> tuple[Any, Any]:
     heads, heads_dir = options.get("heads"), None
     if not isinstance(heads, MedusaHeads):
         heads, heads_dir = heads_for(target, heads)
-    tree = options.get("tree")
-    return medusa_proposer(target, heads, load_spec(tree if tree is not None else default_tree(heads_dir)))
+    tree = _opt(options, "tree", default_trees(heads_dir))
+    return _by_load(tree, lambda t: medusa_proposer(target, heads, load_spec(t)))
 
 
 def _early_exit(target, options: dict) -> tuple[Any, Any]:
     from drafts.early_exit import early_exit_proposer
 
     exit_layer = _opt(options, "exit_layer", target.config.n_layers // 2)
-    return early_exit_proposer(target.config, target.graphdef, exit_layer=exit_layer,
-                               k=_opt(options, "k", 4)), target.state
+    return _by_load(_opt(options, "k", 4), lambda k: (
+        early_exit_proposer(target.config, target.graphdef, exit_layer=exit_layer, k=k), target.state))
 
 
 _BUILDERS: dict[str, Callable] = {"draft": _draft, "prompt_lookup": _prompt_lookup, "medusa": _medusa,

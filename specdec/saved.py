@@ -66,6 +66,11 @@ def saved_for(target, path: str | Path | None, *, root: Path, file: str, key: st
         if path is None:
             raise ValueError(f"specdec ships no {what} for {target.name!r}: {how}")
     path = Path(path).resolve()
-    if (str(path), mark) not in cache:
-        cache[str(path), mark] = load(path)
-    return cache[str(path), mark], path
+    return loaded_once(cache, (str(path), mark), lambda: load(path)), path
+
+
+def loaded_once(cache: dict, key, load):
+    """``cache[key]``, filled by ``load()`` on first use."""
+    if key not in cache:
+        cache[key] = load()
+    return cache[key]

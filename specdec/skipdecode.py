@@ -129,6 +129,20 @@ def save_finetuned(model, path, *, layers, base_fingerprint: str, meta: dict, dt
     return save_dir(path, pure, WEIGHTS_FILE, info)
 
 
+_FINETUNED: dict = {}
+
+
+def finetuned_for(target, path):
+    """:func:`load_finetuned`, loaded once per (directory, target) like bundled drafts and heads."""
+    from pathlib import Path
+
+    from specdec.model import fingerprint
+    from specdec.saved import loaded_once
+
+    key = (str(Path(path).resolve()), fingerprint(target.module))
+    return loaded_once(_FINETUNED, key, lambda: load_finetuned(target, path))
+
+
 def load_finetuned(target, path):
     """``target`` (a ``LoadedModel``) with the parameters fine-tuned for SkipDecode at ``path``."""
     import jax

@@ -7,6 +7,7 @@ A deliberately wrong batch engine (the classic bugs) must be flagged by the chec
 
 from __future__ import annotations
 
+import argparse
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,6 +104,47 @@ def test_pool_reports_work_and_rejects_bad_slots(tiny_lm, methods):
         specdec.generate(tiny_lm, prompts, slots=0)
 
 
+BY_LOAD = {"draft": {"k": {1: 3, 2: 1, 3: 2}}, "prompt_lookup": {"k": {1: 4, 2: 1, 4: 2}},
+           "medusa": {"tree": {1: "tree-8", 3: "chain-2"}}}
+
+
+@pytest.mark.parametrize("proposer", PROPOSERS)
+def test_pool_with_proposers_by_load_equals_each_prompt_alone(tiny_lm, methods, proposer, monkeypatch):
+    """k (or the tree) picked by running rows at each chunk: several proposers run, outputs unchanged."""
+    from specdec.engine import ByLoad
+
+    picked = []
+    pick = ByLoad.pick
+    monkeypatch.setattr(ByLoad, "pick", lambda self, running: picked.append(pick(self, running)) or picked[-1])
+    prompts, opts = _case(11, 7, 0.9)
+    alone = [specdec.generate(tiny_lm, p, **{k: v[i] if isinstance(v, list) and k != "stop_tokens" else v
+                                            for k, v in opts.items()}) for i, p in enumerate(prompts)]
+    method = {**methods[proposer], **BY_LOAD[proposer]}
+    pooled = specdec.generate(tiny_lm, prompts, slots=4, chunk_steps=2, **opts, **method)
+    assert [(g.tokens, g.finish_reason) for g in pooled] == [(g.tokens, g.finish_reason) for g in alone]
+    assert len({p.tree for p in picked}) > 1  # the schedule switched proposers
+
+
+def test_by_load_schedule_picks_by_running_rows_and_rejects_bad_schedules(tiny_lm):
+    from specdec.cli import _by_load
+    from specdec.engine import ByLoad
+
+    sched, _ = build_proposer("prompt_lookup", tiny_lm, {"k": {8: 2, 1: 4, 3: 3}})
+    assert [sched.pick(r).k for r in (0, 1, 2, 3, 7, 8, 30)] == [4, 4, 4, 3, 3, 2, 2]
+    assert sched.tree.size == 5 and sched.max_depth == 4
+    with pytest.raises(ValueError, match="starting at 1"):
+        build_proposer("prompt_lookup", tiny_lm, {"k": {2: 4, 8: 2}})
+    with pytest.raises(ValueError, match="running-row counts"):
+        build_proposer("prompt_lookup", tiny_lm, {"k": {"1": 4}})
+    with pytest.raises(ValueError, match="strict=True"):
+        check(tiny_lm, [[1, 2, 3]], method="prompt_lookup", k={1: 4, 2: 1}, strict=True, max_new_tokens=4)
+    assert _by_load(int)("1:4,8:2") == {1: 4, 8: 2} and _by_load(int)("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="ROWS:VALUE"):
+        _by_load(int)("1:4,8")
+    with pytest.raises(ValueError, match="distinct ascending"):
+        ByLoad(((1, sched.pick(1)), (1, sched.pick(8))))
+
+
 def test_row_scatter_and_gather_move_whole_rows(tiny_lm):
     from specdec.autoregressive import prefill
 
@@ -130,7 +172,7 @@ def _buggy_batch_decode(lm, method: dict, prompts, max_new: int, bug: str | None
     shapes = plan_shapes(lm.config, [len(p) for p in prompts], [max_new] * len(prompts), extra=proposer.tree.size)
     st = spec_prefill(lm.graphdef, lm.state, proposer, pparams,
                       *prompt_arrays(prompts, shapes, [max_new] * len(prompts), [0] * len(prompts)), shapes=shapes,
-                      sampling=sampling, eos_ids=eos)
+                      sampling=sampling, eos_ids=eos, max_depth=proposer.tree.max_depth)
     while not bool(jnp.all(st.dec.done)):
         lengths = st.dec.cache.lengths
         if bug == "shared_position":

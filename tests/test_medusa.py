@@ -19,6 +19,7 @@ from heads.trees import (BUILTIN_TREES, candidate_tokens, chain_spec, expected_a
                          rank_accuracy, search_tree, tree_buffers)
 from specdec.config import tiny_config
 from specdec.equivalence import check
+from specdec.methods import build_proposer
 from specdec.model import init_model
 from training.features import Features
 from training.medusa import HeadsTrainConfig, evaluate, fit
@@ -87,6 +88,10 @@ def test_search_follows_the_cost_curve():
     assert [r.nodes for r in rows] == list(range(1, 21))
     table, _ = search_tree(acc, {1: 1.0, 2: 1.02, 4: 1.05, 8: 1.1, 16: 3.0, 32: 6.0}, max_nodes=30)
     assert 3 <= len(table) <= 15
+    # heads that cost more the deeper the tree: every larger tree here reaches depth 2, so one node wins
+    shallow, rows = search_tree(acc, lambda n: 1.0, max_nodes=20, depth_cost=[0.0, 0.1, 5.0, 10.0])
+    assert shallow == [(0,)] and len(flat) == 20
+    assert [r.relative_cost for r in rows[:2]] == pytest.approx([1.1, 6.0])
 
 
 def test_heads_save_load_and_wrong_base(tiny, tmp_path):
@@ -111,6 +116,15 @@ def test_fresh_heads_are_the_base_head(tiny):
         heads = new_heads(tiny, base_name="tiny", shared_lm_head=shared)
         out = heads.logits(x, head_table(tiny))
         np.testing.assert_allclose(out, jnp.broadcast_to(tiny.logits(x)[:, None], out.shape), atol=1e-5)
+
+
+def test_logits_of_the_first_heads_only(tiny):
+    """A tree D deep asks for D heads: the same logits as the first D of all heads."""
+    heads = random_heads(tiny, 4, 0.5)
+    x = jax.random.normal(jax.random.key(2), (3, tiny.config.d_model))
+    full = heads.logits(x, head_table(tiny))
+    for n in (1, 3):
+        np.testing.assert_array_equal(heads.logits(x, head_table(tiny), n), full[:, :n])
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -152,17 +166,41 @@ def test_medusa_bad_input(tiny_lm, tiny):
 
 
 def test_search_for_heads_measures_and_saves(tiny_lm, tiny, tmp_path):
-    from heads.bundled import default_tree
+    from heads.bundled import default_tree, default_trees
     from heads.search import describe, search_for_heads
 
     heads = new_heads(tiny, base_name="tiny")
     save_heads(heads, tmp_path)
     topk = [[0.6, 0.7, 0.75], [0.4, 0.5, 0.55]]
     result = search_for_heads(tiny_lm, heads, tmp_path, max_nodes=6, topk=topk, save=True)
-    assert 1 <= result["nodes"] <= 6 and result["heads_relative_cost"] > 0
+    assert 1 <= result["nodes"] <= 6 and result["heads_relative_cost_by_depth"][0] == 0
+    assert all(c > 0 for c in result["heads_relative_cost_by_depth"][1:])
     assert set(result["target_cost_curve"]) == {"1", "2", "4", "7"}
     assert load_spec(default_tree(tmp_path)) == [tuple(p) for p in result["paths"]]
+    assert default_trees(tmp_path) == default_tree(tmp_path)  # one batch size searched: one tree
     assert "best tree" in describe(result)
+    with pytest.raises(ValueError, match="must include 1"):
+        search_for_heads(tiny_lm, heads, tmp_path, max_nodes=6, topk=topk, rows=(2, 4))
+
+
+def test_trees_searched_by_load_are_the_default_schedule(tiny_lm, tiny, tmp_path):
+    """A tree.json with different trees per batch size makes method="medusa" pick them by running rows."""
+    from heads.bundled import TREE_FILE, default_tree, default_trees
+    from heads.search import search_for_heads
+    from specdec.engine import ByLoad
+
+    heads = new_heads(tiny, base_name="tiny")
+    save_heads(heads, tmp_path)
+    result = search_for_heads(tiny_lm, heads, tmp_path, max_nodes=4, topk=[[0.6, 0.7], [0.4, 0.5]], rows=(1, 3))
+    assert [load["rows"] for load in result["by_load"]] == [1, 3]
+    assert result["paths"] == result["by_load"][0]["paths"]
+    saved = {**result, "by_load": [{**result["by_load"][0], "paths": [[0], [1], [0, 0]]},
+                                   {**result["by_load"][1], "rows": 3, "paths": [[0]]}]}
+    (tmp_path / TREE_FILE).write_text(json.dumps(saved))
+    assert default_trees(tmp_path) == {1: [[0], [1], [0, 0]], 3: [[0]]}
+    assert isinstance(default_tree(tmp_path), str)
+    sched, _ = build_proposer("medusa", tiny_lm, {"heads": str(tmp_path)})
+    assert isinstance(sched, ByLoad) and [sched.pick(r).tree.size for r in (1, 2, 3, 8)] == [4, 4, 2, 2]
 
 
 def _features(n: int, seed: int) -> Features:

@@ -19,7 +19,7 @@ from specdec.equivalence import check
 from specdec.loading import LoadedModel
 from specdec.model import forward, init_model
 from specdec.sampling import Sampling
-from specdec.skipdecode import SkipSchedule, load_finetuned, save_finetuned
+from specdec.skipdecode import SkipSchedule, finetuned_for, load_finetuned, save_finetuned
 from training.data import Example, pack
 from training.skipdecode import SkipTrainConfig, fit, perplexity, schedules_of
 
@@ -225,6 +225,7 @@ def test_finetuning_lowers_skip_perplexity_resumes_exactly_and_saves(deep, tmp_p
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     out = specdec.generate(deep, PROMPTS[:1], method="skipdecode", weights=str(tmp_path / "w"), max_new_tokens=5)
     assert len(out[0].tokens) <= 5
+    assert finetuned_for(deep, tmp_path / "w") is finetuned_for(deep, str(tmp_path / "w"))  # loaded once
     other = LoadedModel.from_module(init_model(tiny_config(n_layers=N_LAYERS), seed=9), name="other")
     with pytest.raises(ValueError, match="fine-tuned from another model"):
         load_finetuned(other, tmp_path / "w")
