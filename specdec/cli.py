@@ -231,14 +231,14 @@ def _search_tree(args) -> int:
     from heads.search import describe, search_for_heads
     from specdec.saved import read_config
 
-    lm = specdec.load(args.model)
-    heads, heads_dir = heads_for(lm, args.heads)
     topk = None
-    if args.accuracy_from:
+    if args.accuracy_from:  # read before the model loads: a bad file fails at once
         topk = read_config(Path(args.accuracy_from).parent, Path(args.accuracy_from).name, what="tree search",
                            fix="pass a tree.json written by `specdec search-tree --save`").get("heldout_topk_accuracy")
         if topk is None:
-            raise SystemExit(f"{args.accuracy_from} records no heldout_topk_accuracy; drop --accuracy-from")
+            raise ValueError(f"{args.accuracy_from} records no heldout_topk_accuracy; drop --accuracy-from")
+    lm = specdec.load(args.model)
+    heads, heads_dir = heads_for(lm, args.heads)
     result = search_for_heads(lm, heads, heads_dir, max_nodes=args.max_nodes, topk=topk, rows=tuple(args.rows),
                               save=args.save)
     print(describe(result))

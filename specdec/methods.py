@@ -73,7 +73,9 @@ def _medusa(target, options: dict) -> tuple[Any, Any]:
     heads, heads_dir = options.get("heads"), None
     if not isinstance(heads, MedusaHeads):
         heads, heads_dir = heads_for(target, heads)
-    tree = _opt(options, "tree", default_trees(heads_dir))
+    tree = options.get("tree")
+    if tree is None:  # only then read the searched trees beside the heads
+        tree = default_trees(heads_dir)
     return _by_load(tree, lambda t: medusa_proposer(target, heads, load_spec(t)))
 
 

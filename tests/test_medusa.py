@@ -183,6 +183,16 @@ def test_search_for_heads_measures_and_saves(tiny_lm, tiny, tmp_path):
         search_for_heads(tiny_lm, heads, tmp_path, max_nodes=6, topk=topk, rows=(2, 4))
 
 
+def test_search_tree_cli_rejects_a_bad_accuracy_file(tmp_path, capsys):
+    from specdec.cli import main as cli_main
+
+    (tmp_path / "tree.json").write_text(json.dumps({"paths": [[0]]}))
+    assert cli_main(["search-tree", "--accuracy-from", str(tmp_path / "tree.json")]) == 2
+    assert "records no heldout_topk_accuracy" in capsys.readouterr().err
+    assert cli_main(["search-tree", "--accuracy-from", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json is missing" in capsys.readouterr().err
+
+
 def test_trees_searched_by_load_are_the_default_schedule(tiny_lm, tiny, tmp_path):
     """A tree.json with different trees per batch size makes method="medusa" pick them by running rows."""
     from heads.bundled import TREE_FILE, default_tree, default_trees
