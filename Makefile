@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m specdec.cli fetch --models smollm2-135m --datasets humaneval sharegpt
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 # Side-by-side benchmarks need the independent peers (PyTorch + transformers).
 peers: $(STAMP)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -12,7 +11,7 @@ import numpy as np
 
 from specdec.autoregressive import decode, plan_shapes, prompt_bucket
 from specdec.engine import speculative_decode
-from specdec.loading import LoadedModel, load
+from specdec.loading import LoadedModel, load_once
 from specdec.methods import METHOD_OPTIONS, build_proposer
 from specdec.pool import SlotUse, dec_of, pool_states
 from specdec.sampling import Sampling
@@ -71,13 +70,8 @@ class Draft:
     finish_reason: str  # "eos" or "length"
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(name: str) -> LoadedModel:
-    return load(name)
-
-
 def _resolve(model) -> LoadedModel:
-    return _load_cached(model) if isinstance(model, str) else model
+    return load_once(model) if isinstance(model, str) else model
 
 
 def _encode(lm: LoadedModel, prompts, chat: bool, system: str | None) -> list[list[int]]:

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from specdec.loading import load_once
 from specdec.methods import METHOD_OPTIONS, METHODS
 
 
@@ -70,7 +71,7 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
 def _generate(args) -> int:
     import specdec
 
-    model = specdec.load(args.model, dtype=args.dtype)
+    model = load_once(args.model, dtype=args.dtype)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, chat=not args.no_chat, system=args.system,
                    stop=args.stop, method=args.method, **_method_options(args))
@@ -123,7 +124,7 @@ def _read_prompts(args) -> list[str]:
 def _batch(args) -> int:
     import specdec
 
-    model = specdec.load(args.model, dtype=args.dtype)
+    model = load_once(args.model, dtype=args.dtype)
     prompts = _read_prompts(args)
     seeds = [args.seed + i for i in range(len(prompts))]
     results = specdec.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -145,11 +146,10 @@ def _batch(args) -> int:
 
 
 def _check(args) -> int:
-    import specdec
     from specdec.datasets import humaneval_chat_prompts
     from specdec.equivalence import check
 
-    model = specdec.load(args.model, dtype=args.dtype)
+    model = load_once(args.model, dtype=args.dtype)
     prompts = args.prompt or humaneval_chat_prompts(args.humaneval)
     report = check(model, prompts, args.method, batch_size=args.batch_size, tolerance=args.tolerance,
                    strict=args.strict, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -211,10 +211,9 @@ def _train_skipdecode(args) -> int:
 
 
 def _build_ngrams(args) -> int:
-    import specdec
     from specdec.ngrams import build_ngram_file, default_ngram_path
 
-    lm = specdec.load(args.model)
+    lm = load_once(args.model)
     if lm.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer to tokenise the corpus with")
     out = args.out or default_ngram_path(lm.name)
@@ -226,7 +225,6 @@ def _build_ngrams(args) -> int:
 
 
 def _search_tree(args) -> int:
-    import specdec
     from heads.bundled import heads_for
     from heads.search import describe, search_for_heads
     from specdec.saved import read_config
@@ -237,7 +235,7 @@ def _search_tree(args) -> int:
                            fix="pass a tree.json written by `specdec search-tree --save`").get("heldout_topk_accuracy")
         if topk is None:
             raise ValueError(f"{args.accuracy_from} records no heldout_topk_accuracy; drop --accuracy-from")
-    lm = specdec.load(args.model)
+    lm = load_once(args.model)
     heads, heads_dir = heads_for(lm, args.heads)
     result = search_for_heads(lm, heads, heads_dir, max_nodes=args.max_nodes, topk=topk, rows=tuple(args.rows),
                               save=args.save)

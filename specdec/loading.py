@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +67,21 @@ def load(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedModel:
         tensors = gguf_tensors(reader, cfg)
         tokenizer = tokenizer_from_gguf(reader)
     return LoadedModel.from_module(model_from_hf(cfg, tensors.__getitem__), tokenizer, name)
+
+
+def load_once(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedModel:
+    """``load``, memoised in this process: the same name or path and dtype, with the file (or the
+    directory's files) unchanged since (same modification times), give the same ``LoadedModel``. Its arrays are immutable; train
+    or update a :meth:`LoadedModel.copy_module`, never its :attr:`~LoadedModel.module` view."""
+    name = str(name_or_path)
+    path = model_file(name) if name in MODELS else Path(name).expanduser()
+    if path.is_dir():
+        stamp = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir()))
+    else:
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+    return _load_stamped(name, dtype, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_stamped(name: str, dtype: str, stamp) -> LoadedModel:
+    return load(name, dtype=dtype)

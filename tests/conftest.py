@@ -15,6 +15,22 @@ from specdec.model import init_model, teacher_forced_logits
 from specdec.sampling import Sampling
 
 
+def pytest_collection_modifyitems(items):
+    """Real-model tests first and, under pytest-xdist (``-n auto --dist loadgroup``), all in one worker:
+    one load of the model, while the other workers run the tiny-model tests."""
+    real = [item for item in items if item.get_closest_marker("real")]
+    for item in real:
+        item.add_marker(pytest.mark.xdist_group("real"))
+    items[:] = real + [item for item in items if item not in real]
+
+
+def pytest_runtest_setup(item):
+    """Tiny-model tests are compile-bound: their programs compile with LLVM's cheap settings
+    (``jax_disable_most_optimizations`` changes only the backend's code generation, not the HLO or its
+    arithmetic). Real-model tests, bound by run time, compile with XLA's defaults."""
+    jax.config.update("jax_disable_most_optimizations", item.get_closest_marker("real") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """A 3-layer GQA model with a tied head (module form)."""
@@ -30,7 +46,7 @@ def tiny_lm(tiny):
 def smollm2():
     import specdec
 
-    return specdec.load("smollm2-135m")
+    return specdec.loading.load_once("smollm2-135m")
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")

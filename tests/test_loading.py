@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import gguf
 import jax.numpy as jnp
@@ -41,6 +42,19 @@ def test_safetensors_directory_round_trip(tmp_path, tie, bias):
     loaded = specdec.load(tmp_path / "ckpt")
     assert loaded.config == model.config and loaded.tokenizer is None
     np.testing.assert_array_equal(full_logits(loaded.module, TOKS), full_logits(model, TOKS))
+
+
+def test_load_once_reloads_only_a_changed_checkpoint(tmp_path):
+    first, second = init_model(tiny_config(), seed=4), init_model(tiny_config(), seed=5)
+    _write_hf_dir(tmp_path / "ckpt", first)
+    loaded = specdec.loading.load_once(tmp_path / "ckpt")
+    assert specdec.loading.load_once(str(tmp_path / "ckpt")) is loaded
+    assert specdec.loading.load_once(tmp_path / "ckpt", dtype="bfloat16") is not loaded
+    shutil.rmtree(tmp_path / "ckpt")
+    _write_hf_dir(tmp_path / "ckpt", second)
+    again = specdec.loading.load_once(tmp_path / "ckpt")
+    assert again is not loaded
+    np.testing.assert_array_equal(full_logits(again.module, TOKS), full_logits(second, TOKS))
 
 
 def test_bfloat16_safetensors_load(tmp_path):
