@@ -70,15 +70,18 @@ def load(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedModel:
 
 
 def load_once(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedModel:
-    """``load``, memoised in this process: the same name or path and dtype, with the file (or the
-    directory's files) unchanged since (same modification times), give the same ``LoadedModel``. Its arrays are immutable; train
-    or update a :meth:`LoadedModel.copy_module`, never its :attr:`~LoadedModel.module` view."""
+    """``load``, memoised in this process per name or path and dtype. A registry name loads once (its
+    download was verified then); a path loads again once its file, or a file of its directory, has a
+    new modification time. The arrays are immutable: train or update a
+    :meth:`LoadedModel.copy_module`, never the :attr:`~LoadedModel.module` view."""
     name = str(name_or_path)
-    path = model_file(name) if name in MODELS else Path(name).expanduser()
-    if path.is_dir():
+    path = Path(name).expanduser()
+    if name in MODELS or not path.exists():  # a missing path fails in ``load``, with its message
+        stamp = None
+    elif path.is_dir():
         stamp = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir()))
     else:
-        stamp = path.stat().st_mtime_ns if path.exists() else None
+        stamp = path.stat().st_mtime_ns
     return _load_stamped(name, dtype, stamp)
 
 

@@ -18,10 +18,10 @@ from specdec.sampling import Sampling
 def pytest_collection_modifyitems(items):
     """Real-model tests first and, under pytest-xdist (``-n auto --dist loadgroup``), all in one worker:
     one load of the model, while the other workers run the tiny-model tests."""
-    real = [item for item in items if item.get_closest_marker("real")]
-    for item in real:
-        item.add_marker(pytest.mark.xdist_group("real"))
-    items[:] = real + [item for item in items if item not in real]
+    for item in items:
+        if item.get_closest_marker("real"):
+            item.add_marker(pytest.mark.xdist_group("real"))
+    items.sort(key=lambda item: item.get_closest_marker("real") is None)  # stable: order kept otherwise
 
 
 def pytest_runtest_setup(item):
