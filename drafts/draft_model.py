@@ -6,6 +6,9 @@ draft token the target replaced is overwritten), then one token per forward.
 After verification the draft's length is set to the target's committed length
 minus one, which drops whatever the target rejected.
 
+``k = 0`` turns speculation off (a plain target step) while still feeding the
+draft the committed tokens, so a by-load schedule can switch it back on.
+
 ``width > 1`` adds, at every depth, the ``width - 1`` next most likely draft
 tokens as leaf siblings of the chain's token: the target may accept one of them
 when it rejects the chain there.
@@ -21,7 +24,7 @@ from flax import nnx
 
 from specdec.cache import KVCache, init_cache
 from specdec.config import LlamaConfig
-from specdec.engine import Commit, Proposal, View
+from specdec.engine import Commit, Proposal, View, no_proposal
 from specdec.model import forward
 from specdec.sampling import Sampling, position_key
 from specdec.tree import Tree
@@ -85,8 +88,11 @@ class DraftModelProposer:
         length = view.lengths
         prev = jnp.take_along_axis(view.history, (length - 1)[:, None], axis=1)[:, 0]
         res = forward(model, cache.with_lengths(length - 1), tokens=jnp.stack([prev, view.last], axis=1),
-                      positions=jnp.stack([length - 1, length], axis=1), logits_at=jnp.ones_like(length)[:, None])
+                      positions=jnp.stack([length - 1, length], axis=1), logits_at=jnp.ones_like(length)[:, None],
+                      compute_logits=self.k > 0)
         cache = res.cache.with_lengths(length + 1)
+        if self.k == 0:  # speculation off: only keep the draft cache in step with the target
+            return cache, no_proposal(length.shape[0])
 
         def step(carry, depth):
             cache, logits = carry
@@ -118,8 +124,8 @@ def draft_proposer(target: LlamaConfig, draft_config: LlamaConfig, graphdef: nnx
     if draft_config.vocab_size != target.vocab_size:
         raise ValueError(f"draft/target vocabulary mismatch: the draft has {draft_config.vocab_size} tokens, "
                          f"the target {target.vocab_size}; the draft must use the target's tokenizer")
-    if int(k) != k or k < 1:
-        raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k}")
+    if int(k) != k or k < 0:
+        raise ValueError(f"k (draft tokens per step) must be an integer >= 0 (0: speculation off), got {k}")
     if int(width) != width or not 1 <= width <= target.vocab_size:
         raise ValueError(f"draft_width (candidates per depth) must be an integer in [1, vocab size], got {width}")
     return DraftModelProposer(graphdef=graphdef, k=int(k), width=int(width))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from specdec.engine import Commit, Proposal, View
+from specdec.engine import Commit, Proposal, View, no_proposal
 from specdec.sampling import Sampling
 from specdec.tree import Tree
 
@@ -53,8 +53,8 @@ class PromptLookupProposer:
     min_ngram: int = 1
 
     def __post_init__(self) -> None:
-        if int(self.k) != self.k or self.k < 1:
-            raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {self.k}")
+        if int(self.k) != self.k or self.k < 0:
+            raise ValueError(f"k (draft tokens per step) must be an integer >= 0 (0: speculation off), got {self.k}")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
 
@@ -66,6 +66,8 @@ class PromptLookupProposer:
         return None
 
     def propose(self, params, state, view: View, sampling: Sampling, rule: str):
+        if self.k == 0:
+            return state, no_proposal(view.lengths.shape[0])
         tokens = lookup(view.history, view.lengths, k=self.k, max_ngram=self.max_ngram, min_ngram=self.min_ngram)
         return state, Proposal(tokens=tokens, draft_probs=None)
 

@@ -5,8 +5,8 @@ The same HumanEval + held-out ShareGPT chat prompts go through ``specdec.generat
 for every method and S, greedy, up to ``--new-tokens`` tokens per request (EOS ends a request).
 Each speculative proposer runs with one k (or Medusa tree) at every S and, at the S where it
 differs, with a by-load schedule (``PL_BY_LOAD`` etc.: fewer candidates per row once more rows
-run, picked at each chunk's start). Each (method, S) runs once to compile every shape the pool
-meets (prefill groups, batch widths) and once timed. Figures:
+run, picked at each chunk's start; k 0 / "chain-0" turns speculation off). Each (method, S) runs
+once to compile every shape the pool meets (prefill groups, batch widths) and once timed. Figures:
 
 - tokens_per_s: generated tokens of all requests / wall time of the whole pool run (prefills included);
 - accepted_per_forward: tokens after each request's first per row-forward;
@@ -34,9 +34,9 @@ from specdec.equivalence import classify
 from heads.bundled import default_tree, heads_for
 from specdec.sampling import Sampling
 
-PL_BY_LOAD = {1: 4, 4: 2}
-DRAFT_BY_LOAD = {1: 4, 4: 1}
-MEDUSA_BY_LOAD = {4: "chain-1"}  # from 1 row: the searched tree
+PL_BY_LOAD = {1: 4, 4: 2, 8: 0}  # 0: speculation off while 8 or more rows run
+DRAFT_BY_LOAD = {1: 4, 4: 1, 8: 0}
+MEDUSA_BY_LOAD = {4: "chain-1", 8: "chain-0"}  # from 1 row: the searched tree
 
 
 def schedule_label(value, searched: str) -> str:
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--draft", default=None, help="draft model for the draft proposer (default: the bundled one)")
+    parser.add_argument("--results-name", default="bench_batch",
+                        help="file name of the results (.json, .md, .png) under experiments/results/<device>/")
     args = parser.parse_args()
 
     model = specdec.load("smollm2-135m")
@@ -102,7 +104,7 @@ def main() -> None:
              "chunk's start from the rows running then; `k={1: 4, 4: 2}` in the API)",
              "x_vs_1_slot of a by-load row: over its base method at 1 slot (the same proposer there)",
              "targets: speculative at 8 slots >= 3x the same proposer at 1 slot, and >= autoregressive at 8 slots"]
-    write_results("bench_batch", {
+    write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, Medusa heads and "
                  "searched tree" + (f" (draft: {args.draft})" if args.draft else ""),
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, greedy, "
@@ -111,7 +113,7 @@ def main() -> None:
         "target_forwards", "slot_utilisation", "equivalence", "rows_identical"])
     series = {label: ([r["slots"] for r in rows if r["method"] == label],
                       [r["tokens_per_s"] for r in rows if r["method"] == label]) for label, _, _ in methods}
-    save_plot("bench_batch", series, xlabel="batch slots", ylabel="tokens/s (all requests)",
+    save_plot(args.results_name, series, xlabel="batch slots", ylabel="tokens/s (all requests)",
               title="Request pool throughput on SmolLM2-135M-Instruct, greedy", logx=True)
     print(*notes, sep="\n")
 

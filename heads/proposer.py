@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from heads.trees import TreeBuffers, candidate_tokens, tree_buffers
-from specdec.engine import Commit, Proposal, View
+from specdec.engine import Commit, Proposal, View, no_proposal
 from specdec.sampling import Sampling
 from specdec.tree import Tree
 
@@ -43,6 +43,8 @@ class MedusaProposer:
         return hidden
 
     def propose(self, params, hidden: jax.Array, view: View, sampling: Sampling, rule: str):
+        if self.tree.size == 1:  # "chain-0": speculation off
+            return hidden, no_proposal(hidden.shape[0])
         heads = nnx.merge(self.graphdef, params["heads"])
         logits = heads.logits(hidden, params["table"], self.tree.max_depth)  # [B, depth, V]
         top = jax.lax.top_k(logits, self.buffers.top_k)[1].astype(jnp.int32)

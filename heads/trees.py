@@ -38,12 +38,14 @@ class TreeBuffers(NamedTuple):
 
 
 def tree_buffers(spec: Sequence[Sequence[int]]) -> TreeBuffers:
-    """Turn a spec into its tree and the per-node (head, rank) gather indices."""
+    """Turn a spec into its tree and the per-node (head, rank) gather indices.
+
+    The empty spec is the root alone ("chain-0"): speculation off, a plain target step.
+    """
     paths = canonical_paths(spec)
-    if not paths:
-        raise ValueError("a tree spec needs at least one path")
+    ranks = np.array([p[-1] for p in paths], np.int32)
     return TreeBuffers(tree=Tree.from_paths(paths), head=np.array([len(p) - 1 for p in paths], np.int32),
-                       rank=np.array([p[-1] for p in paths], np.int32), top_k=1 + max(p[-1] for p in paths))
+                       rank=ranks, top_k=int(ranks.max(initial=-1)) + 1)
 
 
 def candidate_tokens(top_tokens: jax.Array, buffers: TreeBuffers) -> jax.Array:
@@ -121,10 +123,11 @@ PRIOR_ACCURACY = np.array([[0.6 * 0.6 ** h * 0.5 ** r for r in range(8)] for h i
 head, half as likely per rank down. Searched trees use measured accuracies instead."""
 
 BUILTIN_TREES: dict[str, Spec] = {
-    **{f"chain-{k}": chain_spec(k) for k in (1, 2, 3, 4)},
+    **{f"chain-{k}": chain_spec(k) for k in (0, 1, 2, 3, 4)},
     **{f"tree-{n}": grow_tree(PRIOR_ACCURACY, n - 1) for n in (8, 16, 32, 64)},
 }
-"""Built-in specs by name; ``tree-N`` has N nodes counting the root."""
+"""Built-in specs by name; ``tree-N`` has N nodes counting the root; ``chain-0`` is the root alone
+(speculation off, e.g. at high load in a by-load schedule)."""
 
 
 def load_spec(tree: str | Sequence[Sequence[int]]) -> Spec:

@@ -263,6 +263,7 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         k (and Medusa's tree) may also be a dict by load, ``{running rows: value}`` with a key 1,
         picked at each chunk's start: e.g. ``k={1: 4, 8: 2}`` verifies fewer candidates once 8 rows
         run, where a batched target forward is compute-bound (with slots=, or chunk_steps=);
+        k=0 (Medusa: tree "chain-0") turns speculation off, e.g. ``k={1: 4, 8: 0}``;
         max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1);
         heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for
         the model); tree: a built-in tree name, a JSON file or a list of paths (default: the

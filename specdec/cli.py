@@ -38,13 +38,14 @@ def _by_load(cast):
 def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--method", default=default, choices=METHODS)
     parser.add_argument("--k", type=_by_load(int), help="draft tokens per step (speculative methods; default 4); "
-                        "ROWS:K,ROWS:K,... picks k by running rows (e.g. 1:4,8:2)")
+                        "ROWS:K,ROWS:K,... picks k by running rows (e.g. 1:4,8:2); "
+                        "k 0 turns speculation off (e.g. 1:4,8:0)")
     parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
     parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft (default 1)")
     parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
-    parser.add_argument("--tree", type=_by_load(str), help="Medusa tree: a built-in name (chain-1..4, "
+    parser.add_argument("--tree", type=_by_load(str), help="Medusa tree: a built-in name (chain-0..4, "
                         "tree-8/16/32/64) or a JSON file of paths (default: the searched tree saved with the heads); "
-                        "ROWS:TREE,ROWS:TREE,... picks the tree by running rows")
+                        "ROWS:TREE,ROWS:TREE,... picks the tree by running rows (chain-0: speculation off)")
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
     parser.add_argument("--exit-layer", type=int, help="--method early_exit: draft with this many bottom layers "

@@ -42,6 +42,11 @@ class Proposal(NamedTuple):
     hidden: jax.Array | None = None
 
 
+def no_proposal(batch: int) -> Proposal:
+    """No candidates (``tokens: [B, 0]``): the step verifies the root alone, speculation off."""
+    return Proposal(tokens=jnp.zeros((batch, 0), jnp.int32), draft_probs=None)
+
+
 class View(NamedTuple):
     """What a proposer may read at the start of a step."""
 

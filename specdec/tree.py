@@ -30,9 +30,9 @@ class Tree:
 
     @classmethod
     def chain(cls, k: int) -> "Tree":
-        """Root plus a chain of ``k`` drafts."""
-        if k < 1:
-            raise ValueError(f"a chain needs at least one draft token, got k={k}")
+        """Root plus a chain of ``k`` drafts (``k = 0``: the root alone, a plain target step)."""
+        if k < 0:
+            raise ValueError(f"a chain needs k >= 0 draft tokens, got k={k}")
         return cls((-1,) + tuple(range(k)))
 
     @classmethod

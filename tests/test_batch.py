@@ -104,8 +104,9 @@ def test_pool_reports_work_and_rejects_bad_slots(tiny_lm, methods):
         specdec.generate(tiny_lm, prompts, slots=0)
 
 
-BY_LOAD = {"draft": {"k": {1: 3, 2: 1, 3: 2}}, "prompt_lookup": {"k": {1: 4, 2: 1, 4: 2}},
-           "medusa": {"tree": {1: "tree-8", 3: "chain-2"}}}
+BY_LOAD = {"draft": {"k": {1: 3, 2: 1, 3: 0}}, "prompt_lookup": {"k": {1: 4, 2: 0, 4: 2}},
+           "medusa": {"tree": {1: "tree-8", 2: "chain-0", 3: "chain-2"}}}
+"""Each schedule turns speculation off (k 0, tree "chain-0") at some load and back on below it."""
 
 
 @pytest.mark.parametrize("proposer", PROPOSERS)
@@ -123,6 +124,8 @@ def test_pool_with_proposers_by_load_equals_each_prompt_alone(tiny_lm, methods, 
     pooled = specdec.generate(tiny_lm, prompts, slots=4, chunk_steps=2, **opts, **method)
     assert [(g.tokens, g.finish_reason) for g in pooled] == [(g.tokens, g.finish_reason) for g in alone]
     assert len({p.tree for p in picked}) > 1  # the schedule switched proposers
+    sizes = [p.tree.size for p in picked]
+    assert 1 in sizes and max(sizes[sizes.index(1):]) > 1  # speculation went off, then on again
 
 
 def test_by_load_schedule_picks_by_running_rows_and_rejects_bad_schedules(tiny_lm):

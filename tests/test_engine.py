@@ -142,6 +142,15 @@ def test_target_as_draft_accepts_every_draft(tiny_lm, temperature, width):
         assert r.accepted_per_forward > 4.0 - 1e-9 or r.finish_reason != "length"
 
 
+def test_draft_switched_off_by_load_stays_in_step(tiny_lm):
+    """k 0 at 2 rows still feeds the draft: once one row runs, the target as its own draft accepts
+    every draft again (a draft cache left behind would reject some)."""
+    res = specdec.generate(tiny_lm, [[1, 2, 3], list(range(20, 45))], method="draft", draft=tiny_lm,
+                           k={1: 3, 2: 0}, max_new_tokens=[6, 40], slots=2, chunk_steps=2, ignore_eos=True)
+    hist = res[1].accepted_histogram
+    assert hist[0] > 0 and hist[3] > 0 and hist[1] == hist[2] == 0, hist
+
+
 def test_prompt_lookup_accepts_repetitions(tiny_lm):
     """Random tiny models fall into loops; prompt lookup must catch them without changing the output."""
     prompt = [5, 9, 14, 2, 7]
@@ -176,6 +185,9 @@ def test_rejection_rule_and_profiled_steps_run(tiny_lm, small_draft):
     res = specdec.generate(tiny_lm, [[1, 2], [3, 4, 5]], method="draft", draft=small_draft, k=3,
                            temperature=1.0, verification="rejection", max_new_tokens=25)
     assert all(len(r.tokens) == 25 for r in res)
+    off = specdec.generate(tiny_lm, [[1, 2], [3, 4, 5]], method="draft", draft=small_draft, k=0,
+                           temperature=1.0, verification="rejection", max_new_tokens=25)
+    assert all(len(r.tokens) == 25 and r.accepted_per_forward == 1 for r in off)  # k 0: one token per forward
     prof = specdec.generate(tiny_lm, [1, 2, 3], method="draft", draft=small_draft, k=3, max_new_tokens=30,
                             profile=True)
     assert prof.stats.proposer_s > 0 and prof.stats.target_s > 0
@@ -186,10 +198,10 @@ def test_bad_speculative_input(tiny_lm):
     other_vocab = LoadedModel.from_module(init_model(tiny_config(vocab_size=50), seed=1), name="v50")
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         specdec.generate(tiny_lm, [1, 2], method="draft", draft=other_vocab)
-    with pytest.raises(ValueError, match="k .* must be an integer >= 1"):
-        specdec.generate(tiny_lm, [1, 2], method="prompt_lookup", k=0)
-    with pytest.raises(ValueError, match="k .* must be an integer >= 1"):
-        specdec.generate(tiny_lm, [1, 2], method="draft", draft=tiny_lm, k=0)
+    with pytest.raises(ValueError, match="k .* must be an integer >= 0"):
+        specdec.generate(tiny_lm, [1, 2], method="prompt_lookup", k=-1)
+    with pytest.raises(ValueError, match="k .* must be an integer >= 0"):
+        specdec.generate(tiny_lm, [1, 2], method="draft", draft=tiny_lm, k=1.5)
     with pytest.raises(ValueError, match="draft_width .* must be an integer"):
         specdec.generate(tiny_lm, [1, 2], method="draft", draft=tiny_lm, draft_width=0)
     with pytest.raises(ValueError, match="unknown method 'medusa-9'"):

@@ -36,8 +36,9 @@ def test_bad_trees_are_refused():
         Tree.from_paths([(0, 0)])
     with pytest.raises(ValueError, match="parent must come before"):
         Tree((-1, 2, 0))
-    with pytest.raises(ValueError, match="at least one draft"):
-        Tree.chain(0)
+    with pytest.raises(ValueError, match="k >= 0 draft tokens"):
+        Tree.chain(-1)
+    assert Tree.chain(0).size == 1 and Tree.chain(0).is_chain
 
 
 @given(trees())
