@@ -24,7 +24,7 @@ from flax import nnx
 
 from specdec.cache import KVCache, init_cache
 from specdec.config import LlamaConfig
-from specdec.engine import Commit, Proposal, View, no_proposal
+from specdec.engine import Commit, Proposal, View, draft_length, no_proposal
 from specdec.model import forward
 from specdec.sampling import Sampling, position_key
 from specdec.tree import Tree
@@ -124,8 +124,7 @@ def draft_proposer(target: LlamaConfig, draft_config: LlamaConfig, graphdef: nnx
     if draft_config.vocab_size != target.vocab_size:
         raise ValueError(f"draft/target vocabulary mismatch: the draft has {draft_config.vocab_size} tokens, "
                          f"the target {target.vocab_size}; the draft must use the target's tokenizer")
-    if int(k) != k or k < 0:
-        raise ValueError(f"k (draft tokens per step) must be an integer >= 0 (0: speculation off), got {k}")
+    k = draft_length(k)
     if int(width) != width or not 1 <= width <= target.vocab_size:
         raise ValueError(f"draft_width (candidates per depth) must be an integer in [1, vocab size], got {width}")
-    return DraftModelProposer(graphdef=graphdef, k=int(k), width=int(width))
+    return DraftModelProposer(graphdef=graphdef, k=k, width=int(width))

@@ -20,7 +20,7 @@ from flax import nnx
 
 from drafts.draft_model import chain_with_siblings, pick_draft
 from specdec.config import LlamaConfig
-from specdec.engine import Commit, Proposal, View
+from specdec.engine import Commit, Proposal, View, draft_length
 from specdec.model import forward
 from specdec.sampling import Sampling
 from specdec.tree import Tree
@@ -80,6 +80,4 @@ def early_exit_proposer(target: LlamaConfig, graphdef: nnx.GraphDef, *, exit_lay
     if int(exit_layer) != exit_layer or not 1 <= exit_layer <= target.n_layers:
         raise ValueError(f"exit_layer must be an integer in [1, {target.n_layers}] (the model's layers), "
                          f"got {exit_layer}")
-    if int(k) != k or k < 1:
-        raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k}")
-    return EarlyExitProposer(graphdef=graphdef, exit_layer=int(exit_layer), k=int(k))
+    return EarlyExitProposer(graphdef=graphdef, exit_layer=int(exit_layer), k=draft_length(k, minimum=1))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from specdec.engine import Commit, Proposal, View, no_proposal
+from specdec.engine import Commit, Proposal, View, draft_length, no_proposal
 from specdec.sampling import Sampling
 from specdec.tree import Tree
 
@@ -53,8 +53,7 @@ class PromptLookupProposer:
     min_ngram: int = 1
 
     def __post_init__(self) -> None:
-        if int(self.k) != self.k or self.k < 0:
-            raise ValueError(f"k (draft tokens per step) must be an integer >= 0 (0: speculation off), got {self.k}")
+        draft_length(self.k)
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
 

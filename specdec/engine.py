@@ -47,6 +47,14 @@ def no_proposal(batch: int) -> Proposal:
     return Proposal(tokens=jnp.zeros((batch, 0), jnp.int32), draft_probs=None)
 
 
+def draft_length(k, minimum: int = 0) -> int:
+    """``k`` (draft tokens per step) as an int, or a clear error unless it is an integer >= ``minimum``."""
+    if int(k) != k or k < minimum:
+        off = " (0: speculation off)" if minimum == 0 else ""
+        raise ValueError(f"k (draft tokens per step) must be an integer >= {minimum}{off}, got {k}")
+    return int(k)
+
+
 class View(NamedTuple):
     """What a proposer may read at the start of a step."""
 

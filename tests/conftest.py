@@ -15,12 +15,14 @@ from specdec.model import init_model, teacher_forced_logits
 from specdec.sampling import Sampling
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(items):
-    """Real-model tests first and, under pytest-xdist (``-n auto --dist loadgroup``), all in one worker:
-    one load of the model, while the other workers run the tiny-model tests."""
+    """Real-model tests first (the longest); under pytest-xdist (``-n auto --dist loadgroup``) the tests
+    that share the pool's reference decode run in one worker, and every other test goes to whichever
+    worker is free (a worker loads the real model once, in about 10 s)."""
     for item in items:
-        if item.get_closest_marker("real"):
-            item.add_marker(pytest.mark.xdist_group("real"))
+        if "reference" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("real-pool"))
     items.sort(key=lambda item: item.get_closest_marker("real") is None)  # stable: order kept otherwise
 
 

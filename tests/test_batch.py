@@ -53,16 +53,17 @@ def _case(seed: int, batch: int, temperature: float):
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("proposer", PROPOSERS)
-@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10**6), temperature=st.sampled_from([0.0, 0.9]))
-def test_ragged_batch_rows_equal_each_prompt_alone(tiny_lm, methods, batch, proposer, seed, temperature):
-    """One batch, every row its own length and budget: greedy, and coupled sampling with the row's seed."""
-    prompts, opts = _case(seed, batch, temperature)
+@settings(max_examples=1, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10**6))
+def test_ragged_batch_rows_equal_each_prompt_alone(tiny_lm, methods, batch, proposer, seed):
+    """One batch, every row its own length and budget: coupled sampling with the row's seed at odd batch
+    sizes, greedy at even ones (so each proposer runs both)."""
+    prompts, opts = _case(seed, batch, 0.9 if batch % 2 else 0.0)
     report = check(tiny_lm, prompts, **methods[proposer], **opts)
     assert report.counts["identical"] == batch, report.table()
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10**6), proposer=st.sampled_from(("autoregressive",) + PROPOSERS),
        slots=st.sampled_from([1, 2, 3, 5, 8]), temperature=st.sampled_from([0.0, 0.9]), data=st.data())
 def test_pool_equals_each_prompt_alone_in_any_order(tiny_lm, methods, seed, proposer, slots, temperature, data):

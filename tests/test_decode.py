@@ -37,7 +37,7 @@ def test_sampling_matches_uncached_reference_and_batch_layout(tiny, tiny_lm):
     assert specdec.generate(tiny_lm, PROMPTS[1], seed=12, **opts).tokens != batch[1].tokens
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.tuples(st.lists(st.integers(0, 96), min_size=1, max_size=20),
                                st.integers(1, 12), st.integers(0, 2**31 - 1)), min_size=1, max_size=5))
 def test_any_ragged_batch_equals_rows_alone(tiny_lm, rows):

@@ -35,7 +35,7 @@ def _method(kind: str, k: int, width: int, tiny_lm, small_draft) -> dict:
     return dict(method="draft", draft=tiny_lm if kind == "self" else small_draft, k=k, draft_width=width)
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["self", "draft", "prompt_lookup"]), k=st.integers(1, 5), width=st.integers(1, 3),
        lens=st.lists(st.integers(1, 40), min_size=1, max_size=8), temperature=st.sampled_from([0.0, 0.9]),
        data=st.data())
@@ -71,7 +71,7 @@ class RepeatTreeProposer:
         return state
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), batch=st.integers(1, 6), temperature=st.sampled_from([0.0, 0.9]))
 def test_any_tree_shape_commits_exactly(tiny, data, batch, temperature):
     """Arbitrary trees: accepted paths at any node indices are compacted correctly (output = autoregressive)."""
@@ -160,7 +160,7 @@ def test_prompt_lookup_accepts_repetitions(tiny_lm):
     assert sum(res.accepted_histogram[1:]) > 0 and res.target_forwards < want.target_forwards, res
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=30), st.integers(1, 3), st.integers(1, 4))
 def test_lookup_matches_reference(context, max_ngram, k):
     length = len(context) - 1

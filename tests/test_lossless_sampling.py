@@ -5,12 +5,12 @@ Target and draft are different tiny random models over an 8-token vocabulary
 top-k candidates, verified as point masses), or the target's own first layer
 (early exit).
 The exact distribution of the first three generated tokens (512 outcomes) comes
-from teacher-forced target forwards; 20000 speculative samples (one row per
+from teacher-forced target forwards; 6000 speculative samples (one row per
 seed) are compared with Pearson's chi-square test, cells with expected count
 < 5 pooled, p-value from the Wilson-Hilferty approximation. A correct rule must
 give p > 1e-3; a deliberately broken rule (rejections resample from the target
 instead of the residual norm(max(0, p - q))) must give p < 1e-6, which shows
-the test has the power to catch a wrong rule.
+the test has the power to catch a wrong rule (measured: p ~ 1e-130 at 6000 samples).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from specdec.config import tiny_config
 from specdec.loading import LoadedModel
 from specdec.model import init_model, teacher_forced_logits
 
-VOCAB, PROMPT, NEW, SAMPLES = 8, [1, 2, 3], 3, 20000
+VOCAB, PROMPT, NEW, SAMPLES = 8, [1, 2, 3], 3, 6000
 
 
 @pytest.fixture(scope="module")

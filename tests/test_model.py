@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,18 @@ from specdec.model import forward, init_model
 from specdec.weights import hf_tensors, model_from_hf
 
 TOL = 1e-5
+STATIC = ("layers", "hidden_layers")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static"))
+def _forward(graphdef, state, cache, arrays: dict, static: tuple):
+    return forward(nnx.merge(graphdef, state), cache, **arrays, **dict(static))
+
+
+def run(model, cache, **options):
+    """``forward`` under jit (one compile per shape, not one per operation); options as ``forward``'s."""
+    static = tuple((k, tuple(options.pop(k))) for k in STATIC if k in options)
+    return _forward(*nnx.split(model), cache, options, static)
 
 
 def _tokens(b, t, seed=0, vocab=97):
@@ -29,7 +43,7 @@ def test_cached_steps_equal_teacher_forced_forward(tiny):
     # prefill 5 tokens, then 1, then a block of 3, then 3 single steps
     for lo, hi in [(0, 5), (5, 6), (6, 9), (9, 10), (10, 11), (11, 12)]:
         pos = jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo))
-        out = forward(tiny, cache, tokens=toks[:, lo:hi], positions=pos)
+        out = run(tiny, cache, tokens=toks[:, lo:hi], positions=pos)
         cache = out.cache.advance(jnp.full((2,), hi - lo))
         steps.append(out.logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=TOL, rtol=0)
@@ -40,10 +54,10 @@ def test_ragged_batch_equals_rows_alone(tiny):
     toks = _tokens(3, 9, seed=1)
     cache = init_cache(tiny.config, 3, 16)
     pos = jnp.broadcast_to(jnp.arange(9), (3, 9))
-    out = forward(tiny, cache, tokens=toks, positions=pos)  # padded prefill
+    out = run(tiny, cache, tokens=toks, positions=pos)  # padded prefill
     cache = out.cache.with_lengths(jnp.asarray(lens))
     nxt = _tokens(3, 2, seed=2)
-    step = forward(tiny, cache, tokens=nxt, positions=cache.lengths[:, None] + jnp.arange(2))
+    step = run(tiny, cache, tokens=nxt, positions=cache.lengths[:, None] + jnp.arange(2))
     for row, n in enumerate(lens):
         alone = full_logits(tiny, jnp.concatenate([toks[row:row + 1, :n], nxt[row:row + 1]], 1))
         np.testing.assert_allclose(out.logits[row, :n], alone[0, :n], atol=TOL, rtol=0)
@@ -62,8 +76,8 @@ def test_tree_mask_equals_each_branch_as_a_chain(tiny):
             mask[i, p] = True
             p = parent[p]
     cache = init_cache(tiny.config, 1, 16)
-    cache = forward(tiny, cache, tokens=prefix, positions=jnp.arange(5)[None]).cache.with_lengths(jnp.asarray([5]))
-    tree = forward(tiny, cache, tokens=nodes, positions=5 + depth, block_mask=jnp.asarray(mask)[None])
+    cache = run(tiny, cache, tokens=prefix, positions=jnp.arange(5)[None]).cache.with_lengths(jnp.asarray([5]))
+    tree = run(tiny, cache, tokens=nodes, positions=5 + depth, block_mask=jnp.asarray(mask)[None])
     for leaf_path in ([0, 1, 3], [0, 2]):
         chain = jnp.concatenate([prefix, nodes[:, leaf_path]], 1)
         ref = full_logits(tiny, chain)[0, 5:]
@@ -81,39 +95,39 @@ def test_layer_subset_equals_smaller_model_and_hidden_states():
     nnx.update(small.norm, nnx.state(big.norm))
     toks = _tokens(2, 7, seed=7)
     pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
-    sub = forward(big, init_cache(cfg, 2, 8), tokens=toks, positions=pos, layers=(1, 3), hidden_layers=(1,))
-    ref = forward(small, init_cache(small.config, 2, 8), tokens=toks, positions=pos, hidden_layers=(0,))
+    sub = run(big, init_cache(cfg, 2, 8), tokens=toks, positions=pos, layers=(1, 3), hidden_layers=(1,))
+    ref = run(small, init_cache(small.config, 2, 8), tokens=toks, positions=pos, hidden_layers=(0,))
     np.testing.assert_allclose(sub.logits, ref.logits, atol=TOL, rtol=0)
     np.testing.assert_allclose(sub.hiddens[1], ref.hiddens[0], atol=TOL, rtol=0)
     # skipped layers' cache entries are never written
     assert not jnp.any(sub.cache.k[0]) and not jnp.any(sub.cache.k[2]) and jnp.any(sub.cache.k[1])
     # an exit layer: logits after the first 2 layers equal the norm + head of the layer-1 hidden state
-    early = forward(big, init_cache(cfg, 2, 8), tokens=toks, positions=pos, layers=range(2), hidden_layers=(1,))
+    early = run(big, init_cache(cfg, 2, 8), tokens=toks, positions=pos, layers=range(2), hidden_layers=(1,))
     np.testing.assert_allclose(early.logits, big.logits(big.norm(early.hiddens[1])), atol=TOL, rtol=0)
     with pytest.raises(ValueError, match="not among the layers run"):
-        forward(big, init_cache(cfg, 2, 8), tokens=toks, positions=pos, layers=(0,), hidden_layers=(2,))
+        run(big, init_cache(cfg, 2, 8), tokens=toks, positions=pos, layers=(0,), hidden_layers=(2,))
 
 
 def test_input_embeddings_equal_token_ids(tiny):
     toks = _tokens(2, 6, seed=8)
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
     cache = init_cache(tiny.config, 2, 8)
-    by_id = forward(tiny, cache, tokens=toks, positions=pos)
-    by_embed = forward(tiny, cache, embeds=tiny.embed(toks), positions=pos)
+    by_id = run(tiny, cache, tokens=toks, positions=pos)
+    by_embed = run(tiny, cache, embeds=tiny.embed(toks), positions=pos)
     np.testing.assert_allclose(by_embed.logits, by_id.logits, atol=TOL, rtol=0)
     # a mixture of embeddings is a legal input and changes the output
     mix = 0.5 * tiny.embed(toks) + 0.5 * tiny.embed((toks + 1) % 97)
-    assert not np.allclose(forward(tiny, cache, embeds=mix, positions=pos).logits, by_id.logits)
+    assert not np.allclose(run(tiny, cache, embeds=mix, positions=pos).logits, by_id.logits)
     with pytest.raises(ValueError, match="exactly one of tokens"):
-        forward(tiny, cache, tokens=toks, embeds=tiny.embed(toks), positions=pos)
+        run(tiny, cache, tokens=toks, embeds=tiny.embed(toks), positions=pos)
 
 
 def test_logits_at_and_hidden(tiny):
     toks = _tokens(2, 6, seed=9)
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
     cache = init_cache(tiny.config, 2, 8)
-    full = forward(tiny, cache, tokens=toks, positions=pos)
-    at = forward(tiny, cache, tokens=toks, positions=pos, logits_at=jnp.asarray([[2], [5]]))
+    full = run(tiny, cache, tokens=toks, positions=pos)
+    at = run(tiny, cache, tokens=toks, positions=pos, logits_at=jnp.asarray([[2], [5]]))
     np.testing.assert_allclose(at.logits[:, 0], full.logits[jnp.arange(2), jnp.asarray([2, 5])], atol=TOL)
     np.testing.assert_allclose(tiny.logits(full.hidden), full.logits, atol=TOL)
 

@@ -25,7 +25,7 @@ from specdec.tokenizer import TextTokenizer
 
 PROMPTS = [[5, 17, 3], [42] * 11, [1, 2, 3, 4, 5, 6, 7], [60]]
 TAU = 0.06
-FEW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FEW = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_matches_python_reference_and_scores_are_step_sums(split, corpus, case):
 
 
 @pytest.mark.parametrize("k, reset, ngrams", [(3, 0, True), (2, 2, False)])
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompts=st.lists(st.lists(st.integers(0, 96), min_size=1, max_size=14), min_size=3, max_size=3))
 def test_drafts_are_distinct_sorted_and_well_formed(split, corpus, k, reset, ngrams, prompts):
     eos = (36, 90)
@@ -182,7 +182,7 @@ def test_argument_errors(split, corpus):
 # ----------------------------------------------------------------------------- n-grams
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(docs=st.lists(st.lists(st.integers(0, 5), max_size=25), max_size=12),
        seqs=st.lists(st.lists(st.integers(0, 5), max_size=8), min_size=1, max_size=6),
        ns=st.sampled_from([(2, 3, 4, 5, 6), (2, 4), (3,)]))

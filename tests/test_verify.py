@@ -63,7 +63,7 @@ def _reference_exact(tree: Tree, tokens, choices):
     return best, int(tree.depth[best]), int(choices[best])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(trees(), st.integers(0, 2**31 - 1))
 def test_exact_matches_reference(tree: Tree, seed: int):
     rng = np.random.default_rng(seed)
@@ -101,7 +101,7 @@ def test_typical_acceptance_is_thresholded():
 
 
 @given(trees(6), st.integers(0, 1000))
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 def test_rejection_accepts_draws_from_the_target_and_never_impossible_tokens(tree: Tree, seed: int):
     """q == p accepts every node along the first-child path; tokens with p = 0 are never accepted."""
     rng = np.random.default_rng(seed)
