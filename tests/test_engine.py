@@ -110,15 +110,16 @@ def test_deep_path_through_later_siblings(tiny):
     assert int(sp.accepted_hist[0, 3]) > 0, sp.accepted_hist
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_strict_check_is_bitwise(tiny_lm, small_draft, temperature):
-    """With the reference as wide as the tree and in the same batches, outputs match with no tolerance."""
+@pytest.mark.parametrize("method, temperature", [("prompt_lookup", 0.0), ("draft", 0.8)])
+def test_strict_check_is_bitwise(tiny_lm, small_draft, method, temperature):
+    """With the reference as wide as the tree and in the same batches, outputs match with no tolerance
+    (greedy prompt lookup; a sampled draft tree)."""
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 97, n).tolist() for n in (4, 19, 33)]
-    for method in (dict(method="prompt_lookup", k=5), dict(method="draft", draft=small_draft, k=3, draft_width=2)):
-        report = check(tiny_lm, prompts, strict=True, max_new_tokens=40, temperature=temperature, seed=[1, 2, 3],
-                       **method)
-        assert report.counts["identical"] == 3, report.table()
+    options = dict(k=5) if method == "prompt_lookup" else dict(draft=small_draft, k=3, draft_width=2)
+    report = check(tiny_lm, prompts, method, strict=True, max_new_tokens=40, temperature=temperature,
+                   seed=[1, 2, 3], **options)
+    assert report.counts["identical"] == 3, report.table()
 
 
 def test_block_width_reference_equals_plain_decoding(tiny_lm):
@@ -130,9 +131,8 @@ def test_block_width_reference_equals_plain_decoding(tiny_lm):
         specdec.generate(tiny_lm, prompts, block_width=0)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("width", [1, 3])
-def test_target_as_draft_accepts_every_draft(tiny_lm, temperature, width):
+@pytest.mark.parametrize("width, temperature", [(1, 0.0), (3, 1.0)])  # a greedy chain, a sampled tree
+def test_target_as_draft_accepts_every_draft(tiny_lm, width, temperature):
     prompts = [[1, 2, 3], list(range(20, 45))]
     res = specdec.generate(tiny_lm, prompts, method="draft", draft=tiny_lm, k=4, draft_width=width,
                            max_new_tokens=[40, 23], temperature=temperature, seed=[5, 6])

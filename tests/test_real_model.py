@@ -57,14 +57,16 @@ def test_greedy_batch_matches_transformers_and_prime_prompt(smollm2):
     assert results[0].text.startswith(PRIME_START)
 
 
+@pytest.mark.xdist_group("real-one-row")  # with test_cli_generate: one worker, the same compiled programs
 def test_eos_ends_a_chat_reply(smollm2):
     res = specdec.generate(smollm2, GOLDEN[1]["prompt"], max_new_tokens=40)
     assert res.finish_reason == "eos" and res.text == "12345 + 67890 = 123460"
 
 
+@pytest.mark.xdist_group("real-one-row")
 def test_cli_generate(smollm2, capsys):
     code = cli_main(["generate", "--model", "smollm2-135m", "--prompt", GOLDEN[0]["prompt"],
-                     "--max-new-tokens", "12"])
+                     "--max-new-tokens", "40"])  # the shapes of test_eos_ends_a_chat_reply's decode
     captured = capsys.readouterr()
     assert code == 0 and captured.out.startswith("```python\ndef is_prime")
     assert "tokens/s" in captured.err
