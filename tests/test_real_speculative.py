@@ -56,10 +56,11 @@ def test_request_pool_with_8_slots_has_no_mismatch(smollm2, prompts, reference, 
         assert stats.accepted_per_forward > 1.2
 
 
+@pytest.mark.xdist_group("real-one-row")  # one row, 40 tokens: test_eos_ends_a_chat_reply's compiled programs
 def test_batch_cli(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("Count to five.\n\nName a prime.\nSay hi.\n")
     assert cli_main(["batch", "--prompts-file", str(tmp_path / "prompts.txt"), "--slots", "1",
-                     "--method", "prompt_lookup", "--max-new-tokens", "8", "--output", str(tmp_path / "o.jsonl")]) == 0
+                     "--max-new-tokens", "40", "--output", str(tmp_path / "o.jsonl")]) == 0
     lines = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [x["prompt"] for x in lines] == ["Count to five.", "Name a prime.", "Say hi."]
     assert [x["seed"] for x in lines] == [0, 1, 2] and all(x["text"] for x in lines)
