@@ -8,6 +8,7 @@ import json
 import pytest
 
 import specdec
+from specdec.api import _encode
 from specdec.autoregressive import prompt_bucket
 from specdec.cli import main as cli_main
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
@@ -21,7 +22,8 @@ def _in_bucket(lm, prompts: list[str], n: int, bucket: int = 128) -> list[str]:
     """The first ``n`` prompts whose chat-templated length pads to ``bucket`` tokens (65-128): the rows
     still differ in length, but each batch size compiles one prefill program (a compile of the
     30-layer model costs 5-9 s on a 2-core CPU; five buckets cost four times as many)."""
-    return [p for p in prompts if prompt_bucket(len(lm.tokenizer.encode(lm.tokenizer.chat(p)))) == bucket][:n]
+    ids = _encode(lm, prompts, chat=True, system=None)  # as generate encodes them
+    return [p for p, x in zip(prompts, ids) if prompt_bucket(len(x)) == bucket][:n]
 
 
 @pytest.fixture(scope="session")
