@@ -4,8 +4,8 @@ through the request pool (continuous batching), in one run.
 The same HumanEval + held-out ShareGPT chat prompts go through ``specdec.generate(..., slots=S)``
 for every method and S, greedy, up to ``--new-tokens`` tokens per request (EOS ends a request).
 Each speculative proposer runs with one k (or Medusa tree) at every S and, at the S where it
-differs, with a by-load schedule (``PL_BY_LOAD`` etc.: fewer candidates per row once more rows
-run, picked at each chunk's start; k 0 / "chain-0" turns speculation off). Each (method, S) runs
+differs, with a by-load schedule (``PL_BY_LOAD`` etc.: the k or tree for the rows running,
+picked at each chunk's start; k 0 / "chain-0" turns speculation off). Each (method, S) runs
 once to compile every shape the pool meets (prefill groups, batch widths) and once timed. Figures:
 
 - tokens_per_s: generated tokens of all requests / wall time of the whole pool run (prefills included);
@@ -34,8 +34,12 @@ from specdec.equivalence import classify
 from heads.bundled import default_tree, heads_for
 from specdec.sampling import Sampling
 
-PL_BY_LOAD = {1: 4, 4: 2, 8: 0}  # 0: speculation off while 8 or more rows run
-DRAFT_BY_LOAD = {1: 4, 4: 1, 8: 0}
+# By-load schedules (k 0 / "chain-0": speculation off), from bench_step_cost on the 2-core AVX2 CPU
+# (results/cpu/bench_step_cost.md): there one row decodes with matrix-vector products, which any
+# second token per row turns into a slower matrix product, so speculation only pays from 2 rows up;
+# at 8 rows prompt lookup gains most with k 1, the draft about breaks even with k 1.
+PL_BY_LOAD = {1: 0, 2: 2, 8: 1}
+DRAFT_BY_LOAD = {1: 0, 2: 1}
 MEDUSA_BY_LOAD = {4: "chain-1", 8: "chain-0"}  # from 1 row: the searched tree
 
 

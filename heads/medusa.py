@@ -92,13 +92,15 @@ class MedusaHeads(nnx.Module):
         """``hidden: [..., d]`` -> float32 logits ``[..., n, vocab]`` of the first ``n`` heads (default: all;
         a tree ``D`` deep needs only ``D``, and each head's vocabulary projection is most of its cost).
 
-        base_table: the base LM head ``[vocab, d]`` (:func:`head_table`), used when shared.
+        base_table: the base LM head ``[vocab, d]`` (:func:`head_table`), used when shared; that
+        projection runs in the table's dtype, as the base model's own LM head does (bfloat16 heads
+        on a float32 base: the features are cast up, the table is not cast down at every call).
         """
         f = self.features(hidden, n)
         if self.lm_heads is None:
             if base_table is None:
                 raise ValueError("these heads share the base LM head: pass base_table=head_table(model)")
-            out = jax.lax.dot_general(f, base_table.astype(f.dtype), (((f.ndim - 1,), (1,)), ((), ())))
+            out = jax.lax.dot_general(f.astype(base_table.dtype), base_table, (((f.ndim - 1,), (1,)), ((), ())))
         else:
             out = jnp.stack([head(f[..., i, :]) for i, head in enumerate(self.lm_heads)], axis=-2)
         return out.astype(jnp.float32)

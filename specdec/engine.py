@@ -97,8 +97,10 @@ class ByLoad:
     """Proposers chosen by load: at each chunk's start, with ``r`` rows running, the proposer of the
     last ``(rows, proposer)`` step with ``rows <= r`` runs the chunk (steps ascending, the first from
     1 row). Verifying fewer candidates per row as the batch grows keeps the target forward cheap
-    where it turns compute-bound. The proposers must share params and state layout (e.g. one draft
-    or prompt lookup with several k, or one set of Medusa heads with several trees)."""
+    where it turns compute-bound; where a one-row forward is far cheaper than a few-row one (CPU:
+    matrix-vector products), the first entry may turn speculation off instead (see
+    experiments/bench_step_cost.py). The proposers must share params and state layout (e.g. one
+    draft or prompt lookup with several k, or one set of Medusa heads with several trees)."""
 
     steps: tuple[tuple[int, Any], ...]
 
@@ -232,11 +234,17 @@ def spec_chunk(graphdef, params, proposer, pparams, st: SpecState, steps, *, sam
     return jax.lax.while_loop(cond, body, (jnp.int32(0), st))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "proposer", "shapes", "sampling", "eos_ids", "max_depth"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "proposer", "shapes", "sampling", "eos_ids", "max_depth"),
+                   keep_unused=True)
 def spec_prefill(graphdef, params, proposer, pparams, tokens, prompt_lens, max_new, seeds, *,
                  shapes: DecodeShapes, sampling: Sampling, eos_ids: tuple[int, ...], max_depth: int) -> SpecState:
     """Prefill the target (and sample each row's first token) and the proposer; ``max_depth``: the
-    deepest tree the decode will verify (sizes the accepted-count histogram)."""
+    deepest tree the decode will verify (sizes the accepted-count histogram).
+
+    ``keep_unused``: a proposer whose prefill ignores its params (Medusa) must still pass them in,
+    so that the state comes out committed to a device exactly when :func:`spec_chunk`'s does
+    (restored params are committed); otherwise the first chunk compiles a second program.
+    """
     dec, hidden = prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, shapes=shapes,
                                       sampling=sampling, eos_ids=eos_ids)
     b = tokens.shape[0]

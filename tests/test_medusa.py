@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import specdec
+from specdec import engine
 from heads.medusa import load_heads, new_heads, save_heads
 from specdec.model import head_table
 from heads.trees import (BUILTIN_TREES, candidate_tokens, chain_spec, expected_accepted, grow_tree, load_spec,
@@ -152,6 +153,17 @@ def test_medusa_accepts_drafts_and_reports(tiny_lm, tiny):
     typical = specdec.generate(tiny_lm, [5, 6, 7], method="medusa", heads=new_heads(tiny, base_name="t"),
                                tree="tree-8", verification="typical", temperature=0.7, max_new_tokens=12)
     assert len(typical.tokens) == 12
+
+
+def test_restored_heads_compile_one_chunk_program(tiny_lm, tiny, tmp_path):
+    """Heads restored from disk are committed to a device: the prefilled state must come out placed
+    like every chunk's output, or the second chunk compiles the decode loop again."""
+    save_heads(random_heads(tiny, 2, 0.3), tmp_path / "h")
+    heads = load_heads(tmp_path / "h", tiny)
+    engine.spec_chunk.clear_cache()
+    specdec.generate(tiny_lm, [5, 6, 7], method="medusa", heads=heads, tree="chain-1", max_new_tokens=12,
+                     chunk_steps=2)
+    assert engine.spec_chunk._cache_size() == 1
 
 
 def test_medusa_bad_input(tiny_lm, tiny):
