@@ -43,8 +43,7 @@ SETTINGS = {"autoregressive": None, "prompt_lookup k=1": ("prompt_lookup", dict(
 
 def decoders(model, ids: list[list[int]], budget: int, steps: int) -> dict:
     """A started decode generator per setting, all with the same shapes (planned for the widest tree)."""
-    built = {name: build_proposer(m, model, opts) for name, (m, opts) in
-             ((n, s) for n, s in SETTINGS.items() if s is not None)}
+    built = {name: build_proposer(setting[0], model, setting[1]) for name, setting in SETTINGS.items() if setting}
     extra = max(p.tree.size for p, _ in built.values())
     shapes = plan_shapes(model.config, [len(i) for i in ids], [budget] * len(ids), None, extra)
     common = dict(max_new=[budget] * len(ids), seeds=[0] * len(ids), sampling=Sampling(), eos_ids=(),
