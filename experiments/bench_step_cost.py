@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import specdec
-from specdec.api import _encode
+from specdec.api import encode_prompts
 from specdec.autoregressive import decode, plan_shapes
 from specdec.bench import write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
@@ -65,7 +65,7 @@ def main() -> None:
             for p in pair]
     rows = []
     for b in args.batch:
-        ids = _encode(model, pool[:b], True, None)
+        ids = encode_prompts(model, pool[:b], True, None)
         gens = decoders(model, ids, budget=args.steps * args.chunks * 3, steps=args.steps)
         states = {name: next(g) for name, g in gens.items()}
         times = {name: [] for name in gens}

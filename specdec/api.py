@@ -74,7 +74,9 @@ def _resolve(model) -> LoadedModel:
     return load_once(model) if isinstance(model, str) else model
 
 
-def _encode(lm: LoadedModel, prompts, chat: bool, system: str | None) -> list[list[int]]:
+def encode_prompts(lm: LoadedModel, prompts, chat: bool, system: str | None) -> list[list[int]]:
+    """Token ids of each prompt as ``generate`` feeds them: text through the chat template (``chat``,
+    ``system``) and the tokenizer, id lists checked against the vocabulary."""
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
@@ -127,9 +129,8 @@ class _Run:
         if not prompts:
             raise ValueError("no prompts given")
         self.sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.ids = _encode(self.lm, prompts, chat, system)
+        self.ids = encode_prompts(self.lm, prompts, chat, system)
         self.n = len(self.ids)
-        self.prompt_lens = [len(p) for p in self.ids]
         self.max_new = _per_row(max_new_tokens, self.n, "max_new_tokens")
         self.seeds = _per_row(seed, self.n, "seed")
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
@@ -148,6 +149,7 @@ class _Run:
         self.eos = tuple(sorted(eos | set(stop_tokens or ())))
         pooled = slots is not None
         self.chunk_steps = chunk_steps or (POOL_CHUNK_STEPS if self.stop or pooled else None)
+        self.end_on_finish = pooled  # a freed slot refills at once, not at the chunk's end
         self.stopped = [None] * self.n
         self.outcomes: list[tuple[list[int], int, list[int] | None] | None] = [None] * self.n
         self.use = SlotUse()
@@ -157,7 +159,8 @@ class _Run:
         shapes = dataclasses.replace(self.shapes, batch=len(requests),
                                      prompt=prompt_bucket(max(len(self.ids[r]) for r in requests)))
         common = dict(max_new=[self.max_new[r] for r in requests], seeds=[self.seeds[r] for r in requests],
-                      sampling=self.sampling, eos_ids=self.eos, shapes=shapes, chunk_steps=self.chunk_steps)
+                      sampling=self.sampling, eos_ids=self.eos, shapes=shapes, chunk_steps=self.chunk_steps,
+                      end_on_finish=self.end_on_finish)
         ids = [self.ids[r] for r in requests]
         if self.method == "skipdecode":
             end = max(len(i) for i in ids)
@@ -247,9 +250,10 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
       stop_tokens: token ids that end a row, besides the tokenizer's EOS ids.
       ignore_eos: do not stop at the tokenizer's EOS ids (benchmarks of fixed length).
       max_cache_len: KV cache positions per row (default: the model's context length).
-      slots: decode through a request pool of this many batch rows (continuous batching): between
-        on-device chunks finished rows leave, waiting prompts are prefilled into the free rows, and
-        once none wait the batch shrinks to the rows still running. Outputs do not depend on it.
+      slots: decode through a request pool of this many batch rows (continuous batching): a chunk
+        ends once a row finishes; between chunks finished rows leave, waiting prompts are prefilled
+        into the free rows, and once none wait the batch shrinks to the rows still running.
+        Outputs do not depend on it.
         Default: every prompt in one batch. ``stats.slot_utilisation`` reports each slot's busy share.
       chunk_steps: on-device steps between host visits (default: all at once, or 16 with stop strings
         or slots).
@@ -365,7 +369,7 @@ def _superposed(model, prompts, options: dict) -> Generation | list[Generation]:
     build_proposer("superposed", None, {o: options[o] for o in _METHOD_OPTIONS})  # rejects foreign options
     lm = _resolve(model)
     single = _is_single(prompts)
-    ids = _encode(lm, [prompts] if single else list(prompts), options["chat"], options["system"])
+    ids = encode_prompts(lm, [prompts] if single else list(prompts), options["chat"], options["system"])
     if not ids:
         raise ValueError("no prompts given")
     ngrams, alpha = options["ngrams"], options["alpha"]

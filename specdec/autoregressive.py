@@ -114,10 +114,27 @@ def prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: De
                                sampling=sampling, eos_ids=eos_ids)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "width"), donate_argnames=("st",))
+def chunk_loop(body: Callable, st, steps, done: Callable, end_on_finish: bool):
+    """``lax.while_loop`` of ``body`` over ``st`` for up to ``steps`` steps while a row runs
+    (``done(st): [B]`` bool); ``end_on_finish``: also end after the first step in which a row
+    finishes (a request pool refills its slot at once instead of idling to the chunk's end)."""
+    at_start = jnp.sum(done(st))
+
+    def cond(carry):
+        i, st = carry
+        go = (i < steps) & ~jnp.all(done(st))
+        return go & (jnp.sum(done(st)) == at_start) if end_on_finish else go
+
+    return jax.lax.while_loop(cond, lambda carry: (carry[0] + 1, body(carry[1])), (jnp.int32(0), st))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "width", "end_on_finish"),
+                   donate_argnames=("st",))
 def decode_chunk(graphdef, params, st: DecodeState, steps, layer_masks: jax.Array | None = None, *,
-                 sampling: Sampling, eos_ids: tuple[int, ...], width: int = 1) -> DecodeState:
-    """Up to ``steps`` one-token steps for every unfinished row, on device.
+                 sampling: Sampling, eos_ids: tuple[int, ...], width: int = 1,
+                 end_on_finish: bool = False) -> DecodeState:
+    """Up to ``steps`` one-token steps for every unfinished row, on device (``end_on_finish``:
+    see :func:`chunk_loop`).
 
     ``width > 1`` runs each step as a forward over ``width`` tokens (the newest, then
     padding the causal mask hides from it): the strict reference for a speculative
@@ -127,8 +144,7 @@ def decode_chunk(graphdef, params, st: DecodeState, steps, layer_masks: jax.Arra
     """
     model = nnx.merge(graphdef, params)
 
-    def body(carry):
-        i, st = carry
+    def body(st):
         active = ~st.done
         b = st.last.shape[0]
         tokens = jnp.zeros((b, width), jnp.int32).at[:, 0].set(st.last)
@@ -137,14 +153,9 @@ def decode_chunk(graphdef, params, st: DecodeState, steps, layer_masks: jax.Arra
                       layer_mask=mask)
         cache = res.cache.advance(active)
         token = sampling.sample(res.logits[:, 0], st.seeds, cache.lengths)
-        st = _record(st.replace(cache=cache, forwards=st.forwards + 1), active, token, eos_ids)
-        return i + 1, st
+        return _record(st.replace(cache=cache, forwards=st.forwards + 1), active, token, eos_ids)
 
-    def cond(carry):
-        i, st = carry
-        return (i < steps) & ~jnp.all(st.done)
-
-    return jax.lax.while_loop(cond, body, (jnp.int32(0), st))[1]
+    return chunk_loop(body, st, steps, lambda st: st.done, end_on_finish)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], width: int) -> np.ndarray:
@@ -178,17 +189,18 @@ def run_chunks(state, chunk: Callable, finished: Callable) -> Iterator:
 
 def decode(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new: Sequence[int],
            seeds: Sequence[int], sampling: Sampling, eos_ids: tuple[int, ...], shapes: DecodeShapes,
-           chunk_steps: int | None = None, width: int = 1,
-           layer_masks: np.ndarray | None = None) -> Iterator[DecodeState]:
+           chunk_steps: int | None = None, width: int = 1, layer_masks: np.ndarray | None = None,
+           end_on_finish: bool = False) -> Iterator[DecodeState]:
     """Decode ``prompts`` (token id lists), yielding the state after prefill and after each chunk.
 
     The caller may mark rows done between chunks (``state.replace(done=...)``) via ``send``.
-    ``width``: tokens per step's forward; ``layer_masks``: layers per step (see :func:`decode_chunk`).
+    ``width``: tokens per step's forward; ``layer_masks``: layers per step; ``end_on_finish``: end a
+    chunk once a row finishes (see :func:`decode_chunk`).
     """
     st = prefill(graphdef, params, *prompt_arrays(prompts, shapes, max_new, seeds), shapes=shapes,
                  sampling=sampling, eos_ids=eos_ids)
     steps = jnp.int32(chunk_steps or shapes.out)
     masks = None if layer_masks is None else jnp.asarray(layer_masks)
     return run_chunks(st, lambda st: decode_chunk(graphdef, params, st, steps, masks, sampling=sampling,
-                                                  eos_ids=eos_ids, width=width),
+                                                  eos_ids=eos_ids, width=width, end_on_finish=end_on_finish),
                       lambda st: bool(jnp.all(st.done)))

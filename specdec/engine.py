@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from specdec.autoregressive import DecodeShapes, DecodeState, prefill_with_hidden, prompt_arrays, run_chunks
+from specdec.autoregressive import (DecodeShapes, DecodeState, chunk_loop, prefill_with_hidden, prompt_arrays,
+                                    run_chunks)
 from specdec.cache import KVCache
 from specdec.model import ForwardOutput, forward
 from specdec.sampling import Sampling
@@ -217,21 +218,17 @@ def verify_part(graphdef, params, proposer, pparams, st: SpecState, pstate, prop
 _STATIC = ("graphdef", "proposer", "sampling", "rule", "eos_ids")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("end_on_finish",), donate_argnames=("st",))
 def spec_chunk(graphdef, params, proposer, pparams, st: SpecState, steps, *, sampling: Sampling, rule: str,
-               eos_ids: tuple[int, ...]) -> SpecState:
-    """Up to ``steps`` speculative steps for every unfinished row, on device."""
+               eos_ids: tuple[int, ...], end_on_finish: bool = False) -> SpecState:
+    """Up to ``steps`` speculative steps for every unfinished row, on device (``end_on_finish``:
+    see :func:`specdec.autoregressive.chunk_loop`)."""
 
-    def body(carry):
-        i, st = carry
+    def body(st):
         pstate, prop = propose_part(graphdef, params, proposer, pparams, st, sampling, rule)
-        return i + 1, verify_part(graphdef, params, proposer, pparams, st, pstate, prop, sampling, rule, eos_ids)
+        return verify_part(graphdef, params, proposer, pparams, st, pstate, prop, sampling, rule, eos_ids)
 
-    def cond(carry):
-        i, st = carry
-        return (i < steps) & ~jnp.all(st.dec.done)
-
-    return jax.lax.while_loop(cond, body, (jnp.int32(0), st))[1]
+    return chunk_loop(body, st, steps, lambda st: st.dec.done, end_on_finish)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "proposer", "shapes", "sampling", "eos_ids", "max_depth"),
@@ -266,14 +263,15 @@ _verify_jit = jax.jit(verify_part, static_argnames=_STATIC)
 
 
 def timed_steps(graphdef, params, proposer, pparams, st: SpecState, steps: int, *, sampling: Sampling, rule: str,
-                eos_ids: tuple[int, ...]) -> tuple[SpecState, StepTimes]:
+                eos_ids: tuple[int, ...], end_on_finish: bool = False) -> tuple[SpecState, StepTimes]:
     """Run up to ``steps`` steps from the host, timing the proposer and the target halves apart.
 
     Slower than :func:`spec_chunk` (a host round trip per step); for measuring proposer cost.
     """
     prop_s = target_s = 0.0
+    at_start = int(st.dec.done.sum())
     for _ in range(steps):
-        if bool(jnp.all(st.dec.done)):
+        if bool(jnp.all(st.dec.done)) or (end_on_finish and int(st.dec.done.sum()) > at_start):
             break
         t0 = time.perf_counter()
         pstate, prop = jax.block_until_ready(_propose_jit(graphdef, params, proposer, pparams, st, sampling=sampling,
@@ -289,14 +287,15 @@ def timed_steps(graphdef, params, proposer, pparams, st: SpecState, steps: int, 
 def speculative_decode(graphdef, params, proposer, pparams, prompts: Sequence[Sequence[int]], *,
                        max_new: Sequence[int], seeds: Sequence[int], sampling: Sampling, rule: str,
                        eos_ids: tuple[int, ...], shapes: DecodeShapes, chunk_steps: int | None = None,
-                       times: list[StepTimes] | None = None) -> Iterator[SpecState]:
+                       times: list[StepTimes] | None = None, end_on_finish: bool = False) -> Iterator[SpecState]:
     """Decode ``prompts`` speculatively, yielding the state after prefill and after each chunk.
 
     Like :func:`specdec.autoregressive.decode`, the caller may ``send`` back a state with
     more rows marked done. ``proposer``: a :class:`Proposer` or a :class:`ByLoad` schedule (picked
     at each chunk's start). ``shapes.slots`` must leave room for a whole tree past the budget.
     ``times``: when a list, steps run from the host via :func:`timed_steps` and each chunk's
-    :class:`StepTimes` is appended to it (profiling; slower).
+    :class:`StepTimes` is appended to it (profiling; slower). ``end_on_finish``: end a chunk once a
+    row finishes (see :func:`specdec.autoregressive.chunk_loop`).
     """
     if rule not in RULES:
         raise ValueError(f"unknown verification rule {rule!r}; known: {', '.join(RULES)}")
@@ -304,7 +303,7 @@ def speculative_decode(graphdef, params, proposer, pparams, prompts: Sequence[Se
     st = spec_prefill(graphdef, params, load.steps[0][1], pparams, *prompt_arrays(prompts, shapes, max_new, seeds),
                       shapes=shapes, sampling=sampling, eos_ids=eos_ids, max_depth=load.max_depth)
     steps = chunk_steps or shapes.out
-    static = dict(sampling=sampling, rule=rule, eos_ids=eos_ids)
+    static = dict(sampling=sampling, rule=rule, eos_ids=eos_ids, end_on_finish=end_on_finish)
 
     def chunk(st: SpecState) -> SpecState:
         chosen = load.pick(int((~st.dec.done).sum())) if len(load.steps) > 1 else load.steps[0][1]

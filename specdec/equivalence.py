@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specdec.api import Generation, generate
+from specdec.api import Generation, encode_prompts, generate
 from specdec.model import teacher_forced_logits
 from specdec.sampling import Sampling, gumbel_noise
 
@@ -166,9 +166,7 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
 
 
 def _prompt_ids(lm, prompt, options) -> list[int]:
-    from specdec.api import _encode
-
-    return _encode(lm, [prompt], options.get("chat", True), options.get("system"))[0]
+    return encode_prompts(lm, [prompt], options.get("chat", True), options.get("system"))[0]
 
 
 def _batched(lm, prompts, size: int, **options) -> list[Generation]:

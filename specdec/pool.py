@@ -1,8 +1,10 @@
 """Continuous batching: many requests through a fixed number of batch rows ("slots").
 
-The decode state (autoregressive or speculative) has one row per slot. Between
+The decode state (autoregressive or speculative) has one row per slot. A chunk
+ends at the step in which a row finishes (``end_on_finish``), and between
 on-device chunks the host harvests the rows that finished, prefills waiting
-requests (one batch per prompt-length bucket) and scatters them into the free rows; no other row moves,
+requests (one at a time: one compiled prefill per prompt-length bucket, no
+padding rows) and scatters them into the free rows; no other row moves,
 and every row keeps its own length, positions, budget and seed, so a request's
 output does not depend on its slot, its neighbours or when it was admitted.
 Once nothing waits, the batch shrinks to the next power of two that holds the
@@ -20,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specdec.autoregressive import prompt_bucket
 from specdec.cache import KVCache
 
 
@@ -59,7 +60,6 @@ class Requests(Protocol):
     """What the pool needs from the caller (``specdec.api``'s run set-up)."""
 
     n: int  # number of requests
-    prompt_lens: list[int]  # prompt tokens per request
 
     def start(self, requests: list[int]) -> Iterator:
         """A decode generator over these requests: its first item is their prefilled state, and it
@@ -115,20 +115,10 @@ def pool_states(requests: Requests, slots: int, use: SlotUse, *, shrink: bool = 
                 use.busy[slot_of_row[i]] += requests.harvest(state, i, r)
                 rows[i] = None
         free = [i for i, r in enumerate(rows) if r is None]
-        if waiting and free:
-            group = waiting[:len(free)]
-            del waiting[:len(group)]
-            by_bucket: dict[int, list[int]] = {}  # one prefill per prompt bucket: little padding
-            for r in group:
-                by_bucket.setdefault(prompt_bucket(requests.prompt_lens[r]), []).append(r)
-            for part in by_bucket.values():
-                padded = next_power_of_two(len(part))  # few prefill shapes to compile
-                new = next(requests.start(part + [part[0]] * (padded - len(part))))
-                at = free[:len(part)] + [len(rows)] * (padded - len(part))  # padding rows are dropped
-                del free[:len(part)]
-                state = put_rows(state, jnp.asarray(at, jnp.int32), new)
-                for i, r in zip(at, part):
-                    rows[i] = r
+        for i, r in zip(free, waiting):  # one prefill per request: one program per prompt bucket, no padding
+            state = put_rows(state, jnp.asarray([i], jnp.int32), next(requests.start([r])))
+            rows[i] = r
+        del waiting[:len(free)]
         running = [i for i, r in enumerate(rows) if r is not None]
         use.forwards = int(dec_of(state).forwards)
         if not running:

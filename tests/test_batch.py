@@ -93,6 +93,19 @@ def test_pool_admits_requests_that_end_at_prefill(tiny_lm, slots):
     assert [r.tokens for r in pooled] == alone
 
 
+@pytest.mark.parametrize("proposer", ["autoregressive", "prompt_lookup"])
+def test_pool_refills_a_slot_as_soon_as_its_request_finishes(tiny_lm, methods, proposer):
+    """A chunk ends at the step a row finishes: the waiting request starts in the freed slot at once,
+    not when the chunk's 16 steps are up (requests 1 and 2 are the same, so each takes F forwards)."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
+    res = specdec.generate(tiny_lm, prompts, max_new_tokens=[2, 30, 30], slots=2, chunk_steps=16, ignore_eos=True,
+                           **methods.get(proposer, {}))
+    f = res[1].target_forwards
+    assert res[0].target_forwards == 1 and res[2].target_forwards == f
+    assert res[0].stats.target_forwards == 1 + f  # slot 0: request 0's one step, then request 2's F
+    assert res[0].stats.slot_utilisation == [1.0, f / (1 + f)]
+
+
 def test_pool_reports_work_and_rejects_bad_slots(tiny_lm, methods):
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
     res = specdec.generate(tiny_lm, prompts, max_new_tokens=[20, 5, 12, 30], slots=2, chunk_steps=4,
