@@ -99,14 +99,17 @@ def main() -> None:
             print({k: v for k, v in rows[-1].items() if k != "options"}, flush=True)
     for row in rows:
         base = row["method"].removesuffix(" by load")  # by load at 1 slot is the base method at 1 slot
-        one = next(r for r in rows if r["method"] == base and r["slots"] == min(args.slots))
+        one = next((r for r in rows if r["method"] == base and r["slots"] == 1), None)
         ar = next(r for r in rows if r["method"] == "autoregressive" and r["slots"] == row["slots"])
-        row["x_vs_1_slot"] = row["tokens_per_s"] / one["tokens_per_s"]
+        row["x_vs_1_slot"] = "" if one is None else row["tokens_per_s"] / one["tokens_per_s"]
         row["x_vs_autoregressive"] = row["tokens_per_s"] / ar["tokens_per_s"]
     notes = ["tokens_per_s = all generated tokens / wall time of the pool run, prefills included",
              "k_or_tree: draft tokens per step, or the Medusa tree; ROWS:VALUE,... = by load (picked at each "
              "chunk's start from the rows running then; `k={1: 4, 4: 2}` in the API)",
-             "x_vs_1_slot of a by-load row: over its base method at 1 slot (the same proposer there)",
+             "x_vs_1_slot of a by-load row: over its base method at 1 slot (the same proposer there); "
+             "blank without a 1-slot run",
+             f"equivalence: against autoregressive at {min(args.slots)} slot(s)"
+             + (", i.e. each prompt alone" if min(args.slots) == 1 else " through the same pool"),
              "targets: speculative at 8 slots >= 3x the same proposer at 1 slot, and >= autoregressive at 8 slots"]
     write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, Medusa heads and "
