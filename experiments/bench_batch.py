@@ -41,6 +41,7 @@ from specdec.sampling import Sampling
 PL_BY_LOAD = {1: 0, 2: 2, 8: 1}
 DRAFT_BY_LOAD = {1: 0, 2: 1}
 MEDUSA_BY_LOAD = {4: "chain-1", 8: "chain-0"}  # from 1 row: the searched tree
+PROPOSERS = ("prompt_lookup", "draft", "medusa")
 
 
 def schedule_label(value, searched: str) -> str:
@@ -58,6 +59,9 @@ def main() -> None:
     parser.add_argument("--draft", default=None, help="draft model for the draft proposer (default: the bundled one)")
     parser.add_argument("--results-name", default="bench_batch",
                         help="file name of the results (.json, .md, .png) under experiments/results/<device>/")
+    parser.add_argument("--methods", nargs="+", default=list(PROPOSERS), choices=PROPOSERS,
+                        help="speculative proposers to run (each with its fixed k or tree and by load); "
+                             "autoregressive always runs: it is the reference")
     args = parser.parse_args()
 
     model = specdec.load("smollm2-135m")
@@ -71,6 +75,8 @@ def main() -> None:
     for name, fixed, schedule in [("prompt_lookup", dict(k=4), dict(k=PL_BY_LOAD)),
                                   ("draft", dict(k=4, **draft), dict(k=DRAFT_BY_LOAD, **draft)),
                                   ("medusa", dict(tree=searched), dict(tree={**MEDUSA_BY_LOAD, 1: searched}))]:
+        if name not in args.methods:
+            continue
         varied = min(r for r in next(iter(schedule.values())) if r > 1)
         methods.append((name, dict(method=name, **fixed), args.slots))
         methods.append((f"{name} by load", dict(method=name, **schedule), [s for s in args.slots if s >= varied]))
