@@ -6,7 +6,7 @@ for every method and S, greedy, up to ``--new-tokens`` tokens per request (EOS e
 Each speculative proposer runs with one k (or Medusa tree) at every S and, at the S where it
 differs, with a by-load schedule (``PL_BY_LOAD`` etc.: the k or tree for the rows running,
 picked at each chunk's start; k 0 / "chain-0" turns speculation off). Each (method, S) runs
-once to compile every shape the pool meets (prefill groups, batch widths) and once timed. Figures:
+once to compile every shape the pool meets (prefill buckets, batch widths) and once timed. Figures:
 
 - tokens_per_s: generated tokens of all requests / wall time of the whole pool run (prefills included);
 - accepted_per_forward: tokens after each request's first per row-forward;

@@ -45,7 +45,7 @@ def take_rows(state, rows: jax.Array):
 @functools.partial(jax.jit, donate_argnums=0)
 def put_rows(state, rows: jax.Array, new):
     """Write the rows of decode state ``new`` (batch R) into ``state`` at batch rows ``rows: [R]``;
-    an index past the batch drops that row of ``new`` (padding). Scalars keep ``state``'s value."""
+    an index past the batch drops that row of ``new``. Scalars keep ``state``'s value."""
 
     def put(x, y):
         if _is_cache(x):
