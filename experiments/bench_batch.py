@@ -5,19 +5,22 @@ The same HumanEval + held-out ShareGPT chat prompts go through ``specdec.generat
 for every method and S, greedy, up to ``--new-tokens`` tokens per request (EOS ends a request).
 Each speculative proposer runs with one k (or Medusa tree) at every S and, at the S where it
 differs, with a by-load schedule (``PL_BY_LOAD`` etc.: the k or tree for the rows running,
-picked at each chunk's start; k 0 / "chain-0" turns speculation off). Each (method, S) runs
-once to compile every shape the pool meets (prefill buckets, batch widths) and once timed. Figures:
+picked at each chunk's start; k 0 / "chain-0" turns speculation off); ``--schedules`` picks
+either. Every (method, S) first runs once to compile every shape the pool meets (prefill
+buckets, batch widths); then ``--repeats`` rounds time each configuration once, in turn, so a
+drift in the machine's speed reaches every configuration alike. Figures:
 
-- tokens_per_s: generated tokens of all requests / wall time of the whole pool run (prefills included);
+- tokens_per_s: generated tokens of all requests / median wall time of the whole pool run
+  (prefills included);
 - accepted_per_forward: tokens after each request's first per row-forward;
 - target_forwards: forwards of the pool (all slots step together); slot_utilisation: mean share
   of those forwards in which a slot held a running request;
-- x_vs_1_slot: tokens_per_s over the same method at 1 slot; x_vs_autoregressive: over
-  autoregressive at the same slots;
+- x_vs_1_slot: tokens/s over the same method at 1 slot; x_vs_autoregressive: over
+  autoregressive at the same slots; each the median over the rounds of the ratio within a round;
 - equivalence: the checker's worst verdict over the requests against autoregressive decoding of
   each prompt alone (the autoregressive run at 1 slot decodes each prompt alone).
 
-    .venv/bin/python experiments/bench_batch.py [--draft PATH]
+    .venv/bin/python experiments/bench_batch.py [--slots 1 8] [--repeats 3] [--draft PATH]
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ def schedule_label(value, searched: str) -> str:
     return ",".join(f"{r}:{name(v)}" for r, v in sorted(value.items())) if isinstance(value, dict) else name(value)
 
 
+def per_round_ratio(row: dict, base: dict) -> float:
+    """Median over the timing rounds of ``row``'s tokens/s over ``base``'s in the same round."""
+    return float(np.median(np.divide(row["per_round_tokens_per_s"], base["per_round_tokens_per_s"])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--humaneval", type=int, default=16)
@@ -60,8 +68,11 @@ def main() -> None:
     parser.add_argument("--results-name", default="bench_batch",
                         help="file name of the results (.json, .md, .png) under experiments/results/<device>/")
     parser.add_argument("--methods", nargs="+", default=list(PROPOSERS), choices=PROPOSERS,
-                        help="speculative proposers to run (each with its fixed k or tree and by load); "
-                             "autoregressive always runs: it is the reference")
+                        help="speculative proposers to run; autoregressive always runs: it is the reference")
+    parser.add_argument("--schedules", nargs="+", default=["fixed", "by-load"], choices=["fixed", "by-load"],
+                        help="each proposer with its one k or tree (fixed), with its by-load schedule, or both")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed rounds; each round times every configuration once, in turn")
     args = parser.parse_args()
 
     model = specdec.load("smollm2-135m")
@@ -78,38 +89,54 @@ def main() -> None:
         if name not in args.methods:
             continue
         varied = min(r for r in next(iter(schedule.values())) if r > 1)
-        methods.append((name, dict(method=name, **fixed), args.slots))
-        methods.append((f"{name} by load", dict(method=name, **schedule), [s for s in args.slots if s >= varied]))
-    rows, alone = [], None
-    for label, method, slots_run in methods:
-        for slots in slots_run:
-            specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)  # compile
+        if "fixed" in args.schedules:
+            methods.append((name, dict(method=name, **fixed), args.slots))
+        if "by-load" in args.schedules:
+            methods.append((f"{name} by load", dict(method=name, **schedule), [s for s in args.slots if s >= varied]))
+    configs = [(label, method, slots) for label, method, slots_run in methods for slots in slots_run]
+    for label, method, slots in configs:  # compile every shape each configuration meets, before any timing
+        out = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
+        if label == "autoregressive" and slots == min(args.slots):  # at 1 slot: each prompt alone
+            alone = out
+    walls, outputs = {i: [] for i in range(len(configs))}, {}
+    for round_ in range(args.repeats):  # configurations in turn, from a rotating start: drift hits all alike
+        for i in np.roll(np.arange(len(configs)), -round_):
+            label, method, slots = configs[i]
             start = time.perf_counter()
             res = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
-            wall = time.perf_counter() - start
-            if alone is None:  # autoregressive at the first slot count (1): each prompt alone
-                alone = res
-            verdicts = [classify(model, ids[i], res[i], alone[i], sampling=Sampling(), seed=0,
-                                 eos_ids=tuple(tok.eos_ids)).verdict for i in range(len(ids))]
-            s = res[0].stats
-            choice = method.get("k", method.get("tree"))
-            rows.append({"method": label, "k_or_tree": "" if choice is None else schedule_label(choice, searched),
-                         "options": {"slots": slots, "method": method.get("method", "autoregressive"),
-                                     **({} if choice is None else {"k" if "k" in method else "tree": choice})},
-                         "slots": slots, "tokens_per_s": s.new_tokens / wall,
-                         "accepted_per_forward": s.accepted_per_forward, "target_forwards": s.target_forwards,
-                         "slot_utilisation": float(np.mean(s.slot_utilisation)), "new_tokens": s.new_tokens,
-                         "wall_s": wall, "equivalence": "MISMATCH" if "MISMATCH" in verdicts else
-                         "tie" if "tie" in verdicts else "identical",
-                         "rows_identical": f"{verdicts.count('identical')}/{len(ids)}"})
-            print({k: v for k, v in rows[-1].items() if k != "options"}, flush=True)
+            walls[i].append(time.perf_counter() - start)
+            outputs[i] = res
+            print(f"round {round_ + 1}/{args.repeats}: {label} at {slots} slots, {walls[i][-1]:.1f} s", flush=True)
+    rows = []
+    for i, (label, method, slots) in enumerate(configs):
+        res = outputs[i]
+        verdicts = [classify(model, ids[j], res[j], alone[j], sampling=Sampling(), seed=0,
+                             eos_ids=tuple(tok.eos_ids)).verdict for j in range(len(ids))]
+        s = res[0].stats
+        choice = method.get("k", method.get("tree"))
+        rows.append({"method": label, "k_or_tree": "" if choice is None else schedule_label(choice, searched),
+                     "options": {"slots": slots, "method": method.get("method", "autoregressive"),
+                                 **({} if choice is None else {"k" if "k" in method else "tree": choice})},
+                     "slots": slots, "tokens_per_s": s.new_tokens / float(np.median(walls[i])),
+                     "per_round_tokens_per_s": [s.new_tokens / w for w in walls[i]],
+                     "accepted_per_forward": s.accepted_per_forward, "target_forwards": s.target_forwards,
+                     "slot_utilisation": float(np.mean(s.slot_utilisation)), "new_tokens": s.new_tokens,
+                     "wall_s": walls[i], "equivalence": "MISMATCH" if "MISMATCH" in verdicts else
+                     "tie" if "tie" in verdicts else "identical",
+                     "rows_identical": f"{verdicts.count('identical')}/{len(ids)}"})
     for row in rows:
         base = row["method"].removesuffix(" by load")  # by load at 1 slot is the base method at 1 slot
         one = next((r for r in rows if r["method"] == base and r["slots"] == 1), None)
         ar = next(r for r in rows if r["method"] == "autoregressive" and r["slots"] == row["slots"])
-        row["x_vs_1_slot"] = "" if one is None else row["tokens_per_s"] / one["tokens_per_s"]
-        row["x_vs_autoregressive"] = row["tokens_per_s"] / ar["tokens_per_s"]
-    notes = ["tokens_per_s = all generated tokens / wall time of the pool run, prefills included",
+        row["x_vs_1_slot"] = "" if one is None else per_round_ratio(row, one)
+        row["x_vs_autoregressive"] = per_round_ratio(row, ar)
+        vs_ar = np.divide(row["per_round_tokens_per_s"], ar["per_round_tokens_per_s"])
+        row["x_vs_ar_range"] = f"{vs_ar.min():.3g}-{vs_ar.max():.3g}"  # over the rounds
+        print({k: v for k, v in row.items() if k != "options"}, flush=True)
+    notes = ["tokens_per_s = all generated tokens / median wall time of the pool run over "
+             f"{args.repeats} timed round(s), prefills included",
+             "x_vs_1_slot, x_vs_autoregressive: median over the rounds of the ratio within a round (configurations "
+             "are timed in turn within each round); x_vs_ar_range: its lowest and highest round",
              "k_or_tree: draft tokens per step, or the Medusa tree; ROWS:VALUE,... = by load (picked at each "
              "chunk's start from the rows running then; `k={1: 4, 4: 2}` in the API)",
              "x_vs_1_slot of a by-load row: over its base method at 1 slot (the same proposer there); "
@@ -122,7 +149,8 @@ def main() -> None:
                  "searched tree" + (f" (draft: {args.draft})" if args.draft else ""),
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, greedy, "
                    f"through the request pool", "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
-    }, ["method", "k_or_tree", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive", "accepted_per_forward",
+    }, ["method", "k_or_tree", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive", "x_vs_ar_range",
+        "accepted_per_forward",
         "target_forwards", "slot_utilisation", "equivalence", "rows_identical"])
     series = {label: ([r["slots"] for r in rows if r["method"] == label],
                       [r["tokens_per_s"] for r in rows if r["method"] == label]) for label, _, _ in methods}
