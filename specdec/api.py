@@ -149,7 +149,7 @@ class _Run:
         self.eos = tuple(sorted(eos | set(stop_tokens or ())))
         pooled = slots is not None
         self.chunk_steps = chunk_steps or (POOL_CHUNK_STEPS if self.stop or pooled else None)
-        self.end_on_finish = pooled  # a freed slot refills at once, not at the chunk's end
+        self.end_on_finish = pooled and self.slots > 1  # a freed slot refills at once (one slot: no-op)
         self.stopped = [None] * self.n
         self.outcomes: list[tuple[list[int], int, list[int] | None] | None] = [None] * self.n
         self.use = SlotUse()

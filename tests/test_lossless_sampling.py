@@ -28,6 +28,7 @@ import specdec.verify
 from flax import nnx
 from heads.medusa import new_heads
 from specdec.config import tiny_config
+from specdec.engine import spec_chunk
 from specdec.loading import LoadedModel
 from specdec.model import init_model, teacher_forced_logits
 
@@ -101,12 +102,12 @@ def test_rejection_sampling_matches_target_distribution(pair, kind):
 def test_broken_rule_is_detected(pair, monkeypatch):
     """Resampling from the target instead of the residual is biased; the same test must reject it."""
     target, draft = pair
-    jax.clear_caches()
+    spec_chunk.clear_cache()  # the only compiled program that verifies: it retraces with the broken rule
     monkeypatch.setattr(specdec.verify, "residual_distribution", lambda r, q: r)
     try:
         p = chi_square_p(sample_counts(target, **_method("chain", target, draft)), exact_distribution(target),
                          SAMPLES)
     finally:
-        jax.clear_caches()
+        spec_chunk.clear_cache()
     print(f"broken: p = {p:.3g}")
     assert p < 1e-6, f"the broken rule went unnoticed (chi-square p = {p:.2e})"

@@ -8,6 +8,7 @@ loss curve as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar
@@ -38,6 +39,7 @@ def cached_arrays(path: Path, kind: type[Arrays], build: Callable[[], Arrays]) -
     return data
 
 
+@functools.cache  # one object per setting: fits with the same setting share the compiled train step
 def make_optimizer(*, lr: float, total_steps: int, warmup: float, weight_decay: float,
                    clip: float) -> optax.GradientTransformation:
     """AdamW with linear warm-up over the first ``warmup`` fraction of steps, then cosine decay to 0,
