@@ -53,9 +53,9 @@ def schedule_label(value, searched: str) -> str:
     return ",".join(f"{r}:{name(v)}" for r, v in sorted(value.items())) if isinstance(value, dict) else name(value)
 
 
-def per_round_ratio(row: dict, base: dict) -> float:
-    """Median over the timing rounds of ``row``'s tokens/s over ``base``'s in the same round."""
-    return float(np.median(np.divide(row["per_round_tokens_per_s"], base["per_round_tokens_per_s"])))
+def round_ratios(row: dict, base: dict) -> np.ndarray:
+    """``[rounds]``: ``row``'s tokens/s over ``base``'s within each timing round."""
+    return np.divide(row["per_round_tokens_per_s"], base["per_round_tokens_per_s"])
 
 
 def main() -> None:
@@ -98,7 +98,7 @@ def main() -> None:
         out = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
         if label == "autoregressive" and slots == min(args.slots):  # at 1 slot: each prompt alone
             alone = out
-    walls, outputs = {i: [] for i in range(len(configs))}, {}
+    walls, outputs = [[] for _ in configs], [None] * len(configs)
     for round_ in range(args.repeats):  # configurations in turn, from a rotating start: drift hits all alike
         for i in np.roll(np.arange(len(configs)), -round_):
             label, method, slots = configs[i]
@@ -108,8 +108,7 @@ def main() -> None:
             outputs[i] = res
             print(f"round {round_ + 1}/{args.repeats}: {label} at {slots} slots, {walls[i][-1]:.1f} s", flush=True)
     rows = []
-    for i, (label, method, slots) in enumerate(configs):
-        res = outputs[i]
+    for (label, method, slots), res, wall in zip(configs, outputs, walls):
         verdicts = [classify(model, ids[j], res[j], alone[j], sampling=Sampling(), seed=0,
                              eos_ids=tuple(tok.eos_ids)).verdict for j in range(len(ids))]
         s = res[0].stats
@@ -117,21 +116,21 @@ def main() -> None:
         rows.append({"method": label, "k_or_tree": "" if choice is None else schedule_label(choice, searched),
                      "options": {"slots": slots, "method": method.get("method", "autoregressive"),
                                  **({} if choice is None else {"k" if "k" in method else "tree": choice})},
-                     "slots": slots, "tokens_per_s": s.new_tokens / float(np.median(walls[i])),
-                     "per_round_tokens_per_s": [s.new_tokens / w for w in walls[i]],
+                     "slots": slots, "tokens_per_s": s.new_tokens / float(np.median(wall)),
+                     "per_round_tokens_per_s": [s.new_tokens / w for w in wall],
                      "accepted_per_forward": s.accepted_per_forward, "target_forwards": s.target_forwards,
                      "slot_utilisation": float(np.mean(s.slot_utilisation)), "new_tokens": s.new_tokens,
-                     "wall_s": walls[i], "equivalence": "MISMATCH" if "MISMATCH" in verdicts else
+                     "wall_s": wall, "equivalence": "MISMATCH" if "MISMATCH" in verdicts else
                      "tie" if "tie" in verdicts else "identical",
                      "rows_identical": f"{verdicts.count('identical')}/{len(ids)}"})
     for row in rows:
         base = row["method"].removesuffix(" by load")  # by load at 1 slot is the base method at 1 slot
         one = next((r for r in rows if r["method"] == base and r["slots"] == 1), None)
         ar = next(r for r in rows if r["method"] == "autoregressive" and r["slots"] == row["slots"])
-        row["x_vs_1_slot"] = "" if one is None else per_round_ratio(row, one)
-        row["x_vs_autoregressive"] = per_round_ratio(row, ar)
-        vs_ar = np.divide(row["per_round_tokens_per_s"], ar["per_round_tokens_per_s"])
-        row["x_vs_ar_range"] = f"{vs_ar.min():.3g}-{vs_ar.max():.3g}"  # over the rounds
+        row["x_vs_1_slot"] = "" if one is None else float(np.median(round_ratios(row, one)))
+        vs_ar = round_ratios(row, ar)
+        row["x_vs_autoregressive"] = float(np.median(vs_ar))
+        row["x_vs_ar_range"] = f"{vs_ar.min():.3g}-{vs_ar.max():.3g}"
         print({k: v for k, v in row.items() if k != "options"}, flush=True)
     notes = ["tokens_per_s = all generated tokens / median wall time of the pool run over "
              f"{args.repeats} timed round(s), prefills included",

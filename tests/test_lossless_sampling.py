@@ -102,7 +102,7 @@ def test_rejection_sampling_matches_target_distribution(pair, kind):
 def test_broken_rule_is_detected(pair, monkeypatch):
     """Resampling from the target instead of the residual is biased; the same test must reject it."""
     target, draft = pair
-    spec_chunk.clear_cache()  # the only compiled program that verifies: it retraces with the broken rule
+    spec_chunk.clear_cache()  # the program this test's decode verifies in: it retraces with the broken rule
     monkeypatch.setattr(specdec.verify, "residual_distribution", lambda r, q: r)
     try:
         p = chi_square_p(sample_counts(target, **_method("chain", target, draft)), exact_distribution(target),
