@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 import specdec
-from specdec.bench import save_plot, write_results
+from specdec.bench import pyplot, save_plot, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from specdec.equivalence import classify
 from heads.bundled import default_tree, heads_for
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed rounds; each round times every configuration once, in turn")
     args = parser.parse_args()
+    pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
     tok = model.tokenizer

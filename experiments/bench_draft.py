@@ -22,7 +22,7 @@ import os
 
 import specdec
 from drafts.saved import draft_for, read_metadata
-from specdec.bench import greedy_summary, save_plot, timed_generations, write_results
+from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 
 
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=list(range(1, 9)))
     parser.add_argument("--draft", default=None, help="a saved draft directory (default: the bundled one)")
     args = parser.parse_args()
+    pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
     draft, where = draft_for(model, args.draft)

@@ -27,7 +27,7 @@ import specdec
 from heads.bundled import default_tree, heads_for
 from heads.medusa import read_metadata
 from heads.trees import load_spec, tree_buffers
-from specdec.bench import greedy_summary, save_plot, timed_generations, write_results
+from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 
 
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--trees", nargs="+", default=["chain-2", "chain-4", "tree-8", "tree-16", "tree-32",
                                                        "tree-64"])
     args = parser.parse_args()
+    pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
     heads, heads_dir = heads_for(model, None)

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 import specdec
-from specdec.bench import greedy_summary, save_plot, timed_generations, write_results
+from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import sharegpt_prompts
 from specdec.skipdecode import WEIGHTS_FILE, SkipSchedule, load_finetuned
 from training.skipdecode import SkipTrainConfig, prepare_rows, quality_table
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--exits", type=int, nargs="+", default=[6, 12, 18, 24])
     parser.add_argument("--k", type=int, default=3, help="early-exit draft tokens per step")
     args = parser.parse_args()
+    pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
     tuned = load_finetuned(model, args.weights)

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 import specdec
-from specdec.bench import save_plot, write_results
+from specdec.bench import pyplot, save_plot, write_results
 from specdec.datasets import sharegpt
 from specdec.model import teacher_forced_logits
 from specdec.ngrams import default_ngram_path, load_ngrams, tokenizer_name
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--ngrams", default=None, help="n-gram file (default: the model's, built if missing)")
     args = parser.parse_args()
+    pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
     tok, k = model.tokenizer, args.k

@@ -123,9 +123,12 @@ def greedy_summary(model, ids: list[list[int]], results: list, reference: list) 
             "rows_identical": verdicts.count("identical"), "new_tokens": tokens, "target_forwards": forwards}
 
 
-def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
-              logx: bool = False, logy: bool = False) -> Path:
-    """Line plot of ``{label: (xs, ys)}`` to ``results/<device>/<name>.png`` (needs the ``plots`` extra)."""
+def pyplot():
+    """matplotlib's ``pyplot`` on the file-only Agg backend; a clear error without the ``plots`` extra.
+
+    A plotting benchmark calls it before any timing, so a missing matplotlib stops it at once, not
+    after the run.
+    """
     try:
         import matplotlib
 
@@ -133,6 +136,13 @@ def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, y
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise RuntimeError("plots need matplotlib: pip install -e '.[plots]' (or make peers)") from err
+    return plt
+
+
+def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
+              logx: bool = False, logy: bool = False) -> Path:
+    """Line plot of ``{label: (xs, ys)}`` to ``results/<device>/<name>.png`` (needs the ``plots`` extra)."""
+    plt = pyplot()
     folder, label = device_label()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name_, (xs, ys) in series.items():

