@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,28 @@ def test_distillation_lowers_its_loss_and_raises_acceptance(tiny, toy, tmp_path,
     assert after[loss] < 0.85 * before[loss], (before, after)
     assert after["greedy_accept"] > before["greedy_accept"] + 0.1, (before, after)
     assert after["expected_per_forward"][4] > before["expected_per_forward"][4]
+
+
+def test_heldout_split_can_be_self_distilled_whatever_the_training_data(monkeypatch):
+    """``heldout_data`` picks the held-out split's mode (default: as ``data``), names its own data
+    cache, rejects unknown modes, and reaches :func:`split_examples`."""
+    import training.data as data
+
+    cfg = DraftTrainConfig(data="sharegpt", heldout_data="self-distill", conversations=60)
+    assert (cfg.data_of("train"), cfg.data_of("heldout")) == ("sharegpt", "self-distill")
+    assert DraftTrainConfig(data="sharegpt").data_of("heldout") == "sharegpt"
+    assert cfg.data_key() != DraftTrainConfig(data="sharegpt", conversations=60).data_key()
+    with pytest.raises(ValueError, match="heldout_data must be empty"):
+        DraftTrainConfig(heldout_data="real")
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]] * 60
+    calls = []
+    monkeypatch.setattr("specdec.datasets.sharegpt", lambda split: convs)
+    monkeypatch.setattr(data, "self_distill", lambda lm, c, **kw: calls.append(("self-distill", len(c))) or [])
+    monkeypatch.setattr(data, "render_chat", lambda tok, c: calls.append("sharegpt"))
+    lm = SimpleNamespace(tokenizer=None)
+    data.split_examples(lm, cfg, "heldout", data=cfg.data_of("heldout"))
+    data.split_examples(lm, cfg, "train", data=cfg.data_of("train"))
+    assert calls == [("self-distill", 50)] + ["sharegpt"] * 60
 
 
 def test_resume_is_exact(tiny, toy, tmp_path):

@@ -129,17 +129,18 @@ def next_labels(packed: Packed) -> np.ndarray:
     return ahead_labels(packed, [1])[..., 0]
 
 
-def split_examples(lm, cfg, split: str) -> list[Example]:
+def split_examples(lm, cfg, split: str, data: str | None = None) -> list[Example]:
     """The chat examples of ShareGPT's ``split`` ("train" or "heldout") a training config asks for:
     ``cfg.conversations`` (or ``cfg.heldout_conversations``) conversations, with the dataset's
-    replies (``cfg.data == "sharegpt"``) or ``lm``'s own (``"self-distill"``, see :func:`self_distill`)."""
+    replies (``data`` or else ``cfg.data`` is "sharegpt") or ``lm``'s own ("self-distill", see
+    :func:`self_distill`)."""
     from specdec.datasets import sharegpt
 
     count = cfg.conversations if split == "train" else cfg.heldout_conversations
     convs = sharegpt(split)[:count]
     if len(convs) < count:
         raise ValueError(f"ShareGPT's {split} split has {len(convs)} conversations, fewer than the {count} asked for")
-    if cfg.data == "self-distill":
+    if (data or cfg.data) == "self-distill":
         return self_distill(lm, convs, max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
                             batch_size=cfg.gen_batch, seed=cfg.seed)
     return [render_chat(lm.tokenizer, c) for c in tqdm(convs, desc=f"tokenise {split}", unit="conv")]

@@ -60,6 +60,8 @@ class DraftTrainConfig:
     loss: str = "kl"  # kl | tv | kl+tv | ce
     teacher_top_k: int = 32  # target probabilities kept per position
     data: str = "self-distill"  # "sharegpt" (the dataset's replies) or "self-distill" (the target's own)
+    heldout_data: str = ""  # the held-out split's mode ("": as ``data``); "self-distill" measures acceptance
+    # on the target's own replies, which is what decoding sees, whatever the training data
     conversations: int = 600
     heldout_conversations: int = 50
     seq_len: int = 256
@@ -81,6 +83,8 @@ class DraftTrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.data not in DATA_MODES:
             raise ValueError(f"data must be one of {DATA_MODES}, got {self.data!r}")
+        if self.heldout_data not in ("",) + DATA_MODES:
+            raise ValueError(f"heldout_data must be empty (as data) or one of {DATA_MODES}, got {self.heldout_data!r}")
         if self.batch_size < 1 or self.epochs <= 0 or self.teacher_top_k < 1:
             raise ValueError("batch_size and teacher_top_k must be >= 1 and epochs > 0")
 
@@ -89,10 +93,14 @@ class DraftTrainConfig:
         return DraftSpec(n_layers=self.n_layers, init=self.init, layers=layers,
                          share_embeddings=self.share_embeddings, vocab_size=self.vocab_size or None)
 
+    def data_of(self, split: str) -> str:
+        """The data mode of ``split`` ("train" or "heldout")."""
+        return self.heldout_data or self.data if split == "heldout" else self.data
+
     def data_key(self) -> str:
         """A digest of the fields that decide the training data (names the data cache)."""
-        fields = ("model", "teacher_top_k", "data", "conversations", "heldout_conversations", "seq_len",
-                  "max_prompt_tokens", "max_new_tokens", "seed")
+        fields = ("model", "teacher_top_k", "data", "heldout_data", "conversations", "heldout_conversations",
+                  "seq_len", "max_prompt_tokens", "max_new_tokens", "seed")
         return hashlib.sha256(json.dumps([getattr(self, f) for f in fields]).encode()).hexdigest()[:12]
 
 
@@ -284,7 +292,8 @@ def evaluate(draft: DraftLlama, data: Teacher, batch_size: int = 8) -> dict:
 def prepare_data(lm, cfg: DraftTrainConfig, split: str) -> Teacher:
     """Packed rows and the target's distributions for ``split`` ("train"/"heldout"), cached."""
     return cached_arrays(work_dir_of(cfg, KIND) / f"teacher-{split}.npz", Teacher,
-                         lambda: teacher_targets(lm, pack(split_examples(lm, cfg, split), cfg.seq_len),
+                         lambda: teacher_targets(lm, pack(split_examples(lm, cfg, split, data=cfg.data_of(split)),
+                                                          cfg.seq_len),
                                                  cfg.teacher_top_k))
 
 
