@@ -106,13 +106,14 @@ class DraftModelProposer:
         tokens = jnp.concatenate([tokens, last[0][None]], axis=0).T  # [B, k]
         siblings = jnp.concatenate([siblings, last[1][None]], axis=0).transpose(1, 0, 2)  # [B, k, w-1]
         nodes = jnp.concatenate([tokens[:, :, None], siblings], axis=2).reshape(tokens.shape[0], -1)
+        qs = jnp.concatenate([qs, last[2][None]], axis=0).transpose(1, 0, 2)  # [B, k, V]
+        confidence = jnp.take_along_axis(qs, nodes.reshape(qs.shape[0], self.k, self.width), axis=2)  # the draft's q
         probs = None
         if rule == "rejection" and not sampling.greedy:
-            qs = jnp.concatenate([qs, last[2][None]], axis=0).transpose(1, 0, 2)  # [B, k, V]
             point = jax.nn.one_hot(siblings, qs.shape[-1], dtype=qs.dtype)  # siblings: point masses
             per_node = jnp.concatenate([qs[:, :, None], point], axis=2).reshape(tokens.shape[0], -1, qs.shape[-1])
             probs = jnp.concatenate([jnp.zeros_like(per_node[:, :1]), per_node], axis=1)  # node 0: unused
-        return cache, Proposal(tokens=nodes, draft_probs=probs)
+        return cache, Proposal(tokens=nodes, draft_probs=probs, confidence=confidence.reshape(nodes.shape))
 
     def commit(self, params, cache: KVCache, commit: Commit) -> KVCache:
         return cache.with_lengths(commit.lengths - 1)

@@ -19,8 +19,10 @@ from specdec.sampling import Sampling
 from specdec.tree import Tree
 
 
-def lookup(history: jax.Array, lengths: jax.Array, *, k: int, max_ngram: int, min_ngram: int) -> jax.Array:
-    """Continuation ``[B, k]`` of the latest earlier match of each row's last n-gram.
+def lookup(history: jax.Array, lengths: jax.Array, *, k: int, max_ngram: int,
+           min_ngram: int) -> tuple[jax.Array, jax.Array]:
+    """Continuation ``[B, k]`` of the latest earlier match of each row's last n-gram, and the
+    match's n ``[B]`` (0: no match, the continuation is padding).
 
     Args:
       history: [B, H] tokens by position; positions ``0 .. lengths[b]`` are known.
@@ -30,6 +32,7 @@ def lookup(history: jax.Array, lengths: jax.Array, *, k: int, max_ngram: int, mi
     padded = jnp.pad(history, ((0, 0), (0, max_ngram + k)))
     starts = jnp.arange(h)[None, :]
     found = jnp.zeros((b,), bool)
+    matched = jnp.zeros((b,), jnp.int32)
     cont = jnp.zeros((b,), jnp.int32)
     for n in range(max_ngram, min_ngram - 1, -1):
         tail = jnp.take_along_axis(padded, jnp.clip(lengths[:, None] - n + 1 + jnp.arange(n), 0), axis=1)
@@ -41,9 +44,10 @@ def lookup(history: jax.Array, lengths: jax.Array, *, k: int, max_ngram: int, mi
         hit = match.any(axis=1)
         latest = h - 1 - jnp.argmax(match[:, ::-1], axis=1)
         cont = jnp.where(~found & hit, latest + n, cont)
+        matched = jnp.where(~found & hit, n, matched)
         found |= hit
     tokens = jnp.take_along_axis(padded, cont[:, None] + jnp.arange(k)[None, :], axis=1)
-    return jnp.where(found[:, None], tokens, 0).astype(jnp.int32)
+    return jnp.where(found[:, None], tokens, 0).astype(jnp.int32), matched
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,10 @@ class PromptLookupProposer:
     def propose(self, params, state, view: View, sampling: Sampling, rule: str):
         if self.k == 0:
             return state, no_proposal(view.lengths.shape[0])
-        tokens = lookup(view.history, view.lengths, k=self.k, max_ngram=self.max_ngram, min_ngram=self.min_ngram)
-        return state, Proposal(tokens=tokens, draft_probs=None)
+        tokens, n = lookup(view.history, view.lengths, k=self.k, max_ngram=self.max_ngram, min_ngram=self.min_ngram)
+        # a longer match is likelier to continue; n / (max_ngram + 1) ranks rows for a budget
+        confidence = jnp.broadcast_to((n / (self.max_ngram + 1))[:, None], tokens.shape)
+        return state, Proposal(tokens=tokens, draft_probs=None, confidence=confidence)
 
     def commit(self, params, state, commit: Commit):
         return state

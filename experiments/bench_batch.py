@@ -5,8 +5,11 @@ The same HumanEval + held-out ShareGPT chat prompts go through ``specdec.generat
 for every method and S, greedy, up to ``--new-tokens`` tokens per request (EOS ends a request).
 Each speculative proposer runs with one k (or Medusa tree) at every S and, at the S where it
 differs, with a by-load schedule (``PL_BY_LOAD`` etc.: the k or tree for the rows running,
-picked at each chunk's start; k 0 / "chain-0" turns speculation off); ``--schedules`` picks
-either. Every (method, S) first runs once to compile every shape the pool meets (prefill
+picked at each chunk's start; k 0 / "chain-0" turns speculation off) and, for the proposers in
+``BUDGET_BY_LOAD``, with that schedule plus a budget by load (``specdec.budget``), and ("tuned")
+with the k / tree and budget by load that ``specdec.tune`` measures fastest on this machine at
+the start of the run, on other prompts (the next ``--tune-prompts`` of each set); ``--schedules``
+picks which. Every (method, S) first runs once to compile every shape the pool meets (prefill
 buckets, batch widths); then ``--repeats`` rounds time each configuration once, in turn, so a
 drift in the machine's speed reaches every configuration alike. Figures:
 
@@ -36,6 +39,7 @@ from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from specdec.equivalence import classify
 from heads.bundled import default_tree, heads_for
 from specdec.sampling import Sampling
+from specdec.tune import tune
 
 # By-load schedules (k 0 / "chain-0": speculation off), from bench_step_cost on the 2-core AVX2 CPU
 # (results/cpu/bench_step_cost.md): there one row decodes with matrix-vector products, which any
@@ -44,18 +48,46 @@ from specdec.sampling import Sampling
 PL_BY_LOAD = {1: 0, 2: 2, 8: 1}
 DRAFT_BY_LOAD = {1: 0, 2: 1}
 MEDUSA_BY_LOAD = {4: "chain-1", 8: "chain-0"}  # from 1 row: the searched tree
+# Budgets by load (draft tokens verified per step, all rows together; specdec.budget), from
+# bench_step_cost on the 2-core AVX512 CPU: at 8 rows prompt lookup k 1 gained most with the 2
+# likeliest draft tokens of the batch (10 tokens a step instead of 16); below 8 rows, no cap.
+BUDGET_BY_LOAD = {"prompt_lookup": {1: 16, 8: 2}}
 PROPOSERS = ("prompt_lookup", "draft", "medusa")
 
 
 def schedule_label(value, searched: str) -> str:
-    """``{1: 4, 8: 2}`` -> ``"1:4,8:2"`` (the CLI's by-load form), the searched tree's file as "searched"."""
-    name = lambda v: "searched" if v == searched else str(v)  # noqa: E731
+    """``{1: 4, 8: 2}`` -> ``"1:4,8:2"`` (the CLI's by-load form), the searched tree's file as "searched",
+    no budget (None) as "none"."""
+    name = lambda v: "searched" if v == searched else "none" if v is None else str(v)  # noqa: E731
     return ",".join(f"{r}:{name(v)}" for r, v in sorted(value.items())) if isinstance(value, dict) else name(value)
 
 
 def round_ratios(row: dict, base: dict) -> np.ndarray:
     """``[rounds]``: ``row``'s tokens/s over ``base``'s within each timing round."""
     return np.divide(row["per_round_tokens_per_s"], base["per_round_tokens_per_s"])
+
+
+def tune_rows(args) -> list[int]:
+    """Running-row counts to tune for: powers of two up to the most slots (and tuning prompts)."""
+    top = min(max(args.slots), 2 * args.tune_prompts)
+    return [r for r in (1, 2, 4, 8, 16, 32) if r <= top]
+
+
+def tune_all(model, args, draft: dict) -> dict:
+    """``specdec.tune`` for each proposer of the run, on the HumanEval and ShareGPT prompts that
+    follow the benchmark's."""
+    n = args.tune_prompts
+    prompts = (humaneval_chat_prompts(args.humaneval + n)[args.humaneval:]
+               + sharegpt_prompts(args.sharegpt + n)[args.sharegpt:])
+    ids = [model.tokenizer.encode(model.tokenizer.chat(p)) for p in prompts]
+    ids = [i for pair in zip(ids[:n], ids[n:]) for i in pair]  # alternate the sets: every group mixes them
+    out = {}
+    for name in args.methods:
+        start = time.perf_counter()
+        out[name] = tune(model, name, ids, rows=tune_rows(args), options=draft if name == "draft" else None,
+                         progress=print)
+        print(f"{name} tuned in {time.perf_counter() - start:.0f} s: {out[name].options}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -69,8 +101,13 @@ def main() -> None:
                         help="file name of the results (.json, .md, .png) under experiments/results/<device>/")
     parser.add_argument("--methods", nargs="+", default=list(PROPOSERS), choices=PROPOSERS,
                         help="speculative proposers to run; autoregressive always runs: it is the reference")
-    parser.add_argument("--schedules", nargs="+", default=["fixed", "by-load"], choices=["fixed", "by-load"],
-                        help="each proposer with its one k or tree (fixed), with its by-load schedule, or both")
+    parser.add_argument("--schedules", nargs="+", default=["fixed", "by-load", "budget", "tuned"],
+                        choices=["fixed", "by-load", "budget", "tuned"],
+                        help="each proposer with its one k or tree (fixed), with its by-load schedule, with "
+                             "that schedule plus its budget by load (proposers in BUDGET_BY_LOAD), and with the "
+                             "schedule specdec.tune measures on this machine at the start (tuned)")
+    parser.add_argument("--tune-prompts", type=int, default=4,
+                        help="tuned: HumanEval and as many ShareGPT prompts to tune on (after the benchmark's)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed rounds; each round times every configuration once, in turn")
     args = parser.parse_args()
@@ -82,6 +119,7 @@ def main() -> None:
     ids = [tok.encode(tok.chat(p)) for p in prompts]
     draft = dict(draft=specdec.load(args.draft)) if args.draft else {}
     searched = default_tree(heads_for(model, None)[1])
+    tuned = tune_all(model, args, draft) if "tuned" in args.schedules else {}
     # (label, generate options, slots it runs at): each proposer with one k / tree, and by load
     methods = [("autoregressive", {}, args.slots)]
     for name, fixed, schedule in [("prompt_lookup", dict(k=4), dict(k=PL_BY_LOAD)),
@@ -94,6 +132,11 @@ def main() -> None:
             methods.append((name, dict(method=name, **fixed), args.slots))
         if "by-load" in args.schedules:
             methods.append((f"{name} by load", dict(method=name, **schedule), [s for s in args.slots if s >= varied]))
+        if "budget" in args.schedules and name in BUDGET_BY_LOAD:
+            methods.append((f"{name} by load + budget", dict(method=name, **schedule, budget=BUDGET_BY_LOAD[name]),
+                            [s for s in args.slots if s >= varied]))
+        if name in tuned:
+            methods.append((f"{name} tuned", dict(method=name, **tuned[name].options, **draft), args.slots))
     configs = [(label, method, slots) for label, method, slots_run in methods for slots in slots_run]
     for label, method, slots in configs:  # compile every shape each configuration meets, before any timing
         out = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
@@ -114,9 +157,12 @@ def main() -> None:
                              eos_ids=tuple(tok.eos_ids)).verdict for j in range(len(ids))]
         s = res[0].stats
         choice = method.get("k", method.get("tree"))
+        budget = method.get("budget")
         rows.append({"method": label, "k_or_tree": "" if choice is None else schedule_label(choice, searched),
+                     "budget": "" if budget is None else schedule_label(budget, searched),
                      "options": {"slots": slots, "method": method.get("method", "autoregressive"),
-                                 **({} if choice is None else {"k" if "k" in method else "tree": choice})},
+                                 **({} if choice is None else {"k" if "k" in method else "tree": choice}),
+                                 **({} if budget is None else {"budget": budget})},
                      "slots": slots, "tokens_per_s": s.new_tokens / float(np.median(wall)),
                      "per_round_tokens_per_s": [s.new_tokens / w for w in wall],
                      "accepted_per_forward": s.accepted_per_forward, "target_forwards": s.target_forwards,
@@ -125,7 +171,7 @@ def main() -> None:
                      "tie" if "tie" in verdicts else "identical",
                      "rows_identical": f"{verdicts.count('identical')}/{len(ids)}"})
     for row in rows:
-        base = row["method"].removesuffix(" by load")  # by load at 1 slot is the base method at 1 slot
+        base = row["method"].split(" by load")[0].removesuffix(" tuned")  # over the base method at 1 slot
         one = next((r for r in rows if r["method"] == base and r["slots"] == 1), None)
         ar = next(r for r in rows if r["method"] == "autoregressive" and r["slots"] == row["slots"])
         row["x_vs_1_slot"] = "" if one is None else float(np.median(round_ratios(row, one)))
@@ -139,8 +185,13 @@ def main() -> None:
              "are timed in turn within each round); x_vs_ar_range: its lowest and highest round",
              "k_or_tree: draft tokens per step, or the Medusa tree; ROWS:VALUE,... = by load (picked at each "
              "chunk's start from the rows running then; `k={1: 4, 4: 2}` in the API)",
-             "x_vs_1_slot of a by-load row: over its base method at 1 slot (the same proposer there); "
+             "budget: draft tokens verified per step, all rows together (the proposer's likeliest; "
+             "specdec.budget), by load like k; blank: no cap",
+             "x_vs_1_slot of a by-load or tuned row: over its base method at 1 slot (the same proposer there); "
              "blank without a 1-slot run",
+             "tuned: k / tree and budget by load measured fastest on this machine at the start of the run "
+             f"(specdec.tune, rows {tune_rows(args)}, on {args.tune_prompts} + {args.tune_prompts} other prompts); "
+             "the measurements are under 'tuning' in the JSON",
              f"equivalence: against autoregressive at {min(args.slots)} slot(s)"
              + (", i.e. each prompt alone" if min(args.slots) == 1 else " through the same pool"),
              "targets: speculative at 8 slots >= 3x the same proposer at 1 slot, and >= autoregressive at 8 slots"]
@@ -149,7 +200,8 @@ def main() -> None:
                  "searched tree" + (f" (draft: {args.draft})" if args.draft else ""),
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, greedy, "
                    f"through the request pool", "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
-    }, ["method", "k_or_tree", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive", "x_vs_ar_range",
+        "tuning": {name: {"options": t.options, "measurements": t.rows} for name, t in tuned.items()},
+    }, ["method", "k_or_tree", "budget", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive", "x_vs_ar_range",
         "accepted_per_forward",
         "target_forwards", "slot_utilisation", "equivalence", "rows_identical"])
     series = {label: ([r["slots"] for r in rows if r["method"] == label],

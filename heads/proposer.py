@@ -47,8 +47,10 @@ class MedusaProposer:
             return hidden, no_proposal(hidden.shape[0])
         heads = nnx.merge(self.graphdef, params["heads"])
         logits = heads.logits(hidden, params["table"], self.tree.max_depth)  # [B, depth, V]
-        top = jax.lax.top_k(logits, self.buffers.top_k)[1].astype(jnp.int32)
-        return hidden, Proposal(tokens=candidate_tokens(top, self.buffers), draft_probs=None)
+        best, top = jax.lax.top_k(logits, self.buffers.top_k)
+        probs = jnp.exp(best.astype(jnp.float32) - jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1, keepdims=True))
+        return hidden, Proposal(tokens=candidate_tokens(top.astype(jnp.int32), self.buffers), draft_probs=None,
+                                confidence=candidate_tokens(probs, self.buffers))  # each head's probability
 
     def commit(self, params, hidden: jax.Array, commit: Commit) -> jax.Array:
         v = commit.verdict

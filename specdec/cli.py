@@ -1,5 +1,5 @@
 """Command line: ``specdec generate``, ``batch``, ``check``, ``train-heads``, ``train-draft``,
-``train-skipdecode``, ``build-ngrams``, ``search-tree`` and ``fetch``."""
+``train-skipdecode``, ``build-ngrams``, ``search-tree``, ``tune`` and ``fetch``."""
 
 from __future__ import annotations
 
@@ -14,9 +14,19 @@ from specdec.methods import METHOD_OPTIONS, METHODS
 
 
 def _method_options(args) -> dict:
-    """The speculative options given on the command line (absent ones left to the method's defaults)."""
+    """The speculative options given on the command line (absent ones left to the method's defaults),
+    with those of ``--schedule``."""
     names = {o for opts in METHOD_OPTIONS.values() for o in opts}
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if getattr(args, "schedule", None):
+        from specdec.tune import read_schedule
+
+        tuned = read_schedule(args.schedule, args.method)
+        if clash := sorted(set(tuned) & set(options)):
+            raise ValueError(f"--schedule {args.schedule} sets {', '.join(clash)}; drop "
+                             f"{', '.join('--' + c for c in clash)} or the schedule")
+        options.update(tuned)
+    return options
 
 
 def _by_load(cast):
@@ -40,6 +50,11 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--k", type=_by_load(int), help="draft tokens per step (speculative methods; default 4); "
                         "ROWS:K,ROWS:K,... picks k by running rows (e.g. 1:4,8:2); "
                         "k 0 turns speculation off (e.g. 1:4,8:0)")
+    parser.add_argument("--budget", type=_by_load(int), help="draft tokens verified per step, all rows together: "
+                        "those the proposer rates likeliest to be accepted (draft, prompt_lookup, medusa; default: "
+                        "all); ROWS:BUDGET,... picks it by running rows (e.g. 1:4,8:2)")
+    parser.add_argument("--schedule", help="k (or Medusa tree) and budget by load from a file written by "
+                        "`specdec tune --out FILE` (measured on this device)")
     parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
     parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft (default 1)")
     parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
@@ -72,10 +87,10 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
 def _generate(args) -> int:
     import specdec
 
-    model = load_once(args.model, dtype=args.dtype)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, chat=not args.no_chat, system=args.system,
                    stop=args.stop, method=args.method, **_method_options(args))
+    model = load_once(args.model, dtype=args.dtype)
     if args.stream:
         for deltas in specdec.stream(model, args.prompt, **options):
             print(deltas[0], end="", flush=True)
@@ -125,12 +140,13 @@ def _read_prompts(args) -> list[str]:
 def _batch(args) -> int:
     import specdec
 
+    options = _method_options(args)
     model = load_once(args.model, dtype=args.dtype)
     prompts = _read_prompts(args)
     seeds = [args.seed + i for i in range(len(prompts))]
     results = specdec.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=seeds, slots=args.slots,
-                               chunk_steps=args.chunk_steps, method=args.method, **_method_options(args))
+                               chunk_steps=args.chunk_steps, method=args.method, **options)
     lines = "".join(json.dumps({"prompt": prompt, "seed": seed, "text": r.text, "tokens": len(r.tokens),
                                 "finish_reason": r.finish_reason, "target_forwards": r.target_forwards}) + "\n"
                     for prompt, seed, r in zip(prompts, seeds, results))
@@ -150,11 +166,12 @@ def _check(args) -> int:
     from specdec.datasets import humaneval_chat_prompts
     from specdec.equivalence import check
 
+    options = _method_options(args)
     model = load_once(args.model, dtype=args.dtype)
     prompts = args.prompt or humaneval_chat_prompts(args.humaneval)
     report = check(model, prompts, args.method, batch_size=args.batch_size, tolerance=args.tolerance,
                    strict=args.strict, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, **_method_options(args))
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, **options)
     print(report.table())
     return 1 if report.verdict == "MISMATCH" else 0
 
@@ -243,6 +260,34 @@ def _search_tree(args) -> int:
     print(describe(result))
     if args.save:
         print(f"saved to {heads_dir / 'tree.json'} (the default tree for these heads)", file=sys.stderr)
+    return 0
+
+
+def _tune(args) -> int:
+    from specdec.api import encode_prompts
+    from specdec.bench import device_label
+    from specdec.tune import MAIN_OPTION, save_schedule, tune
+
+    if args.method not in MAIN_OPTION:
+        raise ValueError(f"tune picks k or a Medusa tree by load: --method must be one of {', '.join(MAIN_OPTION)}")
+    prompts = _read_prompts(args)
+    model = load_once(args.model)
+    fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "heads", "max_ngram", "min_ngram")
+             if getattr(args, name) is not None and name in METHOD_OPTIONS[args.method]}
+    choices = args.choices and [int(c) if MAIN_OPTION[args.method] == "k" else c for c in args.choices]
+    tuned = tune(model, args.method, encode_prompts(model, prompts, True, None), rows=args.rows, choices=choices,
+                 budgets=args.budgets, steps=args.steps, chunks=args.chunks, options=fixed,
+                 progress=lambda line: print(line, file=sys.stderr, flush=True))
+    for row in tuned.rows:
+        print(f"{row['rows']:>4} rows  {row['setting']:<28} {row['tokens_per_s']:8.1f} tokens/s  "
+              f"{row['x_vs_autoregressive']:.3f}x autoregressive{'  <- chosen' if row.get('chosen') else ''}")
+    print(json.dumps(tuned.options))
+    if args.out:
+        import datetime
+
+        save_schedule(tuned, args.out, device=device_label()[1], date=datetime.date.today().isoformat(),
+                      model=args.model, prompts=len(prompts), fixed_options=fixed)
+        print(f"saved to {args.out} (use it with --schedule {args.out})", file=sys.stderr)
     return 0
 
 
@@ -338,6 +383,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "tree.json instead of measuring them again")
     ts.add_argument("--save", action="store_true", help="write tree.json beside the heads (their default tree)")
     ts.set_defaults(func=_search_tree)
+    tu = sub.add_parser("tune", help="measure which k (or Medusa tree) and budget decode fastest on this device at "
+                                     "each number of running rows: a by-load schedule (for --schedule)")
+    tu.add_argument("--model", default="smollm2-135m")
+    tu.add_argument("--method", default="prompt_lookup", choices=["prompt_lookup", "draft", "medusa"])
+    tu.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="running-row counts to tune for, "
+                    "from 1 (a larger load takes the largest below it)")
+    tu.add_argument("--choices", nargs="+", help="k values (draft, prompt_lookup) or trees (medusa) to try "
+                    "(default: 0 1 2 4, or chain-0 chain-1 chain-2 tree-8 tree-16)")
+    tu.add_argument("--budgets", type=int, nargs="+", help="budgets tried beside no cap (default 1 2 4)")
+    tu.add_argument("--prompts-file", help="one chat prompt per line, or .jsonl with a \"prompt\" per line")
+    tu.add_argument("--humaneval", type=int, default=4, help="add this many HumanEval prompts")
+    tu.add_argument("--sharegpt", type=int, default=4, help="add this many held-out ShareGPT prompts")
+    tu.add_argument("--steps", type=int, default=8, help="steps per timed chunk")
+    tu.add_argument("--chunks", type=int, default=6, help="chunks per setting (the first compiles, untimed)")
+    tu.add_argument("--draft", help="draft model for --method draft (default: the bundled one)")
+    tu.add_argument("--draft-width", type=int, help="candidates per depth for --method draft (default 1)")
+    tu.add_argument("--heads", help="Medusa heads directory (default: the bundled heads)")
+    tu.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
+    tu.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
+    tu.add_argument("--out", help="save the schedule and every measurement as JSON")
+    tu.set_defaults(func=_tune)
     fetch = sub.add_parser("fetch", help="download and verify registry models and data sets")
     fetch.add_argument("--models", nargs="*", default=["smollm2-135m"])
     fetch.add_argument("--datasets", nargs="*", default=[])

@@ -41,6 +41,12 @@ class Proposal(NamedTuple):
     # verification then runs only layers ``proposer.verify_from`` and up.
     cache: KVCache | None = None
     hidden: jax.Array | None = None
+    # [B, N - 1] the chance each node's token is accepted if its parent is (a budget ranks by it)
+    confidence: jax.Array | None = None
+    # budgeted (specdec.budget): the nodes verified, kept [B, N] bool, and the tokens the target
+    # computes, packed [K] flat indices ``row * N + node``; a node not kept is rejected outright
+    kept: jax.Array | None = None
+    packed: jax.Array | None = None
 
 
 def no_proposal(batch: int) -> Proposal:
@@ -64,6 +70,7 @@ class View(NamedTuple):
     last: jax.Array  # [B] the root token (newest, not yet in the target cache)
     seeds: jax.Array  # [B] uint32 row seeds
     cache: KVCache  # the target's cache (a proposer that writes to it returns it in its Proposal)
+    active: jax.Array  # [B] bool rows still decoding
 
 
 class Commit(NamedTuple):
@@ -185,7 +192,8 @@ def _emit(st: SpecState, verdict: Verdict, tokens: jax.Array, active: jax.Array,
 def propose_part(graphdef, params, proposer, pparams, st: SpecState, sampling: Sampling, rule: str):
     """The proposer's half of a step: ``(proposer state, Proposal)``."""
     d = st.dec
-    view = View(history=st.history, lengths=d.cache.lengths, last=d.last, seeds=d.seeds, cache=d.cache)
+    view = View(history=st.history, lengths=d.cache.lengths, last=d.last, seeds=d.seeds, cache=d.cache,
+                active=~d.done)
     return proposer.propose(pparams, st.proposer, view, sampling, rule)
 
 
@@ -200,11 +208,12 @@ def verify_part(graphdef, params, proposer, pparams, st: SpecState, pstate, prop
     tokens = jnp.concatenate([dec.last[:, None], prop.tokens.astype(jnp.int32)], axis=1)
     where = dict(positions=node_positions(tree, lengths), block_mask=jnp.asarray(tree.ancestors))
     if prop.hidden is None:
-        res = forward(model, dec.cache, tokens=tokens, **where)
+        res = forward(model, dec.cache, tokens=tokens, packed=prop.packed, **where)
     else:
         res = forward(model, prop.cache, embeds=prop.hidden,
                       layers=range(proposer.verify_from, model.config.n_layers), **where)
-    verdict = _verify(tree, rule, sampling, tokens, res.logits, prop, dec.seeds, lengths)
+    checked = tokens if prop.kept is None else jnp.where(prop.kept, tokens, -1)  # -1: never the target's choice
+    verdict = _verify(tree, rule, sampling, checked, res.logits, prop, dec.seeds, lengths)
     n = verdict.n_accepted
     cache = res.cache if tree.is_chain else _compact(res.cache, verdict.path, n)
     st = _emit(st, verdict, tokens, active, eos_ids)

@@ -150,6 +150,9 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
         if built is not None and isinstance(built[0], ByLoad):
             raise ValueError("strict=True compares forwards of one width: give k (or tree) one value, not a "
                              "by-load dict")
+        if method_only.get("budget") is not None:
+            raise ValueError("strict=True compares forwards of one width: a budget packs each step's tokens "
+                             "into a narrower forward; leave budget out")
         ref_options["block_width"] = built[0].tree.size if built is not None else None
         reference_batch_size, tolerance = batch_size or len(prompts), 0.0
     ref = reference or _batched(lm, prompts, reference_batch_size or 1, method="autoregressive", **ref_options)

@@ -12,9 +12,9 @@ import numpy as np
 
 METHOD_OPTIONS = {
     "autoregressive": ("block_width",),
-    "draft": ("draft", "k", "draft_width", "verification", "profile"),
-    "prompt_lookup": ("k", "max_ngram", "min_ngram", "verification", "profile"),
-    "medusa": ("heads", "tree", "verification", "profile"),
+    "draft": ("draft", "k", "draft_width", "budget", "verification", "profile"),
+    "prompt_lookup": ("k", "max_ngram", "min_ngram", "budget", "verification", "profile"),
+    "medusa": ("heads", "tree", "budget", "verification", "profile"),
     "early_exit": ("exit_layer", "k", "verification", "profile"),
     "skipdecode": ("target_speedup", "warmup_layers", "min_active", "max_active", "weights"),
     "superposed": ("num_drafts", "ngrams", "alpha", "tau", "n_token_sample", "ngram_weights", "reset_every"),
@@ -27,16 +27,34 @@ def _opt(options: dict, name: str, default):
     return default if value is None else value
 
 
-def _by_load(value, build: Callable) -> tuple[Any, Any]:
-    """``build(value) -> (proposer, params)``; for a ``{running rows: value}`` mapping, a
-    :class:`specdec.engine.ByLoad` with one proposer per entry (they share the first one's params)."""
+def _schedule(value) -> dict:
+    """A by-load option as ``{running rows: value}`` (a single value: from 1 row)."""
     if not isinstance(value, Mapping):
-        return build(value)
-    from specdec.engine import ByLoad
-
+        return {1: value}
     if any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) for r in value):
         raise ValueError(f"a by-load option maps running-row counts (integers) to values, got keys {list(value)}")
-    built = [(int(r), build(v)) for r, v in sorted(value.items())]
+    if 1 not in value:
+        raise ValueError(f"a by-load option needs values starting at 1 running row (key 1), got keys {sorted(value)}")
+    return {int(r): v for r, v in value.items()}
+
+
+def _by_load(value, build: Callable, budget=None) -> tuple[Any, Any]:
+    """``build(value) -> (proposer, params)``, each proposer verifying at most ``budget`` draft tokens
+    per step across the batch (None: all). Where ``value`` or ``budget`` is a ``{running rows: value}``
+    mapping, a :class:`specdec.engine.ByLoad` with one proposer per row count either names (they share
+    the first one's params)."""
+    from specdec.budget import with_budget
+
+    if not isinstance(value, Mapping) and not isinstance(budget, Mapping):
+        return with_budget(build(value), budget)
+    from specdec.engine import ByLoad
+
+    values, budgets = _schedule(value), _schedule(budget)
+
+    def at(schedule: dict, rows: int):
+        return schedule[max(r for r in schedule if r <= rows)]
+
+    built = [(r, with_budget(build(at(values, r)), at(budgets, r))) for r in sorted(set(values) | set(budgets))]
     return ByLoad(tuple((r, proposer) for r, (proposer, _) in built)), built[0][1][1]
 
 
@@ -54,14 +72,16 @@ def _draft(target, options: dict) -> tuple[Any, Any]:
         draft = load(draft, dtype=target.config.dtype)
     width = _opt(options, "draft_width", 1)
     return _by_load(_opt(options, "k", 4), lambda k: (
-        draft_proposer(target.config, draft.config, draft.graphdef, k=k, width=width), draft.state))
+        draft_proposer(target.config, draft.config, draft.graphdef, k=k, width=width), draft.state),
+        options.get("budget"))
 
 
 def _prompt_lookup(target, options: dict) -> tuple[Any, Any]:
     from drafts.prompt_lookup import PromptLookupProposer
 
     ngrams = dict(max_ngram=_opt(options, "max_ngram", 3), min_ngram=_opt(options, "min_ngram", 1))
-    return _by_load(_opt(options, "k", 4), lambda k: (PromptLookupProposer(k=k, **ngrams), None))
+    return _by_load(_opt(options, "k", 4), lambda k: (PromptLookupProposer(k=k, **ngrams), None),
+                    options.get("budget"))
 
 
 def _medusa(target, options: dict) -> tuple[Any, Any]:
@@ -76,7 +96,7 @@ def _medusa(target, options: dict) -> tuple[Any, Any]:
     tree = options.get("tree")
     if tree is None:  # only then read the searched trees beside the heads
         tree = default_trees(heads_dir)
-    return _by_load(tree, lambda t: medusa_proposer(target, heads, load_spec(t)))
+    return _by_load(tree, lambda t: medusa_proposer(target, heads, load_spec(t)), options.get("budget"))
 
 
 def _early_exit(target, options: dict) -> tuple[Any, Any]:

@@ -119,25 +119,39 @@ def _attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible:
     return out.reshape(b, t, cfg.n_heads * cfg.head_dim).astype(q.dtype)
 
 
+def _unpack(x: jax.Array, packed: jax.Array | None, b: int, t: int) -> jax.Array:
+    """``x: [K, ...]`` for the flat token indices ``packed: [K]`` -> ``[B, T, ...]``, zeros elsewhere."""
+    if packed is None:
+        return x
+    return jnp.zeros((b * t,) + x.shape[1:], x.dtype).at[packed].set(x).reshape((b, t) + x.shape[1:])
+
+
+def _pack(x: jax.Array, packed: jax.Array | None) -> jax.Array:
+    """``x: [B, T, ...]`` -> the tokens at the flat indices ``packed: [K]``, ``[K, ...]``."""
+    return x if packed is None else x.reshape((-1,) + x.shape[2:])[packed]
+
+
 def _block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, positions: jax.Array,
-           cache: KVCache, visible: jax.Array) -> tuple[jax.Array, KVCache]:
-    b, t, _ = x.shape
+           cache: KVCache, visible: jax.Array, packed: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """One block over ``x: [B, T, d]``, or over the packed tokens ``x: [K, d]`` (see :func:`forward`)."""
+    b, t = x.shape[:2] if packed is None else positions.shape
     h = block.attn_norm(x)
-    q = block.attn.q(h).reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k = block.attn.k(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    v = block.attn.v(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q = _unpack(block.attn.q(h), packed, b, t).reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = _unpack(block.attn.k(h), packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = _unpack(block.attn.v(h), packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     cache = write_layer(cache, layer, k, v)
-    x = x + block.attn.o(_attend(cfg, q, cache.k[layer], cache.v[layer], visible))
+    x = x + block.attn.o(_pack(_attend(cfg, q, cache.k[layer], cache.v[layer], visible), packed))
     x = x + block.mlp(block.mlp_norm(x))
     return x, cache
 
 
 def _masked_block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, positions: jax.Array, cache: KVCache,
-                  visible: jax.Array, layer_mask: jax.Array | None) -> tuple[jax.Array, KVCache]:
+                  visible: jax.Array, layer_mask: jax.Array | None,
+                  packed: jax.Array | None) -> tuple[jax.Array, KVCache]:
     """One block, skipped or kept per ``layer_mask`` (see :func:`forward`)."""
     if layer_mask is None:
-        return _block(cfg, block, layer, x, positions, cache, visible)
+        return _block(cfg, block, layer, x, positions, cache, visible, packed)
     if layer_mask.ndim == 1:
         return jax.lax.cond(layer_mask[layer], lambda x, c: _block(cfg, block, layer, x, positions, c, visible),
                             lambda x, c: (x, c), x, cache)
@@ -158,6 +172,7 @@ def forward(
     hidden_layers: Sequence[int] = (),
     logits_at: jax.Array | None = None,
     compute_logits: bool = True,
+    packed: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run T new tokens per row through the model, writing their K/V at each row's length.
 
@@ -178,14 +193,20 @@ def forward(
       hidden_layers: static layer indices whose output residual stream is returned.
       logits_at: optional [B, K] indices into T: compute logits only there.
       compute_logits: skip the LM head entirely when False.
+      packed: optional [K] distinct flat indices into the B * T tokens (``row * T + t``): only these
+        are computed (the matrix products run on K rows, not B * T); the others get zero K/V and
+        zero logits, hidden and hiddens, and no computed token may see one (e.g. a tree's kept
+        nodes with their ancestors). Budgeted speculation verifies this way.
     Returns:
       ForwardOutput(logits [B, K, V] | None, hidden [B, K, d], hiddens, cache).
     """
     cfg = model.config
     if (tokens is None) == (embeds is None):
         raise ValueError("pass exactly one of tokens [B, T] or embeds [B, T, d_model]")
-    x = model.embed(tokens) if embeds is None else embeds.astype(cfg.jnp_dtype)
-    b, t = x.shape[:2]
+    b, t = (tokens if embeds is None else embeds).shape[:2]
+    if packed is not None and (embeds is not None or logits_at is not None or layer_mask is not None):
+        raise ValueError("packed tokens take token ids and every layer: not embeds, logits_at or layer_mask")
+    x = model.embed(_pack(tokens, packed)) if embeds is None else embeds.astype(cfg.jnp_dtype)
     if block_mask is None:
         block_mask = causal_mask(b, t)
     block_mask = jnp.broadcast_to(block_mask.astype(bool), (b, t, t))
@@ -194,15 +215,16 @@ def forward(
     wanted = set(hidden_layers)
     hiddens = {}
     for layer in run:
-        x, cache = _masked_block(cfg, model.layers[layer], layer, x, positions, cache, visible, layer_mask)
+        x, cache = _masked_block(cfg, model.layers[layer], layer, x, positions, cache, visible, layer_mask, packed)
         if layer in wanted:
-            hiddens[layer] = x
+            hiddens[layer] = _unpack(x, packed, b, t)
     if missing := wanted - set(hiddens):
         raise ValueError(f"hidden_layers {sorted(missing)} are not among the layers run")
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
     hidden = model.norm(x)
     logits = model.logits(hidden) if compute_logits else None
+    hidden, logits = _unpack(hidden, packed, b, t), None if logits is None else _unpack(logits, packed, b, t)
     return ForwardOutput(logits=logits, hidden=hidden, hiddens=hiddens, cache=cache)
 
 

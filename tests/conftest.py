@@ -45,6 +45,18 @@ def tiny_lm(tiny):
 
 
 @pytest.fixture(scope="session")
+def methods(tiny):
+    """Each proposer's generate options on ``tiny``: a different 1-layer random draft, prompt lookup,
+    random Medusa heads."""
+    from heads.medusa import new_heads
+
+    draft = LoadedModel.from_module(init_model(tiny_config(n_layers=1), seed=7), name="tiny-draft")
+    return {"draft": dict(method="draft", draft=draft, k=3),
+            "prompt_lookup": dict(method="prompt_lookup", k=4),
+            "medusa": dict(method="medusa", heads=new_heads(tiny, base_name="tiny"), tree="tree-8")}
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     import specdec
 

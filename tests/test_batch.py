@@ -15,31 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import specdec
-from heads.medusa import new_heads
 from specdec.api import Generation
 from specdec.autoregressive import plan_shapes, prompt_arrays
-from specdec.config import tiny_config
 from specdec.engine import _propose_jit, _verify_jit, spec_prefill
 from specdec.equivalence import check, classify
-from specdec.loading import LoadedModel
 from specdec.methods import build_proposer
-from specdec.model import init_model
 from specdec.pool import next_power_of_two, put_rows, take_rows
 from specdec.sampling import Sampling
 
 PROPOSERS = ("draft", "prompt_lookup", "medusa")
-
-
-@pytest.fixture(scope="module")
-def draft_lm():
-    return LoadedModel.from_module(init_model(tiny_config(n_layers=1), seed=7), name="tiny-draft")
-
-
-@pytest.fixture(scope="module")
-def methods(tiny, draft_lm):
-    return {"draft": dict(method="draft", draft=draft_lm, k=3),
-            "prompt_lookup": dict(method="prompt_lookup", k=4),
-            "medusa": dict(method="medusa", heads=new_heads(tiny, base_name="tiny"), tree="tree-8")}
 
 
 def _case(seed: int, batch: int, temperature: float):

@@ -164,7 +164,7 @@ def test_prompt_lookup_accepts_repetitions(tiny_lm):
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=30), st.integers(1, 3), st.integers(1, 4))
 def test_lookup_matches_reference(context, max_ngram, k):
     length = len(context) - 1
-    want = [0] * k
+    want, want_n = [0] * k, 0
     for n in range(max_ngram, 0, -1):
         if n > len(context):
             continue
@@ -172,12 +172,12 @@ def test_lookup_matches_reference(context, max_ngram, k):
         starts = [j for j in range(0, length - n + 1) if context[j:j + n] == tail]
         if starts:
             follow = context[starts[-1] + n:starts[-1] + n + k]
-            want = follow + [0] * (k - len(follow))
+            want, want_n = follow + [0] * (k - len(follow)), n
             break
     hist = np.zeros((1, 40), np.int32)
     hist[0, :len(context)] = context
-    got = lookup(jax.numpy.asarray(hist), jax.numpy.asarray([length]), k=k, max_ngram=max_ngram, min_ngram=1)
-    assert got[0].tolist() == want
+    got, n = lookup(jax.numpy.asarray(hist), jax.numpy.asarray([length]), k=k, max_ngram=max_ngram, min_ngram=1)
+    assert got[0].tolist() == want and int(n[0]) == want_n
 
 
 def test_rejection_rule_and_profiled_steps_run(tiny_lm, small_draft):

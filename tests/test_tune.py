@@ -1,0 +1,100 @@
+"""Schedules tuned on this device: the candidate grid, the pick from measurements, saved files, and a
+real (tiny-model) tuning run whose schedule decodes exactly like autoregressive decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import specdec
+from specdec import tune as tune_module
+from specdec.cli import main as cli_main
+from specdec.tune import candidates, read_schedule, save_schedule, tune
+
+
+def test_candidates_offer_only_budgets_that_can_drop_a_draft_token():
+    assert candidates("prompt_lookup", 1, (0, 1, 4), (1, 2, 4)) == {
+        "k=0": {"k": 0}, "k=1": {"k": 1},
+        "k=4": {"k": 4}, "k=4 budget=1": {"k": 4, "budget": 1}, "k=4 budget=2": {"k": 4, "budget": 2}}
+    eight = candidates("draft", 8, (0, 1), (4, 8))
+    assert eight == {"k=0": {"k": 0}, "k=1": {"k": 1}, "k=1 budget=4": {"k": 1, "budget": 4}}
+    medusa = candidates("medusa", 2, ("chain-0", "chain-1", "tree-8"), (2, 8))
+    assert list(medusa) == ["tree=chain-0", "tree=chain-1", "tree=tree-8", "tree=tree-8 budget=2",
+                            "tree=tree-8 budget=8"]  # 2 rows x 8 nodes: budget 16 would drop nothing
+
+
+def test_candidates_reject_bad_input():
+    with pytest.raises(ValueError, match="method must be one of"):
+        candidates("superposed", 1)
+    with pytest.raises(ValueError, match="budgets must be integers >= 1"):
+        candidates("prompt_lookup", 1, (1,), (0,))
+    with pytest.raises(ValueError, match="no candidate k"):
+        candidates("prompt_lookup", 1, ())
+
+
+def _fake_rates(fastest: dict[int, str]):
+    """A ``step_rates`` stand-in: at r rows the setting ``fastest[r]`` decodes 2 tokens a step, the rest 1."""
+
+    def rates(model, ids, settings, **_):
+        best = fastest[len(ids)]
+        return {name: {"step_ms": 10.0, "tokens_per_step": 2.0 if name == best else 1.0} for name in settings}
+
+    return rates
+
+
+def test_tune_keeps_the_fastest_setting_at_each_load(monkeypatch, tiny_lm):
+    monkeypatch.setattr(tune_module, "step_rates", _fake_rates({1: "k=0", 2: "k=2 budget=1", 4: "k=2 budget=1",
+                                                                8: "k=1"}))
+    tuned = tune(tiny_lm, "prompt_lookup", [[1, 2]] * 8, rows=(8, 1, 2, 4), choices=(0, 1, 2), budgets=(1,))
+    assert tuned.options == {"k": {1: 0, 2: 2, 8: 1}, "budget": {1: None, 2: 1, 8: None}}
+    chosen = [(t["rows"], t["setting"]) for t in tuned.rows if t.get("chosen")]
+    assert chosen == [(1, "k=0"), (2, "k=2 budget=1"), (4, "k=2 budget=1"), (8, "k=1")]
+    assert all(t["x_vs_autoregressive"] == (2.0 if t.get("chosen") else 1.0) for t in tuned.rows)
+    monkeypatch.setattr(tune_module, "step_rates", _fake_rates({1: "k=2", 2: "k=2"}))
+    assert tune(tiny_lm, "prompt_lookup", [[1]] * 2, rows=(1, 2), choices=(0, 2), budgets=(1,)).options == {"k": 2}
+
+
+def test_tune_rejects_bad_input(tiny_lm):
+    with pytest.raises(ValueError, match="must include 1"):
+        tune(tiny_lm, "prompt_lookup", [[1]] * 4, rows=(2, 4))
+    with pytest.raises(ValueError, match="needs at least 4 prompts"):
+        tune(tiny_lm, "prompt_lookup", [[1]] * 3, rows=(1, 4))
+    with pytest.raises(ValueError, match="those are what tune picks"):
+        tune(tiny_lm, "draft", [[1]], rows=(1,), options={"k": 2})
+
+
+def test_a_tuned_schedule_decodes_exactly_like_autoregressive(tiny_lm, tmp_path):
+    """A real measurement on the tiny model: whatever it picks, the pool's output is unchanged."""
+    prompts = [[5, 9, 14, 2, 5, 9, 14], [1, 2, 3, 1, 2], [8, 9], [10, 11, 12, 10, 11]]
+    tuned = tune(tiny_lm, "prompt_lookup", prompts, rows=(1, 2), choices=(0, 2), budgets=(1,), steps=2, chunks=2)
+    assert set(tuned.options) <= {"k", "budget"}
+    assert sorted({(t["rows"], t["setting"]) for t in tuned.rows}) == sorted(
+        [(1, "autoregressive"), (1, "k=0"), (1, "k=2"), (1, "k=2 budget=1"),
+         (2, "autoregressive"), (2, "k=0"), (2, "k=2"), (2, "k=2 budget=1")])
+    assert all(t["tokens_per_s"] > 0 for t in tuned.rows)
+    assert sum(bool(t.get("chosen")) for t in tuned.rows) == 2
+    options = read_schedule(save_schedule(tuned, tmp_path / "s.json", device="test"), "prompt_lookup")
+    assert options == tuned.options
+    alone = [specdec.generate(tiny_lm, p, max_new_tokens=20).tokens for p in prompts]
+    pooled = specdec.generate(tiny_lm, prompts, max_new_tokens=20, slots=2, chunk_steps=4, method="prompt_lookup",
+                              **options)
+    assert [r.tokens for r in pooled] == alone
+
+
+def test_saved_schedules_fail_clearly(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="specdec tune --out"):
+        read_schedule(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        read_schedule(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="not a schedule"):
+        read_schedule(tmp_path / "other.json")
+    (tmp_path / "draft.json").write_text(json.dumps({"method": "draft", "options": {"k": {"1": 0, "2": 1}}}))
+    assert read_schedule(tmp_path / "draft.json", "draft") == {"k": {1: 0, 2: 1}}
+    with pytest.raises(ValueError, match="schedule for method 'draft', not 'prompt_lookup'"):
+        read_schedule(tmp_path / "draft.json", "prompt_lookup")
+    assert cli_main(["generate", "--prompt", "x", "--method", "draft", "--k", "2",
+                     "--schedule", str(tmp_path / "draft.json")]) == 2
+    assert "sets k; drop --k or the schedule" in capsys.readouterr().err
