@@ -87,8 +87,8 @@ def step_rates(model, ids: Sequence[Sequence[int]], settings: dict[str, tuple[st
         per_step, step_s = statistics.mean(gained[name]), statistics.median(times[name])
         out[name] = {"step_ms": 1000 * step_s, "step_ms_range": (1000 * min(times[name]), 1000 * max(times[name])),
                      "tokens_per_step": per_step, "tokens_per_s": per_step * len(ids) / step_s}
+    ar = next((out[n]["tokens_per_s"] for n, s in settings.items() if s is None), None)
     for name in out:
-        ar = next((out[n]["tokens_per_s"] for n, s in settings.items() if s is None), None)
         out[name]["x_vs_autoregressive"] = None if ar is None else out[name]["tokens_per_s"] / ar
     return out
 
@@ -145,7 +145,11 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
         ``DEFAULT_BUDGETS``).
       steps, chunks: as in :func:`step_rates`.
       options: the method's other options, the same in every setting (e.g. ``{"draft": ...}``).
-      progress: called with a line of text after each measured group (e.g. ``print``).
+      progress: called with a line of text after each row count (e.g. ``print``).
+
+    Every setting compiles its programs once per row count (minutes on a real model), and JAX's
+    compiled programs are dropped after each row count (``jax.clear_caches``: on a CPU, XLA's
+    programs for some hundred settings exhaust the process's memory maps).
     """
     rows = sorted({int(r) for r in rows})
     if not rows or rows[0] != 1:
@@ -179,6 +183,7 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
         fastest = max((t for t in mine if t["setting"] != "autoregressive"), key=lambda t: t["tokens_per_s"])
         fastest["chosen"] = True
         best[r] = settings[fastest["setting"]][1]
+        jax.clear_caches()  # this row count's programs are done; hundreds at once exhaust a CPU process's maps
     schedule = {option: _collapse({r: o[option] for r, o in best.items()})}
     budget = _collapse({r: o.get("budget") for r, o in best.items()})
     if budget is not None:
