@@ -137,6 +137,13 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
+def _add_prompt_args(parser: argparse.ArgumentParser, each: int) -> None:
+    """The prompt sources :func:`_read_prompts` reads (``each``: default count of each data set)."""
+    parser.add_argument("--prompts-file", help="one chat prompt per line, or .jsonl with a \"prompt\" per line")
+    parser.add_argument("--humaneval", type=int, default=each, help="add this many HumanEval prompts")
+    parser.add_argument("--sharegpt", type=int, default=each, help="add this many held-out ShareGPT prompts")
+
+
 def _batch(args) -> int:
     import specdec
 
@@ -268,8 +275,6 @@ def _tune(args) -> int:
     from specdec.bench import device_label
     from specdec.tune import MAIN_OPTION, save_schedule, tune
 
-    if args.method not in MAIN_OPTION:
-        raise ValueError(f"tune picks k or a Medusa tree by load: --method must be one of {', '.join(MAIN_OPTION)}")
     prompts = _read_prompts(args)
     model = load_once(args.model)
     fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "heads", "max_ngram", "min_ngram")
@@ -312,9 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat = sub.add_parser("batch", help="decode many prompts through a request pool (continuous batching); "
                                        "JSON Lines out, in input order")
     bat.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF directory")
-    bat.add_argument("--prompts-file", help="one chat prompt per line, or .jsonl with a \"prompt\" per line")
-    bat.add_argument("--humaneval", type=int, default=0, help="add this many HumanEval prompts")
-    bat.add_argument("--sharegpt", type=int, default=0, help="add this many held-out ShareGPT prompts")
+    _add_prompt_args(bat, 0)
     bat.add_argument("--slots", type=int, default=8, help="batch rows on device")
     bat.add_argument("--chunk-steps", type=int, default=None, help="on-device steps between admissions (16)")
     _add_method_args(bat, "autoregressive")
@@ -392,9 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--choices", nargs="+", help="k values (draft, prompt_lookup) or trees (medusa) to try "
                     "(default: 0 1 2 4, or chain-0 chain-1 chain-2 tree-8 tree-16)")
     tu.add_argument("--budgets", type=int, nargs="+", help="budgets tried beside no cap (default 1 2 4)")
-    tu.add_argument("--prompts-file", help="one chat prompt per line, or .jsonl with a \"prompt\" per line")
-    tu.add_argument("--humaneval", type=int, default=4, help="add this many HumanEval prompts")
-    tu.add_argument("--sharegpt", type=int, default=4, help="add this many held-out ShareGPT prompts")
+    _add_prompt_args(tu, 4)
     tu.add_argument("--steps", type=int, default=8, help="steps per timed chunk")
     tu.add_argument("--chunks", type=int, default=6, help="chunks per setting (the first compiles, untimed)")
     tu.add_argument("--draft", help="draft model for --method draft (default: the bundled one)")

@@ -99,3 +99,5 @@ def test_saved_schedules_fail_clearly(tmp_path, capsys):
     assert cli_main(["generate", "--prompt", "x", "--method", "draft", "--k", "2",
                      "--schedule", str(tmp_path / "draft.json")]) == 2
     assert "sets k; drop --k or the schedule" in capsys.readouterr().err
+    assert cli_main(["tune", "--prompts-file", str(tmp_path / "missing.txt")]) == 2  # before the model loads
+    assert "missing.txt does not exist" in capsys.readouterr().err
