@@ -17,6 +17,7 @@ when it rejects the chain there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,36 @@ def chain_with_siblings(k: int, width: int) -> Tree:
     return Tree(tuple(parents))
 
 
+def draft_chain(step, state, logits: jax.Array, view: View, k: int, width: int, sampling: Sampling,
+                rule: str) -> tuple[Any, Proposal]:
+    """Draft ``k`` tokens one by one, each with ``width - 1`` leaf siblings (tree
+    :func:`chain_with_siblings`), from ``logits: [B, V]`` for the token after the root.
+
+    ``step(state, token [B], position [B]) -> (state, logits [B, V])`` feeds a draft token at its
+    position and returns the draft's logits for the next one. Returns the last state and the proposal.
+    """
+    length = view.lengths
+
+    def body(carry, depth):
+        state, logits = carry
+        token, siblings, q = pick_draft(logits, view.seeds, length + depth, sampling, rule, width)
+        return step(state, token, length + depth), (token, siblings, q)
+
+    (state, logits), (tokens, siblings, qs) = jax.lax.scan(body, (state, logits), jnp.arange(1, k))
+    last = pick_draft(logits, view.seeds, length + k, sampling, rule, width)
+    tokens = jnp.concatenate([tokens, last[0][None]], axis=0).T  # [B, k]
+    siblings = jnp.concatenate([siblings, last[1][None]], axis=0).transpose(1, 0, 2)  # [B, k, w-1]
+    nodes = jnp.concatenate([tokens[:, :, None], siblings], axis=2).reshape(tokens.shape[0], -1)
+    qs = jnp.concatenate([qs, last[2][None]], axis=0).transpose(1, 0, 2)  # [B, k, V]
+    confidence = jnp.take_along_axis(qs, nodes.reshape(qs.shape[0], k, width), axis=2)  # the draft's q
+    probs = None
+    if rule == "rejection" and not sampling.greedy:
+        point = jax.nn.one_hot(siblings, qs.shape[-1], dtype=qs.dtype)  # siblings: point masses
+        per_node = jnp.concatenate([qs[:, :, None], point], axis=2).reshape(tokens.shape[0], -1, qs.shape[-1])
+        probs = jnp.concatenate([jnp.zeros_like(per_node[:, :1]), per_node], axis=1)  # node 0: unused
+    return state, Proposal(tokens=nodes, draft_probs=probs, confidence=confidence.reshape(nodes.shape))
+
+
 @dataclass(frozen=True)
 class DraftModelProposer:
     """Propose with a draft model (``graphdef`` + params passed to the engine as ``pparams``)."""
@@ -94,26 +125,11 @@ class DraftModelProposer:
         if self.k == 0:  # speculation off: only keep the draft cache in step with the target
             return cache, no_proposal(length.shape[0])
 
-        def step(carry, depth):
-            cache, logits = carry
-            token, siblings, q = pick_draft(logits, view.seeds, length + depth, sampling, rule, self.width)
-            out = forward(model, cache, tokens=token[:, None], positions=(length + depth)[:, None])
-            return (out.cache.advance(jnp.ones_like(length)), out.logits[:, 0]), (token, siblings, q)
+        def step(cache, token, position):
+            out = forward(model, cache, tokens=token[:, None], positions=position[:, None])
+            return out.cache.advance(jnp.ones_like(length)), out.logits[:, 0]
 
-        (cache, logits), (tokens, siblings, qs) = jax.lax.scan(step, (cache, res.logits[:, 0]),
-                                                               jnp.arange(1, self.k))
-        last = pick_draft(logits, view.seeds, length + self.k, sampling, rule, self.width)
-        tokens = jnp.concatenate([tokens, last[0][None]], axis=0).T  # [B, k]
-        siblings = jnp.concatenate([siblings, last[1][None]], axis=0).transpose(1, 0, 2)  # [B, k, w-1]
-        nodes = jnp.concatenate([tokens[:, :, None], siblings], axis=2).reshape(tokens.shape[0], -1)
-        qs = jnp.concatenate([qs, last[2][None]], axis=0).transpose(1, 0, 2)  # [B, k, V]
-        confidence = jnp.take_along_axis(qs, nodes.reshape(qs.shape[0], self.k, self.width), axis=2)  # the draft's q
-        probs = None
-        if rule == "rejection" and not sampling.greedy:
-            point = jax.nn.one_hot(siblings, qs.shape[-1], dtype=qs.dtype)  # siblings: point masses
-            per_node = jnp.concatenate([qs[:, :, None], point], axis=2).reshape(tokens.shape[0], -1, qs.shape[-1])
-            probs = jnp.concatenate([jnp.zeros_like(per_node[:, :1]), per_node], axis=1)  # node 0: unused
-        return cache, Proposal(tokens=nodes, draft_probs=probs, confidence=confidence.reshape(nodes.shape))
+        return draft_chain(step, cache, res.logits[:, 0], view, self.k, self.width, sampling, rule)
 
     def commit(self, params, cache: KVCache, commit: Commit) -> KVCache:
         return cache.with_lengths(commit.lengths - 1)

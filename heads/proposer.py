@@ -40,7 +40,7 @@ class MedusaProposer:
         return self.buffers.tree
 
     def prefill(self, params, tokens, prompt_lens, slots, hidden: jax.Array) -> jax.Array:
-        return hidden
+        return jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]  # the last prompt token's
 
     def propose(self, params, hidden: jax.Array, view: View, sampling: Sampling, rule: str):
         if self.tree.size == 1:  # "chain-0": speculation off

@@ -92,18 +92,20 @@ def prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, *
                         sampling: Sampling, eos_ids: tuple[int, ...]) -> tuple[DecodeState, jax.Array]:
     """Run the padded prompts ``tokens: [B, P]`` and sample each row's first token.
 
-    Returns the state and the final-normed hidden state ``[B, d]`` at each row's last prompt token.
+    Returns the state and the final-normed hidden states ``[B, P, d]`` at every prompt position (a
+    caller that ignores them costs nothing: they are dropped when compiled).
     """
     model = nnx.merge(graphdef, params)
     b, p = tokens.shape
     cache = init_cache(model.config, b, shapes.slots)
+    last = model.config.n_layers - 1
     res = forward(model, cache, tokens=tokens, positions=jnp.broadcast_to(jnp.arange(p), (b, p)),
-                  logits_at=(prompt_lens - 1)[:, None])
+                  logits_at=(prompt_lens - 1)[:, None], hidden_layers=(last,))
     first = sampling.sample(res.logits[:, 0], seeds, prompt_lens)
     st = DecodeState(cache=res.cache.with_lengths(prompt_lens), last=first,
                      out=jnp.zeros((b, shapes.out), jnp.int32), n_out=jnp.zeros((b,), jnp.int32),
                      done=jnp.zeros((b,), bool), max_new=max_new, seeds=seeds, forwards=jnp.int32(0))
-    return _record(st, jnp.ones((b,), bool), first, eos_ids), res.hidden[:, 0]
+    return _record(st, jnp.ones((b,), bool), first, eos_ids), model.norm(res.hiddens[last])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "shapes", "sampling", "eos_ids"))

@@ -1,5 +1,5 @@
 """Command line: ``specdec generate``, ``batch``, ``check``, ``train-heads``, ``train-draft``,
-``train-skipdecode``, ``build-ngrams``, ``search-tree``, ``tune`` and ``fetch``."""
+``train-feature-draft``, ``train-skipdecode``, ``build-ngrams``, ``search-tree``, ``tune`` and ``fetch``."""
 
 from __future__ import annotations
 
@@ -229,6 +229,12 @@ def _train_draft(args) -> int:
     return _train(args, DraftTrainConfig, train_draft, "draft")
 
 
+def _train_feature_draft(args) -> int:
+    from training.feature_draft import FeatureDraftTrainConfig, train_feature_draft
+
+    return _train(args, FeatureDraftTrainConfig, train_feature_draft, "feature draft")
+
+
 def _train_skipdecode(args) -> int:
     from training.skipdecode import SkipTrainConfig, train_skipdecode
 
@@ -358,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(td, DraftTrainConfig)
     td.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     td.set_defaults(func=_train_draft)
+    tf = sub.add_parser("train-feature-draft", help="train an EAGLE-style feature draft for a target (resumable)")
+    from training.feature_draft import FeatureDraftTrainConfig
+
+    _add_config_args(tf, FeatureDraftTrainConfig)
+    tf.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    tf.set_defaults(func=_train_feature_draft)
     tsk = sub.add_parser("train-skipdecode", help="fine-tune a model with the SkipDecode layer schedule active "
                                                    "(resumable)")
     from training.skipdecode import SkipTrainConfig

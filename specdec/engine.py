@@ -90,8 +90,8 @@ class Proposer(Protocol):
     # optional ``verify_from: int``: the layer verification starts at when proposals carry ``hidden``
 
     def prefill(self, params: Any, tokens: jax.Array, prompt_lens: jax.Array, slots: int, hidden: jax.Array) -> Any:
-        """Proposer state after the padded prompts ``tokens: [B, P]``; ``hidden: [B, d]`` is the
-        target's final-normed hidden state at each row's last prompt token."""
+        """Proposer state after the padded prompts ``tokens: [B, P]``; ``hidden: [B, P, d]`` holds the
+        target's final-normed hidden states at every prompt position."""
 
     def propose(self, params: Any, state: Any, view: View, sampling: Sampling, rule: str) -> tuple[Any, Proposal]:
         """Candidates for the tree's non-root nodes."""

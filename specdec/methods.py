@@ -15,6 +15,7 @@ METHOD_OPTIONS = {
     "draft": ("draft", "k", "draft_width", "budget", "verification", "profile"),
     "prompt_lookup": ("k", "max_ngram", "min_ngram", "budget", "verification", "profile"),
     "medusa": ("heads", "tree", "budget", "verification", "profile"),
+    "eagle": ("feature_draft", "k", "draft_width", "budget", "verification", "profile"),
     "early_exit": ("exit_layer", "k", "verification", "profile"),
     "skipdecode": ("target_speedup", "warmup_layers", "min_active", "max_active", "weights"),
     "superposed": ("num_drafts", "ngrams", "alpha", "tau", "n_token_sample", "ngram_weights", "reset_every"),
@@ -99,6 +100,21 @@ def _medusa(target, options: dict) -> tuple[Any, Any]:
     return _by_load(tree, lambda t: medusa_proposer(target, heads, load_spec(t)), options.get("budget"))
 
 
+def _eagle(target, options: dict) -> tuple[Any, Any]:
+    from flax import nnx
+
+    from heads.feature_draft import FeatureDraft, feature_draft_for
+    from heads.feature_proposer import feature_draft_proposer
+
+    draft = options.get("feature_draft")
+    if not isinstance(draft, FeatureDraft):
+        draft = feature_draft_for(target, draft)  # the bundled one, or one saved by `specdec train-feature-draft`
+    k, width = _opt(options, "k", 4), _opt(options, "draft_width", 1)
+    span = max(_schedule(k).values()) + 1  # one state layout for every k of a by-load schedule
+    return _by_load(k, lambda k: (feature_draft_proposer(target, draft, k=k, width=width, span=span),
+                                  nnx.state(draft)), options.get("budget"))
+
+
 def _early_exit(target, options: dict) -> tuple[Any, Any]:
     from drafts.early_exit import early_exit_proposer
 
@@ -108,7 +124,7 @@ def _early_exit(target, options: dict) -> tuple[Any, Any]:
 
 
 _BUILDERS: dict[str, Callable] = {"draft": _draft, "prompt_lookup": _prompt_lookup, "medusa": _medusa,
-                                  "early_exit": _early_exit}
+                                  "eagle": _eagle, "early_exit": _early_exit}
 
 
 def build_proposer(method: str, target, options: dict) -> tuple[Any, Any] | None:

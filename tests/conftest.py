@@ -47,13 +47,16 @@ def tiny_lm(tiny):
 @pytest.fixture(scope="session")
 def methods(tiny):
     """Each proposer's generate options on ``tiny``: a different 1-layer random draft, prompt lookup,
-    random Medusa heads."""
+    random Medusa heads, a random feature draft."""
+    from heads.feature_draft import default_spec, new_feature_draft
     from heads.medusa import new_heads
 
     draft = LoadedModel.from_module(init_model(tiny_config(n_layers=1), seed=7), name="tiny-draft")
     return {"draft": dict(method="draft", draft=draft, k=3),
             "prompt_lookup": dict(method="prompt_lookup", k=4),
-            "medusa": dict(method="medusa", heads=new_heads(tiny, base_name="tiny"), tree="tree-8")}
+            "medusa": dict(method="medusa", heads=new_heads(tiny, base_name="tiny"), tree="tree-8"),
+            "eagle": dict(method="eagle", feature_draft=new_feature_draft(tiny, default_spec(tiny, None), seed=3),
+                          k=3, draft_width=2)}
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +93,17 @@ def sampling_reference(model, prompt: list[int], n: int, seed: int = 0,
         logits = last_logits(model, seq)
         seq.append(int(sampling.sample(logits, jnp.asarray([seed]), jnp.asarray([len(seq)]))[0]))
     return seq[len(prompt):]
+
+
+def greedy_rows(lm, rows: int, seed: int, length: int = 32):
+    """Packed training rows of random prompts continued greedily by ``lm`` (so the data is the
+    target's own; the replies are the assistant tokens)."""
+    import numpy as np
+
+    import specdec
+    from training.data import Example, pack
+
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, lm.config.vocab_size, rng.integers(2, 8)).tolist() for _ in range(rows)]
+    outs = specdec.generate(lm, prompts, max_new_tokens=24, ignore_eos=True)
+    return pack([Example(p + o.tokens, [0] * len(p) + [1] * len(o.tokens)) for p, o in zip(prompts, outs)], length)

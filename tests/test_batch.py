@@ -23,7 +23,7 @@ from specdec.methods import build_proposer
 from specdec.pool import next_power_of_two, put_rows, take_rows
 from specdec.sampling import Sampling
 
-PROPOSERS = ("draft", "prompt_lookup", "medusa")
+PROPOSERS = ("draft", "prompt_lookup", "medusa", "eagle")
 
 
 def _case(seed: int, batch: int, temperature: float):
@@ -103,7 +103,7 @@ def test_pool_reports_work_and_rejects_bad_slots(tiny_lm, methods):
 
 
 BY_LOAD = {"draft": {"k": {1: 3, 2: 1, 3: 0}}, "prompt_lookup": {"k": {1: 4, 2: 0, 4: 2}},
-           "medusa": {"tree": {1: "tree-8", 2: "chain-0", 3: "chain-2"}}}
+           "medusa": {"tree": {1: "tree-8", 2: "chain-0", 3: "chain-2"}}, "eagle": {"k": {1: 3, 2: 0, 3: 1}}}
 """Each schedule turns speculation off (k 0, tree "chain-0") at some load and back on below it."""
 
 

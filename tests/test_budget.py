@@ -63,7 +63,7 @@ def test_packed_forward_computes_the_packed_tokens_exactly(tiny):
     assert not k_got[:, ~on].any()
 
 
-@pytest.mark.parametrize("proposer", ["draft", "prompt_lookup", "medusa"])
+@pytest.mark.parametrize("proposer", ["draft", "prompt_lookup", "medusa", "eagle"])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @settings(max_examples=1, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10**6), budget=st.sampled_from([1, 2, 5, 64]))

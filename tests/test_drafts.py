@@ -20,11 +20,11 @@ from flax import nnx
 import specdec
 from drafts.model import DraftSpec, frequent_vocab, new_draft, token_frequencies
 from drafts.saved import draft_for, load_draft, save_draft
+from conftest import greedy_rows
 from specdec.config import tiny_config
 from specdec.equivalence import check
 from specdec.loading import LoadedModel
 from specdec.model import init_model
-from training.data import Example, pack
 from training.draft import DraftTrainConfig, evaluate, fit, teacher_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,12 +110,7 @@ def test_save_load_round_trip_and_wrong_target(tiny_lm, tiny, tmp_path):
 
 
 def _toy_data(lm, rows: int, seed: int):
-    """Packed rows of random prompts continued greedily by ``lm`` (so the data is the target's own)."""
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, 97, rng.integers(2, 8)).tolist() for _ in range(rows)]
-    outs = specdec.generate(lm, prompts, max_new_tokens=24, ignore_eos=True)
-    examples = [Example(p + o.tokens, [0] * len(p) + [1] * len(o.tokens)) for p, o in zip(prompts, outs)]
-    return teacher_targets(lm, pack(examples, 32), k=lm.config.vocab_size)
+    return teacher_targets(lm, greedy_rows(lm, rows, seed), k=lm.config.vocab_size)
 
 
 @pytest.fixture(scope="module")

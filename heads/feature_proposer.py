@@ -1,0 +1,104 @@
+"""A feature draft (EAGLE style) as a proposer: k drafted tokens per step over the target's features.
+
+State: the draft's KV cache, whose length ``s`` counts the entries written from
+true target features, and ``pending [B, span, d]``: the target's features at
+positions ``s .. L - 1`` (``L``: the committed length, the root's position),
+not yet entered. Each step enters them first, in one draft forward that also
+reads each one's next token from the history (the last of them is the root);
+the last entry's output drafts the first token. Each further depth enters the
+guessed feature with the token just drafted. After verification, the target's
+features at the accepted path's nodes become the pending ones, so the entries
+written from guesses are overwritten and nothing the target rejected is read.
+No extra target forward is run.
+
+``k = 0`` turns speculation off while still entering the features, so a by-load
+schedule can switch it back on. ``width > 1`` adds leaf siblings at every depth
+(see :func:`drafts.draft_model.chain_with_siblings`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from drafts.draft_model import chain_with_siblings, draft_chain
+from specdec.cache import KVCache, init_cache
+from specdec.engine import Commit, View, draft_length, no_proposal
+from specdec.sampling import Sampling
+from specdec.tree import Tree
+
+
+class FeatureState(NamedTuple):
+    cache: KVCache  # the draft's cache; ``lengths`` = entries written from target features
+    pending: jax.Array  # [B, span, d] target features at positions lengths .. committed length - 1
+
+
+@dataclass(frozen=True)
+class FeatureDraftProposer:
+    """Propose with a :class:`heads.feature_draft.FeatureDraft` (``graphdef`` + its params as ``pparams``).
+    ``span``: the most features a step can leave pending (``k + 1``; one value for a whole by-load
+    schedule, so that its proposers share the state layout)."""
+
+    graphdef: nnx.GraphDef
+    k: int
+    width: int = 1
+    span: int = 0
+
+    @property
+    def tree(self) -> Tree:
+        return chain_with_siblings(self.k, self.width)
+
+    def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, slots: int,
+                hidden: jax.Array) -> FeatureState:
+        draft = nnx.merge(self.graphdef, params)
+        b, p = tokens.shape
+        res = draft.run(init_cache(draft.config, b, slots), hidden[:, :p - 1], tokens[:, 1:],
+                        jnp.broadcast_to(jnp.arange(p - 1), (b, p - 1)), compute_logits=False)
+        last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)  # pairs with the root
+        pending = jnp.zeros((b, self.span, hidden.shape[-1]), hidden.dtype).at[:, :1].set(last)
+        return FeatureState(res.cache.with_lengths(prompt_lens - 1), pending)
+
+    def propose(self, params, state: FeatureState, view: View, sampling: Sampling, rule: str):
+        draft = nnx.merge(self.graphdef, params)
+        start, length = state.cache.lengths, view.lengths
+        at = start[:, None] + jnp.arange(self.span)[None, :]
+        nexts = jnp.take_along_axis(view.history, jnp.minimum(at + 1, view.history.shape[1] - 1), axis=1)
+        newest = jnp.clip(length - start - 1, 0, self.span - 1)[:, None]  # the entry that reads the root
+        res = draft.run(state.cache, state.pending, nexts, at, logits_at=newest, compute_logits=self.k > 0)
+        cache = res.cache.with_lengths(length)
+        if self.k == 0:
+            return FeatureState(cache, state.pending), no_proposal(length.shape[0])
+
+        def step(carry, token, position):  # enter (guessed feature, drafted token) at the entry before it
+            cache, guess = carry
+            out = draft.run(cache, guess[:, None], token[:, None], (position - 1)[:, None])
+            return (out.cache.advance(jnp.ones_like(length)), out.hidden[:, 0]), out.logits[:, 0]
+
+        _, prop = draft_chain(step, (cache, res.hidden[:, 0]), res.logits[:, 0], view, self.k, self.width,
+                              sampling, rule)
+        return FeatureState(cache, state.pending), prop
+
+    def commit(self, params, state: FeatureState, commit: Commit) -> FeatureState:
+        path = commit.verdict.path[:, :self.span]
+        feats = jnp.take_along_axis(commit.target.hidden, path[:, :, None], axis=1)  # the accepted nodes' features
+        pending = state.pending.at[:, :path.shape[1]].set(feats.astype(state.pending.dtype))
+        return state._replace(pending=jnp.where(commit.active[:, None, None], pending, state.pending))
+
+
+def feature_draft_proposer(target, draft, *, k, width: int = 1, span: int | None = None) -> FeatureDraftProposer:
+    """Check that the feature draft fits ``target`` (a ``LoadedModel``) and build its proposer."""
+    k = draft_length(k)
+    if draft.config.d_model != target.config.d_model or draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"this feature draft reads features of width {draft.config.d_model} over "
+                         f"{draft.config.vocab_size} tokens; the target has {target.config.d_model} and "
+                         f"{target.config.vocab_size}: train a feature draft for this model")
+    if int(width) != width or not 1 <= width <= target.config.vocab_size:
+        raise ValueError(f"draft_width (candidates per depth) must be an integer in [1, vocab size], got {width}")
+    span = k + 1 if span is None else span
+    if span < k + 1:
+        raise ValueError(f"span must be >= k + 1 = {k + 1}, got {span}")
+    return FeatureDraftProposer(graphdef=nnx.split(draft)[0], k=k, width=int(width), span=span)

@@ -1,0 +1,147 @@
+"""Feature drafts (EAGLE style): training, resume, save/load, and the proposer's feature bookkeeping.
+
+Equivalence to autoregressive decoding in ragged batches, the pool, by-load schedules and budgets is
+covered with the other proposers (``methods["eagle"]`` in test_batch and test_budget).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import specdec
+from conftest import greedy_rows
+from heads.feature_draft import default_spec, feature_draft_for, load_feature_draft, new_feature_draft, \
+    save_feature_draft
+from specdec.autoregressive import plan_shapes, prompt_arrays
+from specdec.cache import init_cache
+from specdec.config import tiny_config
+from specdec.engine import _propose_jit, _verify_jit, spec_prefill
+from specdec.loading import LoadedModel
+from specdec.methods import build_proposer
+from specdec.model import forward, init_model
+from specdec.sampling import Sampling
+from training.feature_draft import FeatureDraftTrainConfig, evaluate, fit, target_rows
+
+
+@pytest.fixture(scope="module")
+def toy(tiny_lm):
+    return target_rows(tiny_lm, greedy_rows(tiny_lm, 48, 0)), target_rows(tiny_lm, greedy_rows(tiny_lm, 16, 1))
+
+
+def _cfg(**kw):
+    return FeatureDraftTrainConfig(**{"batch_size": 8, "epochs": 2.0, "lr": 3e-3, "warmup": 0.1,
+                                      "checkpoint_every": 4, "vocab_size": 0, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, toy, tmp_path_factory):
+    """A feature draft trained on the tiny target's own greedy text, with its held-out figures before."""
+    train, heldout = toy
+    spec = default_spec(tiny, None)
+    draft = new_feature_draft(tiny, spec)
+    before = evaluate(draft, heldout, unroll=2)
+    log = fit(draft, spec, train, _cfg(epochs=40.0, checkpoint_every=1000), tmp_path_factory.mktemp("fd"))
+    return draft, before, log
+
+
+def test_training_lowers_both_losses_and_raises_acceptance(trained, toy):
+    draft, before, log = trained
+    after = evaluate(draft, toy[1], unroll=2)
+    assert after["ce"][0] < before["ce"][0] - 0.5 and after["feature"][0] < before["feature"][0]
+    assert after["greedy_accept"][0] > before["greedy_accept"][0] + 0.2, (before, after)
+    assert after["greedy_accept"][1] > before["greedy_accept"][1]  # the unrolled depth learns too
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_resume_is_exact(tiny, toy, tmp_path):
+    train = toy[0]
+    spec = default_spec(tiny, None)
+    whole = new_feature_draft(tiny, spec)
+    log = fit(whole, spec, train, _cfg(), tmp_path / "a")
+    fit(killed := new_feature_draft(tiny, spec), spec, train, _cfg(), tmp_path / "b", max_steps=5)
+    resumed = new_feature_draft(tiny, spec)
+    log_b = fit(resumed, spec, train, _cfg(), tmp_path / "b")
+    assert killed is not resumed and [r["loss"] for r in log_b] == [r["loss"] for r in log]
+    for a, b in zip(jax.tree.leaves(nnx.state(whole)), jax.tree.leaves(nnx.state(resumed))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _reference_chain(target, draft, seq: list[int], k: int) -> list[int]:
+    """The k greedy draft tokens after ``seq`` (ending at the root), from scratch: the target's features
+    of ``seq[:-1]`` teacher-forced, then the draft over every entry, each guess fed back."""
+    n = len(seq) - 1
+    res = forward(target, init_cache(target.config, 1, n), tokens=jnp.asarray([seq[:-1]]),
+                  positions=jnp.arange(n)[None], compute_logits=False)
+    feats, tokens, out = res.hidden, list(seq[1:]), []
+    for _ in range(k):
+        t = len(tokens)
+        run = draft.run(init_cache(draft.config, 1, t), feats, jnp.asarray([tokens]), jnp.arange(t)[None])
+        out.append(int(jnp.argmax(run.logits[0, -1])))
+        feats = jnp.concatenate([feats, run.hidden[:, -1:]], axis=1)
+        tokens.append(out[-1])
+    return out
+
+
+def test_every_proposal_is_the_draft_run_over_the_committed_features(tiny, tiny_lm, trained):
+    """Step by step through ragged rows: each proposal equals the draft run from scratch over the
+    target's features of everything committed (so accepted nodes' features, not guesses, are entered),
+    and steps accept several tokens."""
+    draft = trained[0]
+    k = 3
+    proposer, pparams = build_proposer("eagle", tiny_lm, {"feature_draft": draft, "k": k})
+    prompts = [[5, 17, 3, 9, 22], [40, 2], [8, 8, 31, 64, 12, 7, 1, 90]]
+    shapes = plan_shapes(tiny_lm.config, [len(p) for p in prompts], [20] * 3, extra=proposer.tree.size)
+    sampling = Sampling()
+    st = spec_prefill(tiny_lm.graphdef, tiny_lm.state, proposer, pparams,
+                      *prompt_arrays(prompts, shapes, [20] * 3, [0] * 3), shapes=shapes, sampling=sampling,
+                      eos_ids=(), max_depth=k)
+    accepted = []
+    while not bool(jnp.all(st.dec.done)):
+        pstate, prop = _propose_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, sampling=sampling,
+                                    rule="exact")
+        history, lengths = np.asarray(st.history), np.asarray(st.dec.cache.lengths)
+        for row in np.flatnonzero(~np.asarray(st.dec.done)):
+            seq = history[row, :lengths[row] + 1].tolist()
+            assert np.asarray(prop.tokens[row]).tolist() == _reference_chain(tiny, draft, seq, k), (row, seq)
+        new = _verify_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, pstate, prop, sampling=sampling,
+                          rule="exact", eos_ids=())
+        accepted += (np.asarray(new.dec.cache.lengths) - lengths - 1)[~np.asarray(st.dec.done)].tolist()
+        st = new
+    assert max(accepted) >= 2 and np.mean(accepted) > 0.5, accepted
+
+
+def test_greedy_output_with_the_trained_draft_is_autoregressive(tiny_lm, trained):
+    prompts = [[5, 17, 3], [40, 2, 77, 1], [9]]
+    alone = specdec.generate(tiny_lm, prompts, max_new_tokens=[30, 12, 25], ignore_eos=True)
+    for k, width in ((4, 1), (2, 3)):
+        out = specdec.generate(tiny_lm, prompts, max_new_tokens=[30, 12, 25], ignore_eos=True, method="eagle",
+                               feature_draft=trained[0], k=k, draft_width=width)
+        assert [g.tokens for g in out] == [g.tokens for g in alone]
+        assert out[0].stats.target_forwards < 30  # it accepts drafts
+
+
+def test_save_load_roundtrip_and_clear_errors(tiny, tiny_lm, trained, tmp_path):
+    draft = trained[0]
+    spec = default_spec(tiny, None)
+    save_feature_draft(draft, spec, tiny, tmp_path / "fd", target_name="tiny", dtype="float32")
+    back = load_feature_draft(tmp_path / "fd", tiny_lm)
+    for a, b in zip(jax.tree.leaves(nnx.state(draft)), jax.tree.leaves(nnx.state(back))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert feature_draft_for(tiny_lm, tmp_path / "fd") is feature_draft_for(tiny_lm, tmp_path / "fd")
+    other = LoadedModel.from_module(init_model(tiny_config(), seed=5), name="other")
+    with pytest.raises(ValueError, match="was trained for target 'tiny'"):
+        load_feature_draft(tmp_path / "fd", other)
+    with pytest.raises(ValueError, match="ships no feature draft"):
+        specdec.generate(other, [1, 2], method="eagle")
+    wide = LoadedModel.from_module(init_model(tiny_config(d_model=48), seed=0), name="wide")
+    with pytest.raises(ValueError, match="features of width 32"):
+        specdec.generate(wide, [1, 2], method="eagle", feature_draft=draft)
+    with pytest.raises(FileNotFoundError, match="feature_draft_config.json is missing"):
+        load_feature_draft(tmp_path / "nothing", tiny_lm)
+    with pytest.raises(ValueError, match="share_embeddings"):
+        new_feature_draft(tiny, default_spec(tiny, None).__class__(n_layers=1, init="random",
+                                                                   share_embeddings=False))
