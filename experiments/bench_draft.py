@@ -1,4 +1,5 @@
-"""The draft model for SmolLM2-135M-Instruct at k = 1..8, next to prompt lookup and Medusa, vs autoregressive.
+"""The draft model and the feature draft (EAGLE style) for SmolLM2-135M-Instruct by k, next to prompt
+lookup and Medusa, vs autoregressive.
 
 One process, one method at a time (never concurrently), batch 1, greedy, up to
 ``--new-tokens`` tokens per prompt (EOS ends a row), on HumanEval chat prompts and
@@ -10,9 +11,14 @@ shapes before that prompt is timed. Figures per method:
 - tokens_per_s and speedup_vs_autoregressive (same run);
 - equivalence: the checker's worst verdict over the prompts (identical / tie / MISMATCH).
 
-The draft is the one bundled for the model (``drafts/smollm2-135m``) unless ``--draft``.
+The draft is the one bundled for the model (``drafts/smollm2-135m``) unless ``--draft``; the
+feature draft (``method="eagle"``) the one bundled under ``heads/`` unless ``--feature-draft``.
 
     .venv/bin/python experiments/bench_draft.py
+
+Keep a run to about ten methods (the defaults make nine): every method keeps its compiled
+programs for every prompt shape, and with fifteen methods XLA:CPU's compiler ran out of the
+process's memory maps (LLVM "Cannot allocate memory", then a crash) half-way through.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import os
 
 import specdec
 from drafts.saved import draft_for, read_metadata
+from heads.feature_draft import CONFIG_FILE as FEATURE_FILE
+from heads.feature_draft import feature_draft_dir
 from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 
@@ -31,14 +39,22 @@ def main() -> None:
     parser.add_argument("--humaneval", type=int, default=8)
     parser.add_argument("--sharegpt", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--ks", type=int, nargs="+", default=list(range(1, 9)))
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--draft", default=None, help="a saved draft directory (default: the bundled one)")
+    parser.add_argument("--eagle-ks", type=int, nargs="*", default=[1, 2, 4],
+                        help="k of the feature-draft rows (none: no such rows)")
+    parser.add_argument("--eagle-width", type=int, default=1, help="feature draft: candidates per depth")
+    parser.add_argument("--feature-draft", default=None, help="a saved feature-draft directory")
+    parser.add_argument("--results-name", default="bench_draft", help="results file name (under results/<device>/)")
     args = parser.parse_args()
     pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
     draft, where = draft_for(model, args.draft)
     methods = {"autoregressive": {}, **{f"draft k={k}": dict(method="draft", draft=draft, k=k) for k in args.ks},
+               **{f"eagle k={k}" + (f" width {args.eagle_width}" if args.eagle_width > 1 else ""): dict(
+                   method="eagle", feature_draft=args.feature_draft, k=k, draft_width=args.eagle_width)
+                  for k in args.eagle_ks},
                "prompt_lookup k=4": dict(method="prompt_lookup", k=4), "medusa": dict(method="medusa")}
     tok = model.tokenizer
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
@@ -47,7 +63,7 @@ def main() -> None:
     rows = []
     for name, options in methods.items():
         summary = greedy_summary(model, ids, results[name], results["autoregressive"])
-        k = options.get("k")  # draft tokens proposed per forward (Medusa proposes a tree: no rate)
+        k = options.get("k")  # chain tokens proposed per forward (Medusa proposes a tree: no rate)
         rate = (summary["accepted_per_forward"] - 1) / k if k else None
         rows.append({"method": name, "options": {o: v for o, v in options.items() if o in ("method", "k")},
                      "acceptance_rate": rate, **summary,
@@ -60,18 +76,26 @@ def main() -> None:
     notes = [f"draft: {os.path.relpath(where)} ({meta['spec']}); held-out greedy acceptance from training "
              f"{held.get('greedy_accept')}, expected tokens per forward {held.get('expected_per_forward')}",
              "target: accepted_per_forward >= 2.5 at the best k"]
-    write_results("bench_draft", {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, Medusa heads",
+    if args.eagle_ks:
+        fd_meta = read_metadata(feature_draft_dir(model, args.feature_draft), FEATURE_FILE)
+        notes.insert(1, f"feature draft: {fd_meta['spec']}; held-out greedy acceptance by depth from training "
+                        f"{fd_meta.get('training', {}).get('heldout', {}).get('greedy_accept')}")
+    write_results(args.results_name, {
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, feature draft, "
+                 "Medusa heads",
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
         "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
     }, ["method", "acceptance_rate", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive",
         "equivalence", "rows_identical"])
-    drafts = [r for r in rows if r["method"].startswith("draft")]
-    save_plot("bench_draft", {"accepted tokens per forward": ([r["options"]["k"] for r in drafts],
-                                                              [r["accepted_per_forward"] for r in drafts]),
-                              "speedup vs autoregressive": ([r["options"]["k"] for r in drafts],
-                                                            [r["speedup_vs_autoregressive"] for r in drafts])},
-              xlabel="draft tokens per step (k)", ylabel="ratio", title="Draft model on SmolLM2-135M-Instruct")
+    series = {}
+    for kind in ("draft", "eagle"):
+        chain = [r for r in rows if r["options"].get("method") == kind]
+        for label, key in (("accepted tokens per forward", "accepted_per_forward"),
+                           ("speedup vs autoregressive", "speedup_vs_autoregressive")):
+            if chain:
+                series[f"{kind}: {label}"] = ([r["options"]["k"] for r in chain], [r[key] for r in chain])
+    save_plot(args.results_name, series, xlabel="draft tokens per step (k)", ylabel="ratio",
+              title="Draft model and feature draft on SmolLM2-135M-Instruct")
     for row in rows:
         print(row)
     print(*notes, sep="\n")

@@ -82,8 +82,17 @@ def load_feature_draft(path: str | Path, target) -> FeatureDraft:
 
 def feature_draft_for(target, path: str | Path | None) -> FeatureDraft:
     """The feature draft at ``path`` (default: the one bundled for ``target``), loaded once per target."""
+    return _saved(target, path)[0]
+
+
+def feature_draft_dir(target, path: str | Path | None) -> Path:
+    """The directory :func:`feature_draft_for` loads from."""
+    return _saved(target, path)[1]
+
+
+def _saved(target, path):
     from specdec.saved import saved_for
 
     return saved_for(target, path, root=BUNDLED, file=CONFIG_FILE, key="target_fingerprint", what="feature draft",
                      how="pass feature_draft=<directory> (train one with `specdec train-feature-draft`)",
-                     cache=_LOADED, load=lambda p: load_feature_draft(p, target))[0]
+                     cache=_LOADED, load=lambda p: load_feature_draft(p, target))

@@ -259,8 +259,9 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         or slots).
       method: "autoregressive" (default), "draft" (a draft model proposes), "prompt_lookup"
         (n-gram match against the row's own context), "medusa" (Medusa heads propose a tree),
-        "early_exit" (the target's bottom layers propose), "skipdecode" (LOSSY early exit) or
-        "superposed" (k drafts per prompt from one pass, see below).
+        "eagle" (a feature draft: one decoder layer over the target's own hidden states drafts
+        k tokens), "early_exit" (the target's bottom layers propose), "skipdecode" (LOSSY early
+        exit) or "superposed" (k drafts per prompt from one pass, see below).
         Speculative options:
         draft: the draft model (``LoadedModel``, registry name or path; same vocabulary);
         k: draft tokens per step (default 4); draft_width: candidates per depth (default 1, a chain);
@@ -268,12 +269,14 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         picked at each chunk's start: e.g. ``k={1: 4, 8: 2}`` verifies fewer candidates once 8 rows
         run, where a batched target forward is compute-bound (with slots=, or chunk_steps=);
         k=0 (Medusa: tree "chain-0") turns speculation off, e.g. ``k={1: 4, 8: 0}``;
-        budget (draft, prompt_lookup, medusa; verification "exact"): verify at most this many
+        budget (draft, prompt_lookup, medusa, eagle; verification "exact"): verify at most this many
         draft tokens per step, all rows together, those the proposer rates likeliest to be
         accepted (the target computes only the rows' roots and them; see ``specdec.budget``):
         e.g. ``k=1, budget=3`` at 8 slots verifies 11 tokens a step instead of 16; it may be a
         dict by load too, e.g. ``k={1: 4, 2: 1}, budget={1: 4, 8: 2}``;
         max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1);
+        feature_draft (method "eagle"): a ``FeatureDraft`` or a directory saved by ``specdec
+        train-feature-draft`` (default: the one bundled for the model); it takes k and draft_width;
         heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for
         the model); tree: a built-in tree name, a JSON file or a list of paths (default: the
         searched tree saved with the heads, else "tree-16");

@@ -51,12 +51,13 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
                         "ROWS:K,ROWS:K,... picks k by running rows (e.g. 1:4,8:2); "
                         "k 0 turns speculation off (e.g. 1:4,8:0)")
     parser.add_argument("--budget", type=_by_load(int), help="draft tokens verified per step, all rows together: "
-                        "those the proposer rates likeliest to be accepted (draft, prompt_lookup, medusa; default: "
-                        "all); ROWS:BUDGET,... picks it by running rows (e.g. 1:4,8:2)")
+                        "those the proposer rates likeliest to be accepted (draft, prompt_lookup, medusa, eagle; "
+                        "default: all); ROWS:BUDGET,... picks it by running rows (e.g. 1:4,8:2)")
     parser.add_argument("--schedule", help="k (or Medusa tree) and budget by load from a file written by "
                         "`specdec tune --out FILE` (measured on this device)")
     parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
-    parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft (default 1)")
+    parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft or eagle (default 1)")
+    parser.add_argument("--feature-draft", help="feature draft directory for --method eagle (default: the bundled one)")
     parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
     parser.add_argument("--tree", type=_by_load(str), help="Medusa tree: a built-in name (chain-0..4, "
                         "tree-8/16/32/64) or a JSON file of paths (default: the searched tree saved with the heads); "
@@ -283,7 +284,8 @@ def _tune(args) -> int:
 
     prompts = _read_prompts(args)
     model = load_once(args.model)
-    fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "heads", "max_ngram", "min_ngram")
+    fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "feature_draft", "heads", "max_ngram",
+                                                    "min_ngram")
              if getattr(args, name) is not None and name in METHOD_OPTIONS[args.method]}
     choices = args.choices and [int(c) if MAIN_OPTION[args.method] == "k" else c for c in args.choices]
     tuned = tune(model, args.method, encode_prompts(model, prompts, True, None), rows=args.rows, choices=choices,
@@ -401,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="measure which k (or Medusa tree) and budget decode fastest on this device at "
                                      "each number of running rows: a by-load schedule (for --schedule)")
     tu.add_argument("--model", default="smollm2-135m")
-    tu.add_argument("--method", default="prompt_lookup", choices=["prompt_lookup", "draft", "medusa"])
+    tu.add_argument("--method", default="prompt_lookup", choices=["prompt_lookup", "draft", "medusa", "eagle"])
     tu.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="running-row counts to tune for, "
                     "from 1 (a larger load takes the largest below it)")
     tu.add_argument("--choices", nargs="+", help="k values (draft, prompt_lookup) or trees (medusa) to try "
@@ -411,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--steps", type=int, default=8, help="steps per timed chunk")
     tu.add_argument("--chunks", type=int, default=6, help="chunks per setting (the first compiles, untimed)")
     tu.add_argument("--draft", help="draft model for --method draft (default: the bundled one)")
+    tu.add_argument("--feature-draft", help="feature draft for --method eagle (default: the bundled one)")
     tu.add_argument("--draft-width", type=int, help="candidates per depth for --method draft (default 1)")
     tu.add_argument("--heads", help="Medusa heads directory (default: the bundled heads)")
     tu.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")

@@ -32,8 +32,8 @@ from specdec.sampling import Sampling
 
 # The main option of each tunable method, its default candidates (first: speculation off) and the
 # default budgets tried beside "no cap" (draft tokens verified per step, all rows together).
-MAIN_OPTION = {"prompt_lookup": "k", "draft": "k", "medusa": "tree"}
-DEFAULT_CHOICES = {"prompt_lookup": (0, 1, 2, 4), "draft": (0, 1, 2, 4),
+MAIN_OPTION = {"prompt_lookup": "k", "draft": "k", "medusa": "tree", "eagle": "k"}
+DEFAULT_CHOICES = {"prompt_lookup": (0, 1, 2, 4), "draft": (0, 1, 2, 4), "eagle": (0, 1, 2, 4),
                    "medusa": ("chain-0", "chain-1", "chain-2", "tree-8", "tree-16")}
 DEFAULT_BUDGETS = (1, 2, 4)
 

@@ -25,6 +25,7 @@ from specdec.methods import build_proposer
 from specdec.model import forward, init_model
 from specdec.sampling import Sampling
 from training.feature_draft import FeatureDraftTrainConfig, evaluate, fit, target_rows
+from training.loop import run_dir_of
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +58,17 @@ def test_training_lowers_both_losses_and_raises_acceptance(trained, toy):
     assert log[-1]["loss"] < log[0]["loss"]
 
 
-def test_resume_is_exact(tiny, toy, tmp_path):
+def test_resume_is_exact_and_only_for_the_same_config(tiny, toy, tmp_path):
     train = toy[0]
     spec = default_spec(tiny, None)
     whole = new_feature_draft(tiny, spec)
     log = fit(whole, spec, train, _cfg(), tmp_path / "a")
     fit(killed := new_feature_draft(tiny, spec), spec, train, _cfg(), tmp_path / "b", max_steps=5)
+    other = fit(new_feature_draft(tiny, spec), spec, train, _cfg(lr=1e-3, out="elsewhere"), tmp_path / "b",
+                max_steps=2)  # another config in the same work directory starts afresh
+    assert [r["step"] for r in other] == [0, 1]  # not the 5 steps of the checkpoint beside it
+    same, moved = run_dir_of(_cfg(), tmp_path), run_dir_of(_cfg(out="x", checkpoint_every=9), tmp_path)
+    assert same == moved != run_dir_of(_cfg(lr=1e-3), tmp_path) != run_dir_of(_cfg(init="layers"), tmp_path)
     resumed = new_feature_draft(tiny, spec)
     log_b = fit(resumed, spec, train, _cfg(), tmp_path / "b")
     assert killed is not resumed and [r["loss"] for r in log_b] == [r["loss"] for r in log]
@@ -70,20 +76,30 @@ def test_resume_is_exact(tiny, toy, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _reference_chain(target, draft, seq: list[int], k: int) -> list[int]:
-    """The k greedy draft tokens after ``seq`` (ending at the root), from scratch: the target's features
-    of ``seq[:-1]`` teacher-forced, then the draft over every entry, each guess fed back."""
-    n = len(seq) - 1
-    res = forward(target, init_cache(target.config, 1, n), tokens=jnp.asarray([seq[:-1]]),
-                  positions=jnp.arange(n)[None], compute_logits=False)
-    feats, tokens, out = res.hidden, list(seq[1:]), []
-    for _ in range(k):
-        t = len(tokens)
-        run = draft.run(init_cache(draft.config, 1, t), feats, jnp.asarray([tokens]), jnp.arange(t)[None])
-        out.append(int(jnp.argmax(run.logits[0, -1])))
-        feats = jnp.concatenate([feats, run.hidden[:, -1:]], axis=1)
-        tokens.append(out[-1])
-    return out
+def _reference_chain(target, draft, size: int = 40):
+    """``chain(seq, k)``: the k greedy draft tokens after ``seq`` (ending at the root), from scratch: the
+    target's features of ``seq[:-1]`` teacher-forced, then the draft over every entry, each guess fed back.
+    Entries are padded to ``size`` (causal: padding never reaches them) so each pass compiles once."""
+    positions = jnp.arange(size)[None]
+    features = jax.jit(lambda tokens: forward(target, init_cache(target.config, 1, size), tokens=tokens,
+                                              positions=positions, compute_logits=False).hidden)
+    run = jax.jit(lambda feats, tokens: draft.run(init_cache(draft.config, 1, size), feats, tokens, positions))
+
+    def chain(seq: list[int], k: int) -> list[int]:
+        n = len(seq) - 1
+        tokens = np.zeros((1, size), np.int32)
+        tokens[0, :n] = seq[:-1]
+        feats = features(jnp.asarray(tokens))
+        tokens[0, :n] = seq[1:]
+        out = []
+        for t in range(n, n + k):
+            res = run(feats, jnp.asarray(tokens))
+            out.append(int(jnp.argmax(res.logits[0, t - 1])))
+            feats = feats.at[:, t].set(res.hidden[:, t - 1])
+            tokens[0, t] = out[-1]
+        return out
+
+    return chain
 
 
 def test_every_proposal_is_the_draft_run_over_the_committed_features(tiny, tiny_lm, trained):
@@ -92,6 +108,7 @@ def test_every_proposal_is_the_draft_run_over_the_committed_features(tiny, tiny_
     and steps accept several tokens."""
     draft = trained[0]
     k = 3
+    chain = _reference_chain(tiny, draft)
     proposer, pparams = build_proposer("eagle", tiny_lm, {"feature_draft": draft, "k": k})
     prompts = [[5, 17, 3, 9, 22], [40, 2], [8, 8, 31, 64, 12, 7, 1, 90]]
     shapes = plan_shapes(tiny_lm.config, [len(p) for p in prompts], [20] * 3, extra=proposer.tree.size)
@@ -106,7 +123,7 @@ def test_every_proposal_is_the_draft_run_over_the_committed_features(tiny, tiny_
         history, lengths = np.asarray(st.history), np.asarray(st.dec.cache.lengths)
         for row in np.flatnonzero(~np.asarray(st.dec.done)):
             seq = history[row, :lengths[row] + 1].tolist()
-            assert np.asarray(prop.tokens[row]).tolist() == _reference_chain(tiny, draft, seq, k), (row, seq)
+            assert np.asarray(prop.tokens[row]).tolist() == chain(seq, k), (row, seq)
         new = _verify_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, pstate, prop, sampling=sampling,
                           rule="exact", eos_ids=())
         accepted += (np.asarray(new.dec.cache.lengths) - lengths - 1)[~np.asarray(st.dec.done)].tolist()

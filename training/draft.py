@@ -253,9 +253,9 @@ def fit(draft: DraftLlama, spec: DraftSpec, data: Teacher, cfg: DraftTrainConfig
         return params, opt, {"loss": float(value), "greedy_accept": round(float(terms["greedy_accept"]) / n, 4)}
 
     params, _, log = train_loop(params=params, opt=replicate(mesh, optimizer.init(params)), step_fn=step,
-                                n=len(data.tokens), batch_size=cfg.batch_size, seed=cfg.seed, total=total,
-                                work_dir=Path(work_dir), checkpoint_every=cfg.checkpoint_every, max_steps=max_steps,
-                                desc="train draft", show=lambda r: f"loss {r['loss']:.3f} acc {r['greedy_accept']:.2f}")
+                                n=len(data.tokens), batch_size=cfg.batch_size, total=total, cfg=cfg,
+                                work_dir=work_dir, max_steps=max_steps, desc="train draft",
+                                show=lambda r: f"loss {r['loss']:.3f} acc {r['greedy_accept']:.2f}")
     nnx.update(draft, params)
     return log
 

@@ -51,7 +51,7 @@ class FeatureDraftTrainConfig:
     out: str = "heads/trained-feature-draft"  # where the trained draft is saved
     work_dir: str | None = None  # cached data, checkpoints, loss log (default: under the cache dir)
     n_layers: int = 1
-    init: str = "layers"  # random | embeddings | layers (default: copies of the target's last layers)
+    init: str = "embeddings"  # embeddings (random layers) | layers (copies of the target's last layers)
     vocab_size: int = 8192  # reduced draft vocabulary (0: the target's full vocabulary)
     data: str = "sharegpt"  # "sharegpt" (the dataset's replies) or "self-distill" (the target's own)
     heldout_data: str = "self-distill"  # the held-out split's mode ("": as ``data``)
@@ -61,8 +61,8 @@ class FeatureDraftTrainConfig:
     max_prompt_tokens: int = 256  # self-distill: longer first turns are skipped
     max_new_tokens: int = 192  # self-distill: reply budget
     gen_batch: int = 16  # self-distill: generation batch size
-    batch_size: int = 8  # packed rows per optimiser step
-    epochs: float = 2.0
+    batch_size: int = 4  # packed rows per optimiser step
+    epochs: float = 8.0
     lr: float = 1e-3
     warmup: float = 0.05
     weight_decay: float = 0.0
@@ -205,10 +205,9 @@ def fit(draft: FeatureDraft, spec: DraftSpec, data: FeatureRows, cfg: FeatureDra
         return params, opt, {"loss": float(value), "acc": acc.round(4).tolist()}
 
     params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=len(data.tokens),
-                                batch_size=cfg.batch_size, seed=cfg.seed, total=total, work_dir=Path(work_dir),
-                                checkpoint_every=cfg.checkpoint_every, max_steps=max_steps,
-                                desc="train feature draft", show=lambda r: f"loss {r['loss']:.3f} acc "
-                                + "/".join(f"{a:.2f}" for a in r["acc"]))
+                                batch_size=cfg.batch_size, total=total, cfg=cfg, work_dir=work_dir,
+                                max_steps=max_steps, desc="train feature draft",
+                                show=lambda r: f"loss {r['loss']:.3f} acc " + "/".join(f"{a:.2f}" for a in r["acc"]))
     nnx.update(draft, params)
     return log
 

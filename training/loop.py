@@ -3,13 +3,19 @@
 Resuming is exact: a checkpoint holds the parameters, the optimiser state and
 the step, batches are a pure function of (seed, step), and the loss log is cut
 back to the checkpoint's step, so a killed and resumed run writes the same
-loss curve as an uninterrupted one.
+loss curve as an uninterrupted one. A work directory holds one subdirectory per
+data key (the cached data, shared by runs that differ in anything else), and in
+it one ``run-<key>`` per training config (checkpoints and loss log): a run with
+another learning rate or initialisation starts afresh instead of resuming
+someone else's checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar
 
@@ -21,11 +27,21 @@ from tqdm.auto import tqdm
 Arrays = TypeVar("Arrays", bound=NamedTuple)
 
 
+# Config fields that change neither the data nor the training trajectory.
+NOT_TRAINING = ("out", "work_dir", "checkpoint_every", "save_dtype")
+
+
 def work_dir_of(cfg, kind: str) -> Path:
-    """A run's work directory: ``cfg.work_dir``, else ``<specdec cache>/<kind>/<cfg.data_key()>``."""
+    """Where a run caches its data: ``<cfg.work_dir, else <specdec cache>/<kind>>/<cfg.data_key()>``."""
     from specdec.fetch import cache_dir
 
-    return Path(cfg.work_dir) if cfg.work_dir else cache_dir() / kind / cfg.data_key()
+    return (Path(cfg.work_dir) if cfg.work_dir else cache_dir() / kind) / cfg.data_key()
+
+
+def run_dir_of(cfg, work_dir: str | Path) -> Path:
+    """Where the run of training config ``cfg`` (a dataclass) keeps its checkpoints and loss log."""
+    fields = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING}
+    return Path(work_dir) / f"run-{hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:12]}"
 
 
 def cached_arrays(path: Path, kind: type[Arrays], build: Callable[[], Arrays]) -> Arrays:
@@ -100,21 +116,24 @@ class LossLog:
         return [json.loads(ln) for ln in self.path.read_text().splitlines()]
 
 
-def train_loop(*, params, opt, step_fn: Callable, n: int, batch_size: int, seed: int, total: int, work_dir: Path,
-               checkpoint_every: int, max_steps: int | None, desc: str, show: Callable[[dict], str]):
-    """Run optimiser steps ``step, ..., total - 1`` from ``work_dir``'s latest checkpoint (or 0).
+def train_loop(*, params, opt, step_fn: Callable, n: int, batch_size: int, total: int, cfg, work_dir: str | Path,
+               max_steps: int | None, desc: str, show: Callable[[dict], str]):
+    """Run optimiser steps ``step, ..., total - 1`` from the latest checkpoint of the training config
+    ``cfg`` (a dataclass with ``seed`` and ``checkpoint_every``) under ``work_dir`` (or from 0).
 
     ``step_fn(params, opt, example_indices) -> (params, opt, record)``; each record (plus its step)
-    goes to ``work_dir/loss.jsonl`` and the progress bar (``show(record)``). Checkpoints every
-    ``checkpoint_every`` steps and at the end; ``max_steps`` stops early (resume later).
-    Returns ``(params, opt, the loss log from step 0)``.
+    goes to ``loss.jsonl`` in :func:`run_dir_of` and the progress bar (``show(record)``).
+    Checkpoints every ``cfg.checkpoint_every`` steps and at the end; ``max_steps`` stops early
+    (resume later). Returns ``(params, opt, the loss log from step 0)``.
     """
-    ckpts = Checkpoints(work_dir / "checkpoints")
+    run_dir, seed, checkpoint_every = run_dir_of(cfg, work_dir), cfg.seed, cfg.checkpoint_every
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpts = Checkpoints(run_dir / "checkpoints")
     step = ckpts.latest() or 0
     if step:
         restored = ckpts.restore(step, {"params": params, "opt": opt})
         params, opt = restored["params"], restored["opt"]
-    log = LossLog(work_dir / "loss.jsonl", step)
+    log = LossLog(run_dir / "loss.jsonl", step)
     stop = total if max_steps is None else min(total, max_steps)
     bar = tqdm(range(step, stop), initial=step, total=total, desc=desc, unit="step")
     for step in bar:

@@ -138,7 +138,6 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
     Checkpoints every ``cfg.checkpoint_every`` steps and at the end; ``max_steps`` stops early
     (the run can be resumed). Returns the loss log (one record per step, from step 0).
     """
-    work_dir = Path(work_dir)
     total = max(1, int(np.ceil(cfg.epochs * len(data.labels) / cfg.batch_size)))
     optimizer = make_optimizer(lr=cfg.lr, total_steps=total, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                                clip=cfg.clip)
@@ -150,10 +149,9 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
         return params, opt, {"loss": float(loss), "top1": np.asarray(acc).round(4).tolist()}
 
     params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=len(data.labels),
-                                batch_size=cfg.batch_size, seed=cfg.seed, total=total, work_dir=work_dir,
-                                checkpoint_every=cfg.checkpoint_every, max_steps=max_steps,
-                                desc="train Medusa heads", show=lambda r: f"loss={r['loss']:.3f}, top1="
-                                + "/".join(f"{a:.2f}" for a in r["top1"]))
+                                batch_size=cfg.batch_size, total=total, cfg=cfg, work_dir=work_dir,
+                                max_steps=max_steps, desc="train Medusa heads",
+                                show=lambda r: f"loss={r['loss']:.3f}, top1=" + "/".join(f"{a:.2f}" for a in r["top1"]))
     nnx.update(heads, params)
     return log
 
