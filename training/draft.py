@@ -253,8 +253,8 @@ def fit(draft: DraftLlama, spec: DraftSpec, data: Teacher, cfg: DraftTrainConfig
         return params, opt, {"loss": float(value), "greedy_accept": round(float(terms["greedy_accept"]) / n, 4)}
 
     params, _, log = train_loop(params=params, opt=replicate(mesh, optimizer.init(params)), step_fn=step,
-                                n=len(data.tokens), batch_size=cfg.batch_size, total=total, cfg=cfg,
-                                work_dir=work_dir, max_steps=max_steps, desc="train draft",
+                                n=len(data.tokens), total=total, cfg=cfg, work_dir=work_dir, max_steps=max_steps,
+                                desc="train draft",
                                 show=lambda r: f"loss {r['loss']:.3f} acc {r['greedy_accept']:.2f}")
     nnx.update(draft, params)
     return log

@@ -205,8 +205,8 @@ def fit(draft: FeatureDraft, spec: DraftSpec, data: FeatureRows, cfg: FeatureDra
         return params, opt, {"loss": float(value), "acc": acc.round(4).tolist()}
 
     params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=len(data.tokens),
-                                batch_size=cfg.batch_size, total=total, cfg=cfg, work_dir=work_dir,
-                                max_steps=max_steps, desc="train feature draft",
+                                total=total, cfg=cfg, work_dir=work_dir, max_steps=max_steps,
+                                desc="train feature draft",
                                 show=lambda r: f"loss {r['loss']:.3f} acc " + "/".join(f"{a:.2f}" for a in r["acc"]))
     nnx.update(draft, params)
     return log

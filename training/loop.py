@@ -116,17 +116,17 @@ class LossLog:
         return [json.loads(ln) for ln in self.path.read_text().splitlines()]
 
 
-def train_loop(*, params, opt, step_fn: Callable, n: int, batch_size: int, total: int, cfg, work_dir: str | Path,
+def train_loop(*, params, opt, step_fn: Callable, n: int, total: int, cfg, work_dir: str | Path,
                max_steps: int | None, desc: str, show: Callable[[dict], str]):
     """Run optimiser steps ``step, ..., total - 1`` from the latest checkpoint of the training config
-    ``cfg`` (a dataclass with ``seed`` and ``checkpoint_every``) under ``work_dir`` (or from 0).
+    ``cfg`` (a dataclass with ``batch_size``, ``seed`` and ``checkpoint_every``) under ``work_dir`` (or from 0).
 
     ``step_fn(params, opt, example_indices) -> (params, opt, record)``; each record (plus its step)
     goes to ``loss.jsonl`` in :func:`run_dir_of` and the progress bar (``show(record)``).
     Checkpoints every ``cfg.checkpoint_every`` steps and at the end; ``max_steps`` stops early
     (resume later). Returns ``(params, opt, the loss log from step 0)``.
     """
-    run_dir, seed, checkpoint_every = run_dir_of(cfg, work_dir), cfg.seed, cfg.checkpoint_every
+    run_dir = run_dir_of(cfg, work_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpts = Checkpoints(run_dir / "checkpoints")
     step = ckpts.latest() or 0
@@ -137,10 +137,10 @@ def train_loop(*, params, opt, step_fn: Callable, n: int, batch_size: int, total
     stop = total if max_steps is None else min(total, max_steps)
     bar = tqdm(range(step, stop), initial=step, total=total, desc=desc, unit="step")
     for step in bar:
-        params, opt, record = step_fn(params, opt, batch_indices(n, batch_size, step, seed))
+        params, opt, record = step_fn(params, opt, batch_indices(n, cfg.batch_size, step, cfg.seed))
         record = {"step": step, **record}
         log.write(record)
         bar.set_postfix_str(show(record))
-        if (step + 1) % checkpoint_every == 0 or step + 1 == stop:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
             ckpts.save(step + 1, {"params": params, "opt": opt})
     return params, opt, log.read()

@@ -149,8 +149,7 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
         return params, opt, {"loss": float(loss), "top1": np.asarray(acc).round(4).tolist()}
 
     params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=len(data.labels),
-                                batch_size=cfg.batch_size, total=total, cfg=cfg, work_dir=work_dir,
-                                max_steps=max_steps, desc="train Medusa heads",
+                                total=total, cfg=cfg, work_dir=work_dir, max_steps=max_steps, desc="train Medusa heads",
                                 show=lambda r: f"loss={r['loss']:.3f}, top1=" + "/".join(f"{a:.2f}" for a in r["top1"]))
     nnx.update(heads, params)
     return log

@@ -193,8 +193,8 @@ def fit(model, packed: Packed, cfg: SkipTrainConfig, work_dir: str | Path, *, ma
         return params, opt, {"loss": round(float(value), 4)}
 
     params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=rows_n,
-                                batch_size=cfg.batch_size, total=total, cfg=cfg, work_dir=work_dir,
-                                max_steps=max_steps, desc="train skipdecode", show=lambda r: f"loss {r['loss']:.3f}")
+                                total=total, cfg=cfg, work_dir=work_dir, max_steps=max_steps, desc="train skipdecode",
+                                show=lambda r: f"loss {r['loss']:.3f}")
     nnx.update(model, params)
     return log
 
