@@ -52,6 +52,7 @@ def lookup(history: jax.Array, lengths: jax.Array, *, k: int, max_ngram: int,
 
 @dataclass(frozen=True)
 class PromptLookupProposer:
+    commits_any_path = True  # stateless (specdec.union)
     k: int
     max_ngram: int = 3
     min_ngram: int = 1

@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--eagle-ks", type=int, nargs="*", default=[1, 2, 4],
                         help="k of the feature-draft rows (none: no such rows)")
     parser.add_argument("--eagle-width", type=int, default=1, help="feature draft: candidates per depth")
+    parser.add_argument("--eagle-lookup", type=int, default=0,
+                        help="feature draft: prompt-lookup tokens proposed beside its tree (lookup=)")
     parser.add_argument("--feature-draft", default=None, help="a saved feature-draft directory")
     parser.add_argument("--results-name", default="bench_draft", help="results file name (under results/<device>/)")
     args = parser.parse_args()
@@ -52,9 +54,10 @@ def main() -> None:
     model = specdec.load("smollm2-135m")
     draft, where = draft_for(model, args.draft)
     methods = {"autoregressive": {}, **{f"draft k={k}": dict(method="draft", draft=draft, k=k) for k in args.ks},
-               **{f"eagle k={k}" + (f" width {args.eagle_width}" if args.eagle_width > 1 else ""): dict(
-                   method="eagle", feature_draft=args.feature_draft, k=k, draft_width=args.eagle_width)
-                  for k in args.eagle_ks},
+               **{f"eagle k={k}" + (f" width {args.eagle_width}" if args.eagle_width > 1 else "")
+                  + (f" + lookup {args.eagle_lookup}" if args.eagle_lookup else ""): dict(
+                   method="eagle", feature_draft=args.feature_draft, k=k, draft_width=args.eagle_width,
+                   lookup=args.eagle_lookup) for k in args.eagle_ks},
                "prompt_lookup k=4": dict(method="prompt_lookup", k=4), "medusa": dict(method="medusa")}
     tok = model.tokenizer
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
@@ -63,7 +66,8 @@ def main() -> None:
     rows = []
     for name, options in methods.items():
         summary = greedy_summary(model, ids, results[name], results["autoregressive"])
-        k = options.get("k")  # chain tokens proposed per forward (Medusa proposes a tree: no rate)
+        # chain tokens proposed per forward (Medusa, or a lookup branch beside the chain: no rate)
+        k = None if options.get("lookup") else options.get("k")
         rate = (summary["accepted_per_forward"] - 1) / k if k else None
         rows.append({"method": name, "options": {o: v for o, v in options.items() if o in ("method", "k")},
                      "acceptance_rate": rate, **summary,

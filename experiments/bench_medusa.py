@@ -38,14 +38,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--trees", nargs="+", default=["chain-2", "chain-4", "tree-8", "tree-16", "tree-32",
                                                        "tree-64"])
+    parser.add_argument("--lookup", type=int, nargs="*", default=[],
+                        help="also run every tree with a prompt-lookup chain of this many tokens beside it")
+    parser.add_argument("--results-name", default="bench_medusa")
     args = parser.parse_args()
     pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
     heads, heads_dir = heads_for(model, None)
     searched = default_tree(heads_dir)
-    methods = [("autoregressive", {})] + [(t, dict(method="medusa", heads=heads, tree=t)) for t in args.trees]
-    methods.append(("searched", dict(method="medusa", heads=heads, tree=searched)))
+    trees = [(t, t) for t in args.trees] + [("searched", searched)]
+    methods = [("autoregressive", {})] + [(name, dict(method="medusa", heads=heads, tree=t)) for name, t in trees]
+    methods += [(f"{name} + lookup {k}", dict(method="medusa", heads=heads, tree=t, lookup=k))
+                for k in args.lookup for name, t in trees]
     sets = {"humaneval": humaneval_chat_prompts(args.humaneval), "sharegpt": sharegpt_prompts(args.sharegpt)}
     tok = model.tokenizer
     rows = []
@@ -55,9 +60,9 @@ def main() -> None:
         for name, method in methods:
             summary = greedy_summary(model, ids, results[name], results["autoregressive"])
             summary["rows_identical"] = f"{summary['rows_identical']}/{len(ids)}"
-            nodes = tree_buffers(load_spec(method["tree"])).tree.size if method else 1
+            nodes = tree_buffers(load_spec(method["tree"])).tree.size + method.get("lookup", 0) if method else 1
             rows.append({"prompts": set_name, "method": "autoregressive" if not method else "medusa",
-                         "tree": name, "tree_nodes": nodes, **summary})
+                         "tree": name, "lookup": method.get("lookup", 0), "tree_nodes": nodes, **summary})
         base = next(r for r in rows if r["prompts"] == set_name and r["tree"] == "autoregressive")
         for row in rows:
             if row["prompts"] == set_name:
@@ -69,7 +74,10 @@ def main() -> None:
     notes = [f"searched tree: {shown} ({tree_buffers(load_spec(searched)).tree.size} nodes with the root)",
              "per-head held-out accuracy (from training) top-1: " + ", ".join(f"{a:.3f}" for a in acc.get("top1", []))
              + "; top-5: " + ", ".join(f"{a:.3f}" for a in acc.get("top5", []))]
-    write_results("bench_medusa", {
+    if args.lookup:
+        notes.append("TREE + lookup K: the tree and a K-token prompt-lookup chain beside it, verified in one forward "
+                     "(tree_nodes counts both)")
+    write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled Medusa heads (bfloat16)",
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
         "max_new_tokens": args.new_tokens, "heads_accuracy": acc, "rows": rows, "notes": notes,
@@ -77,12 +85,15 @@ def main() -> None:
         "equivalence", "rows_identical"])
     series = {}
     for set_name in sets:
-        pts = sorted((r["tree_nodes"], r["accepted_per_forward"]) for r in rows
-                     if r["prompts"] == set_name and r["method"] == "medusa" and r["tree"] != "searched")
-        series[set_name] = ([p[0] for p in pts], [p[1] for p in pts])
-        found = next(r for r in rows if r["prompts"] == set_name and r["tree"] == "searched")
-        series[f"{set_name}: searched tree"] = ([found["tree_nodes"]], [found["accepted_per_forward"]])
-    save_plot("bench_medusa", series, xlabel="tree nodes (with the root)", ylabel="accepted tokens per target forward",
+        for k in [0] + args.lookup:
+            label = set_name + (f" + lookup {k}" if k else "")
+            pts = sorted((r["tree_nodes"], r["accepted_per_forward"]) for r in rows if r["prompts"] == set_name
+                         and r["method"] == "medusa" and r["lookup"] == k and not r["tree"].startswith("searched"))
+            series[label] = ([p[0] for p in pts], [p[1] for p in pts])
+            found = next(r for r in rows if r["prompts"] == set_name and r["lookup"] == k
+                         and r["tree"].startswith("searched"))
+            series[f"{label}: searched tree"] = ([found["tree_nodes"]], [found["accepted_per_forward"]])
+    save_plot(args.results_name, series, xlabel="tree nodes (with the root)", ylabel="accepted tokens per target forward",
               title="Medusa heads on SmolLM2-135M-Instruct, greedy", logx=True)
     for row in rows:
         print(row)

@@ -43,6 +43,7 @@ class FeatureDraftProposer:
     ``span``: the most features a step can leave pending (``k + 1``; one value for a whole by-load
     schedule, so that its proposers share the state layout)."""
 
+    commits_any_path = True  # it enters the target's features at the accepted path (specdec.union)
     graphdef: nnx.GraphDef
     k: int
     width: int = 1

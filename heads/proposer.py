@@ -28,6 +28,7 @@ from specdec.tree import Tree
 class MedusaProposer:
     """Propose a tree from Medusa heads. Params: ``{"heads": heads state, "table": base LM head [V, d] | None}``."""
 
+    commits_any_path = True  # its state is the target's hidden state at the accepted path's end (specdec.union)
     graphdef: nnx.GraphDef
     spec: tuple[tuple[int, ...], ...]
 

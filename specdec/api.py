@@ -275,6 +275,9 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         e.g. ``k=1, budget=3`` at 8 slots verifies 11 tokens a step instead of 16; it may be a
         dict by load too, e.g. ``k={1: 4, 2: 1}, budget={1: 4, 8: 2}``;
         max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1);
+        lookup (methods "medusa" and "eagle"): also propose this many prompt-lookup tokens (n-grams 3
+        down to 1) as a second branch under the root, verified in the same target forward; the
+        deepest accepted path wins, whichever branch it is in (see ``specdec.union``; default 0);
         feature_draft (method "eagle"): a ``FeatureDraft`` or a directory saved by ``specdec
         train-feature-draft`` (default: the one bundled for the model); it takes k and draft_width;
         heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for

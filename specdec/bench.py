@@ -81,7 +81,8 @@ def write_results(name: str, payload: dict, columns: list[str]) -> Path:
 def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new_tokens: int,
                       progress: str = "", common: dict | None = None) -> dict[str, list]:
     """Each method's batch-1 ``Generation`` per prompt of ``ids``, prompt by prompt (methods
-    interleaved), each method compiled for a prompt's shapes before that prompt is timed.
+    interleaved), each method compiled for a prompt's shapes before that prompt is timed (programs
+    are dropped whenever a prompt needs other shapes than the one before).
     ``methods``: name -> ``generate`` options (``{}`` is autoregressive); ``common``: options
     every call shares (e.g. ``ignore_eos``)."""
     common = common or {}
@@ -95,10 +96,14 @@ def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new
                                {k: v for k, v in options.items() if k != "method"})
         extra[name] = built[0].tree.size if built is not None else 0
     results: dict[str, list] = {name: [] for name in methods}
-    compiled = set()
+    compiled, bucket = set(), None
     for i, prompt in enumerate(ids):
+        shapes = {name: plan_shapes(model.config, [len(prompt)], [new_tokens], None, extra[name]) for name in methods}
+        if shapes != bucket:  # keep one prompt bucket's programs: ten methods' for every bucket exhaust
+            jax.clear_caches()  # XLA:CPU's memory maps (LLVM "Cannot allocate memory", then a crash)
+            compiled, bucket = set(), shapes
         for name, options in methods.items():
-            key = (name, plan_shapes(model.config, [len(prompt)], [new_tokens], None, extra[name]))
+            key = (name, shapes[name])
             if key not in compiled:
                 specdec.generate(model, prompt, max_new_tokens=new_tokens, **common, **options)
                 compiled.add(key)

@@ -64,6 +64,8 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
                         "ROWS:TREE,ROWS:TREE,... picks the tree by running rows (chain-0: speculation off)")
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
+    parser.add_argument("--lookup", type=int, help="--method medusa or eagle: also propose this many prompt-lookup "
+                                                   "tokens beside the tree, verified in the same forward (default 0)")
     parser.add_argument("--exit-layer", type=int, help="--method early_exit: draft with this many bottom layers "
                                                         "(default: half)")
     parser.add_argument("--target-speedup", type=float, help="--method skipdecode (LOSSY): layers / mean active "
@@ -284,8 +286,8 @@ def _tune(args) -> int:
 
     prompts = _read_prompts(args)
     model = load_once(args.model)
-    fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "feature_draft", "heads", "max_ngram",
-                                                    "min_ngram")
+    fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "feature_draft", "heads", "lookup",
+                                                    "max_ngram", "min_ngram")
              if getattr(args, name) is not None and name in METHOD_OPTIONS[args.method]}
     choices = args.choices and [int(c) if MAIN_OPTION[args.method] == "k" else c for c in args.choices]
     tuned = tune(model, args.method, encode_prompts(model, prompts, True, None), rows=args.rows, choices=choices,
@@ -418,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--heads", help="Medusa heads directory (default: the bundled heads)")
     tu.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     tu.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
+    tu.add_argument("--lookup", type=int, help="--method medusa or eagle: prompt-lookup tokens beside the tree")
     tu.add_argument("--out", help="save the schedule and every measurement as JSON")
     tu.set_defaults(func=_tune)
     fetch = sub.add_parser("fetch", help="download and verify registry models and data sets")

@@ -14,8 +14,8 @@ METHOD_OPTIONS = {
     "autoregressive": ("block_width",),
     "draft": ("draft", "k", "draft_width", "budget", "verification", "profile"),
     "prompt_lookup": ("k", "max_ngram", "min_ngram", "budget", "verification", "profile"),
-    "medusa": ("heads", "tree", "budget", "verification", "profile"),
-    "eagle": ("feature_draft", "k", "draft_width", "budget", "verification", "profile"),
+    "medusa": ("heads", "tree", "lookup", "budget", "verification", "profile"),
+    "eagle": ("feature_draft", "k", "draft_width", "lookup", "budget", "verification", "profile"),
     "early_exit": ("exit_layer", "k", "verification", "profile"),
     "skipdecode": ("target_speedup", "warmup_layers", "min_active", "max_active", "weights"),
     "superposed": ("num_drafts", "ngrams", "alpha", "tau", "n_token_sample", "ngram_weights", "reset_every"),
@@ -85,11 +85,22 @@ def _prompt_lookup(target, options: dict) -> tuple[Any, Any]:
                     options.get("budget"))
 
 
+def _lookup(options: dict) -> int:
+    """The ``lookup`` option: prompt-lookup tokens proposed beside the method's own tree (0: none)."""
+    from specdec.union import lookup_length
+
+    lookup = _opt(options, "lookup", 0)
+    if isinstance(lookup, Mapping):
+        raise ValueError("lookup (prompt-lookup tokens beside the tree) takes one value, not one by load")
+    return lookup_length(lookup)
+
+
 def _medusa(target, options: dict) -> tuple[Any, Any]:
     from heads.bundled import default_trees, heads_for
     from heads.medusa import MedusaHeads
     from heads.proposer import medusa_proposer
     from heads.trees import load_spec
+    from specdec.union import with_lookup
 
     heads, heads_dir = options.get("heads"), None
     if not isinstance(heads, MedusaHeads):
@@ -97,7 +108,9 @@ def _medusa(target, options: dict) -> tuple[Any, Any]:
     tree = options.get("tree")
     if tree is None:  # only then read the searched trees beside the heads
         tree = default_trees(heads_dir)
-    return _by_load(tree, lambda t: medusa_proposer(target, heads, load_spec(t)), options.get("budget"))
+    lookup = _lookup(options)
+    return _by_load(tree, lambda t: with_lookup(*medusa_proposer(target, heads, load_spec(t)), lookup),
+                    options.get("budget"))
 
 
 def _eagle(target, options: dict) -> tuple[Any, Any]:
@@ -105,14 +118,15 @@ def _eagle(target, options: dict) -> tuple[Any, Any]:
 
     from heads.feature_draft import FeatureDraft, feature_draft_for
     from heads.feature_proposer import feature_draft_proposer
+    from specdec.union import with_lookup
 
     draft = options.get("feature_draft")
     if not isinstance(draft, FeatureDraft):
         draft = feature_draft_for(target, draft)  # the bundled one, or one saved by `specdec train-feature-draft`
-    k, width = _opt(options, "k", 4), _opt(options, "draft_width", 1)
-    span = max(_schedule(k).values()) + 1  # one state layout for every k of a by-load schedule
-    return _by_load(k, lambda k: (feature_draft_proposer(target, draft, k=k, width=width, span=span),
-                                  nnx.state(draft)), options.get("budget"))
+    k, width, lookup = _opt(options, "k", 4), _opt(options, "draft_width", 1), _lookup(options)
+    span = max(*_schedule(k).values(), lookup) + 1  # one state layout for every tree of a by-load schedule
+    return _by_load(k, lambda k: with_lookup(feature_draft_proposer(target, draft, k=k, width=width, span=span),
+                                             nnx.state(draft), lookup), options.get("budget"))
 
 
 def _early_exit(target, options: dict) -> tuple[Any, Any]:

@@ -2,8 +2,9 @@
 
 Target and draft are different tiny random models over an 8-token vocabulary
 (chain and tree drafts), random Medusa heads over a tree (deterministic
-top-k candidates, verified as point masses), or the target's own first layer
-(early exit).
+top-k candidates, verified as point masses), a random feature draft's chain
+beside a prompt-lookup chain (drawn and deterministic siblings in one tree), or
+the target's own first layer (early exit).
 The exact distribution of the first three generated tokens (512 outcomes) comes
 from teacher-forced target forwards; 6000 speculative samples (one row per
 seed) are compared with Pearson's chi-square test, cells with expected count
@@ -86,12 +87,17 @@ def _method(kind: str, target, draft) -> dict:
         nnx.update(heads, jax.tree.map(lambda x: x + 0.7 * jax.random.normal(jax.random.key(1), x.shape),
                                        nnx.state(heads, nnx.Param)))
         return dict(method="medusa", heads=heads, tree=[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
+    if kind == "eagle-lookup":  # drawn feature-draft chain beside deterministic prompt-lookup tokens
+        from heads.feature_draft import default_spec, new_feature_draft
+
+        feature = new_feature_draft(target.module, default_spec(target.module, None), seed=3)
+        return dict(method="eagle", feature_draft=feature, k=2, lookup=2)
     if kind == "early-exit":  # the target's first layer drafts; verification reuses its K/V
         return dict(method="early_exit", exit_layer=1, k=2)
     return dict(method="draft", draft=draft, k=2, draft_width={"chain": 1, "tree": 3}[kind])
 
 
-@pytest.mark.parametrize("kind", ["chain", "tree", "medusa-tree", "early-exit"])
+@pytest.mark.parametrize("kind", ["chain", "tree", "medusa-tree", "eagle-lookup", "early-exit"])
 def test_rejection_sampling_matches_target_distribution(pair, kind):
     target, draft = pair
     p = chi_square_p(sample_counts(target, **_method(kind, target, draft)), exact_distribution(target), SAMPLES)

@@ -1,0 +1,86 @@
+"""Proposers side by side in one tree (specdec.union): the tree layout, every row identical to its
+prompt decoded alone, the prompt-lookup branch really accepted, and clear errors.
+
+Lossless sampling with a drawn feature-draft chain beside prompt-lookup tokens is
+checked in distribution in test_lossless_sampling ("eagle-lookup").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import specdec
+from drafts.draft_model import draft_proposer
+from drafts.prompt_lookup import PromptLookupProposer
+from specdec.equivalence import check
+from specdec.methods import build_proposer
+from specdec.tree import Tree
+from specdec.union import UnionProposer, part_offsets, union_tree, with_lookup
+
+
+def test_union_tree_places_each_tree_under_the_shared_root():
+    chain, tree = Tree.chain(2), Tree.from_paths([(0,), (1,), (0, 0)])  # (-1, 0, 1) and (-1, 0, 0, 1)
+    union = union_tree([chain, tree])
+    assert part_offsets([chain, tree]) == [0, 2]
+    assert union.parents == (-1, 0, 1, 0, 0, 3)
+    assert union.depth.tolist() == [0, 1, 2, 1, 1, 2]
+    assert union_tree([Tree.chain(0), chain]).parents == chain.parents  # an empty part adds nothing
+
+
+def _prompts(seed: int) -> tuple[list[list[int]], dict]:
+    """Prompts that repeat themselves (prompt lookup finds matches) and random ones, mixed budgets."""
+    rng = np.random.default_rng(seed)
+    loop = rng.integers(0, 97, 6).tolist()
+    prompts = [loop * 4, rng.integers(0, 97, 23).tolist(), loop[:3] * 5 + [7], rng.integers(0, 97, 2).tolist()]
+    return prompts, dict(max_new_tokens=[30, 9, 24, 17], seed=[5, 6, 7, 8], stop_tokens=[11])
+
+
+@pytest.mark.parametrize("method", ["medusa", "eagle"])
+@pytest.mark.parametrize("temperature, extra", [(0.0, {}), (0.9, {}), (0.0, {"budget": 3}), (0.9, {"slots": 2})])
+def test_with_lookup_rows_equal_each_prompt_alone(tiny_lm, methods, method, temperature, extra):
+    """Greedy and coupled sampling, one batch, a budget, a pool: every row is its prompt decoded alone."""
+    prompts, opts = _prompts(3)
+    report = check(tiny_lm, prompts, **methods[method], lookup=5, temperature=temperature,
+                   top_k=20 if temperature else 0, **opts, **extra)
+    assert report.counts["identical"] == len(prompts), report.table()
+
+
+@pytest.mark.parametrize("method, by_load", [("medusa", {"tree": {1: "tree-8", 2: "chain-0"}}),
+                                             ("eagle", {"k": {1: 3, 3: 0}})])
+def test_with_lookup_by_load_through_a_pool(tiny_lm, methods, method, by_load):
+    """A schedule whose own tree goes empty at some load keeps the lookup branch, with one state layout."""
+    prompts, opts = _prompts(5)
+    report = check(tiny_lm, prompts, **{**methods[method], **by_load}, lookup=3, temperature=0.9, top_k=20,
+                   slots=3, chunk_steps=2, **opts)
+    assert report.counts["identical"] == len(prompts), report.table()
+
+
+def test_lookup_branch_is_accepted(tiny_lm, methods):
+    """Medusa's chain-1 accepts at most one draft token a step; beside a 6-token lookup chain, steps
+    accept more (only the lookup branch reaches that deep), and fewer target forwards are needed."""
+    prompts, opts = _prompts(4)
+    medusa = {**methods["medusa"], "tree": "chain-1"}
+    alone = specdec.generate(tiny_lm, prompts, ignore_eos=True, **medusa, **opts)
+    both = specdec.generate(tiny_lm, prompts, ignore_eos=True, lookup=6, **medusa, **opts)
+    assert [g.tokens for g in both] == [g.tokens for g in alone]
+    assert all(len(g.accepted_histogram) == 2 for g in alone)
+    assert sum(sum(g.accepted_histogram[2:]) for g in both) > 0
+    assert sum(g.target_forwards for g in both) < sum(g.target_forwards for g in alone)
+
+
+def test_union_rejects_bad_parts_and_options(tiny_lm, methods):
+    draft = methods["draft"]["draft"]
+    own = draft_proposer(tiny_lm.config, draft.config, draft.graphdef, k=2)
+    with pytest.raises(ValueError, match="DraftModelProposer cannot share a step"):
+        UnionProposer((own, PromptLookupProposer(k=2)))
+    with pytest.raises(ValueError, match="at least two proposers"):
+        UnionProposer((PromptLookupProposer(k=2),))
+    for bad in (-1, 1.5, "4", True):
+        with pytest.raises(ValueError, match="lookup .* must be an integer >= 0"):
+            with_lookup(PromptLookupProposer(k=2), None, bad)
+    with pytest.raises(ValueError, match="takes one value, not one by load"):
+        build_proposer("medusa", tiny_lm, {"heads": methods["medusa"]["heads"], "lookup": {1: 4, 4: 2}})
+    with pytest.raises(ValueError, match=r"does not take option\(s\) \['lookup'\]"):
+        specdec.generate(tiny_lm, [1, 2], lookup=2, **methods["draft"])
+    assert with_lookup(own, "params", 0) == (own, "params")
