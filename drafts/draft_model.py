@@ -1,10 +1,13 @@
 """A small draft model as a proposer: k draft tokens per step, its own KV cache, free rollback.
 
 The draft cache holds every committed token except the newest one: each step
-first feeds ``[token before the root, root]`` (re-writing the former, so that a
-draft token the target replaced is overwritten), then one token per forward.
-After verification the draft's length is set to the target's committed length
-minus one, which drops whatever the target rejected.
+first feeds the ``refeed`` committed tokens before the root and the root
+(re-writing the former, so that a draft token the target replaced is
+overwritten), then one token per forward. After verification the draft's length
+is set to the target's committed length minus one, which drops whatever the
+target rejected. ``refeed`` 1 suffices when the draft's own chain is verified;
+beside other proposers (``specdec.union``) the accepted path may come from their
+branch, and ``refeed`` as deep as the union's tree re-writes all of it.
 
 ``k = 0`` turns speculation off (a plain target step) while still feeding the
 draft the committed tokens, so a by-load schedule can switch it back on.
@@ -25,7 +28,7 @@ from flax import nnx
 
 from specdec.cache import KVCache, init_cache
 from specdec.config import LlamaConfig
-from specdec.engine import Commit, Proposal, View, draft_length, no_proposal
+from specdec.engine import Commit, Proposal, View, draft_length, draft_width, no_proposal
 from specdec.model import forward
 from specdec.sampling import Sampling, position_key
 from specdec.tree import Tree
@@ -101,6 +104,7 @@ class DraftModelProposer:
     graphdef: nnx.GraphDef
     k: int
     width: int = 1
+    refeed: int = 1  # committed tokens before the root re-written each step (see the module docstring)
 
     @property
     def tree(self) -> Tree:
@@ -117,10 +121,13 @@ class DraftModelProposer:
     def propose(self, params, cache: KVCache, view: View, sampling: Sampling, rule: str):
         model = nnx.merge(self.graphdef, params)
         length = view.lengths
-        prev = jnp.take_along_axis(view.history, (length - 1)[:, None], axis=1)[:, 0]
-        res = forward(model, cache.with_lengths(length - 1), tokens=jnp.stack([prev, view.last], axis=1),
-                      positions=jnp.stack([length - 1, length], axis=1), logits_at=jnp.ones_like(length)[:, None],
-                      compute_logits=self.k > 0)
+        # [start, start + refeed]: the tokens before the root and the root (a short row's block runs
+        # past its root; the draft's next writes overwrite those slots)
+        start = jnp.maximum(length - self.refeed, 0)
+        at = start[:, None] + jnp.arange(self.refeed + 1)
+        block = jnp.take_along_axis(view.history, jnp.minimum(at, view.history.shape[1] - 1), axis=1)
+        res = forward(model, cache.with_lengths(start), tokens=block, positions=at,
+                      logits_at=(length - start)[:, None], compute_logits=self.k > 0)
         cache = res.cache.with_lengths(length + 1)
         if self.k == 0:  # speculation off: only keep the draft cache in step with the target
             return cache, no_proposal(length.shape[0])
@@ -142,6 +149,4 @@ def draft_proposer(target: LlamaConfig, draft_config: LlamaConfig, graphdef: nnx
         raise ValueError(f"draft/target vocabulary mismatch: the draft has {draft_config.vocab_size} tokens, "
                          f"the target {target.vocab_size}; the draft must use the target's tokenizer")
     k = draft_length(k)
-    if int(width) != width or not 1 <= width <= target.vocab_size:
-        raise ValueError(f"draft_width (candidates per depth) must be an integer in [1, vocab size], got {width}")
-    return DraftModelProposer(graphdef=graphdef, k=k, width=int(width))
+    return DraftModelProposer(graphdef=graphdef, k=k, width=draft_width(width, target.vocab_size))

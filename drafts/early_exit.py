@@ -20,7 +20,7 @@ from flax import nnx
 
 from drafts.draft_model import chain_with_siblings, pick_draft
 from specdec.config import LlamaConfig
-from specdec.engine import Commit, Proposal, View, draft_length
+from specdec.engine import Commit, Proposal, View, draft_length, whole_number
 from specdec.model import forward
 from specdec.sampling import Sampling
 from specdec.tree import Tree
@@ -77,7 +77,5 @@ class EarlyExitProposer:
 
 def early_exit_proposer(target: LlamaConfig, graphdef: nnx.GraphDef, *, exit_layer: int, k: int) -> EarlyExitProposer:
     """Check the exit layer and draft length and build the proposer."""
-    if int(exit_layer) != exit_layer or not 1 <= exit_layer <= target.n_layers:
-        raise ValueError(f"exit_layer must be an integer in [1, {target.n_layers}] (the model's layers), "
-                         f"got {exit_layer}")
-    return EarlyExitProposer(graphdef=graphdef, exit_layer=int(exit_layer), k=draft_length(k, minimum=1))
+    exit_layer = whole_number(exit_layer, "exit_layer (a layer of the model)", 1, target.n_layers)
+    return EarlyExitProposer(graphdef=graphdef, exit_layer=exit_layer, k=draft_length(k, minimum=1))

@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--draft", default=None, help="a saved draft directory (default: the bundled one)")
+    parser.add_argument("--draft-width", type=int, default=1, help="draft model: candidates per depth")
+    parser.add_argument("--draft-lookup", type=int, nargs="+", default=[0],
+                        help="draft model: prompt-lookup tokens proposed beside its tree (lookup=), rows for each")
     parser.add_argument("--eagle-ks", type=int, nargs="*", default=[1, 2, 4],
                         help="k of the feature-draft rows (none: no such rows)")
     parser.add_argument("--eagle-width", type=int, default=1, help="feature draft: candidates per depth")
@@ -53,7 +56,11 @@ def main() -> None:
 
     model = specdec.load("smollm2-135m")
     draft, where = draft_for(model, args.draft)
-    methods = {"autoregressive": {}, **{f"draft k={k}": dict(method="draft", draft=draft, k=k) for k in args.ks},
+    methods = {"autoregressive": {},
+               **{f"draft k={k}" + (f" width {args.draft_width}" if args.draft_width > 1 else "")
+                  + (f" + lookup {lookup}" if lookup else ""): dict(
+                   method="draft", draft=draft, k=k, draft_width=args.draft_width, lookup=lookup)
+                  for lookup in args.draft_lookup for k in args.ks},
                **{f"eagle k={k}" + (f" width {args.eagle_width}" if args.eagle_width > 1 else "")
                   + (f" + lookup {args.eagle_lookup}" if args.eagle_lookup else ""): dict(
                    method="eagle", feature_draft=args.feature_draft, k=k, draft_width=args.eagle_width,
@@ -69,7 +76,7 @@ def main() -> None:
         # chain tokens proposed per forward (Medusa, or a lookup branch beside the chain: no rate)
         k = None if options.get("lookup") else options.get("k")
         rate = (summary["accepted_per_forward"] - 1) / k if k else None
-        rows.append({"method": name, "options": {o: v for o, v in options.items() if o in ("method", "k")},
+        rows.append({"method": name, "options": {o: v for o, v in options.items() if o in ("method", "k", "lookup")},
                      "acceptance_rate": rate, **summary,
                      "rows_identical": f"{summary['rows_identical']}/{len(ids)}"})
     base = rows[0]["tokens_per_s"]
@@ -92,12 +99,14 @@ def main() -> None:
     }, ["method", "acceptance_rate", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive",
         "equivalence", "rows_identical"])
     series = {}
-    for kind in ("draft", "eagle"):
-        chain = [r for r in rows if r["options"].get("method") == kind]
+    kinds = {(r["options"]["method"], r["options"].get("lookup", 0)) for r in rows
+             if r["options"].get("method") in ("draft", "eagle")}
+    for kind, lookup in sorted(kinds):
+        chain = [r for r in rows if (r["options"].get("method"), r["options"].get("lookup", 0)) == (kind, lookup)]
         for label, key in (("accepted tokens per forward", "accepted_per_forward"),
                            ("speedup vs autoregressive", "speedup_vs_autoregressive")):
-            if chain:
-                series[f"{kind}: {label}"] = ([r["options"]["k"] for r in chain], [r[key] for r in chain])
+            name = kind + (f" + lookup {lookup}" if lookup else "")
+            series[f"{name}: {label}"] = ([r["options"]["k"] for r in chain], [r[key] for r in chain])
     save_plot(args.results_name, series, xlabel="draft tokens per step (k)", ylabel="ratio",
               title="Draft model and feature draft on SmolLM2-135M-Instruct")
     for row in rows:

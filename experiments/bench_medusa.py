@@ -40,6 +40,8 @@ def main() -> None:
                                                        "tree-64"])
     parser.add_argument("--lookup", type=int, nargs="*", default=[],
                         help="also run every tree with a prompt-lookup chain of this many tokens beside it")
+    parser.add_argument("--lookup-width", type=int, nargs="+", default=[1],
+                        help="prompt-lookup chains (from distinct matches) beside the tree, one run per value")
     parser.add_argument("--results-name", default="bench_medusa")
     args = parser.parse_args()
     pyplot()  # fail now, not after the run, without matplotlib
@@ -49,8 +51,9 @@ def main() -> None:
     searched = default_tree(heads_dir)
     trees = [(t, t) for t in args.trees] + [("searched", searched)]
     methods = [("autoregressive", {})] + [(name, dict(method="medusa", heads=heads, tree=t)) for name, t in trees]
-    methods += [(f"{name} + lookup {k}", dict(method="medusa", heads=heads, tree=t, lookup=k))
-                for k in args.lookup for name, t in trees]
+    branches = [(k, w) for k in args.lookup for w in args.lookup_width]
+    methods += [(f"{name} + {_branch(k, w)}", dict(method="medusa", heads=heads, tree=t, lookup=k, lookup_width=w))
+                for k, w in branches for name, t in trees]
     sets = {"humaneval": humaneval_chat_prompts(args.humaneval), "sharegpt": sharegpt_prompts(args.sharegpt)}
     tok = model.tokenizer
     rows = []
@@ -60,9 +63,11 @@ def main() -> None:
         for name, method in methods:
             summary = greedy_summary(model, ids, results[name], results["autoregressive"])
             summary["rows_identical"] = f"{summary['rows_identical']}/{len(ids)}"
-            nodes = tree_buffers(load_spec(method["tree"])).tree.size + method.get("lookup", 0) if method else 1
+            branch = (method.get("lookup", 0), method.get("lookup_width", 1))
+            nodes = tree_buffers(load_spec(method["tree"])).tree.size + branch[0] * branch[1] if method else 1
             rows.append({"prompts": set_name, "method": "autoregressive" if not method else "medusa",
-                         "tree": name, "lookup": method.get("lookup", 0), "tree_nodes": nodes, **summary})
+                         "tree": name, "lookup": branch[0], "lookup_width": branch[1], "tree_nodes": nodes,
+                         **summary})
         base = next(r for r in rows if r["prompts"] == set_name and r["tree"] == "autoregressive")
         for row in rows:
             if row["prompts"] == set_name:
@@ -76,7 +81,8 @@ def main() -> None:
              + "; top-5: " + ", ".join(f"{a:.3f}" for a in acc.get("top5", []))]
     if args.lookup:
         notes.append("TREE + lookup K: the tree and a K-token prompt-lookup chain beside it, verified in one forward "
-                     "(tree_nodes counts both)")
+                     "(tree_nodes counts both); lookup KxW: W such chains, copied from the best matches whose "
+                     "continuations start with distinct tokens")
     write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled Medusa heads (bfloat16)",
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
@@ -85,19 +91,26 @@ def main() -> None:
         "equivalence", "rows_identical"])
     series = {}
     for set_name in sets:
-        for k in [0] + args.lookup:
-            label = set_name + (f" + lookup {k}" if k else "")
-            pts = sorted((r["tree_nodes"], r["accepted_per_forward"]) for r in rows if r["prompts"] == set_name
-                         and r["method"] == "medusa" and r["lookup"] == k and not r["tree"].startswith("searched"))
+        for k, w in [(0, 1)] + branches:
+            label = set_name + (f" + {_branch(k, w)}" if k else "")
+            mine = [r for r in rows if r["prompts"] == set_name and r["method"] == "medusa"
+                    and (r["lookup"], r["lookup_width"]) == (k, w)]
+            pts = sorted((r["tree_nodes"], r["accepted_per_forward"]) for r in mine
+                         if not r["tree"].startswith("searched"))
             series[label] = ([p[0] for p in pts], [p[1] for p in pts])
-            found = next(r for r in rows if r["prompts"] == set_name and r["lookup"] == k
-                         and r["tree"].startswith("searched"))
+            found = next(r for r in mine if r["tree"].startswith("searched"))
             series[f"{label}: searched tree"] = ([found["tree_nodes"]], [found["accepted_per_forward"]])
-    save_plot(args.results_name, series, xlabel="tree nodes (with the root)", ylabel="accepted tokens per target forward",
+    save_plot(args.results_name, series, xlabel="tree nodes (with the root)",
+              ylabel="accepted tokens per target forward",
               title="Medusa heads on SmolLM2-135M-Instruct, greedy", logx=True)
     for row in rows:
         print(row)
     print(*notes, sep="\n")
+
+
+def _branch(k: int, width: int) -> str:
+    """Row label of a prompt-lookup branch: K tokens, W chains."""
+    return f"lookup {k}" + (f"x{width}" if width > 1 else "")
 
 
 if __name__ == "__main__":

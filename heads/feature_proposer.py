@@ -27,7 +27,7 @@ from flax import nnx
 
 from drafts.draft_model import chain_with_siblings, draft_chain
 from specdec.cache import KVCache, init_cache
-from specdec.engine import Commit, View, draft_length, no_proposal
+from specdec.engine import Commit, View, draft_length, draft_width, no_proposal
 from specdec.sampling import Sampling
 from specdec.tree import Tree
 
@@ -97,9 +97,8 @@ def feature_draft_proposer(target, draft, *, k, width: int = 1, span: int | None
         raise ValueError(f"this feature draft reads features of width {draft.config.d_model} over "
                          f"{draft.config.vocab_size} tokens; the target has {target.config.d_model} and "
                          f"{target.config.vocab_size}: train a feature draft for this model")
-    if int(width) != width or not 1 <= width <= target.config.vocab_size:
-        raise ValueError(f"draft_width (candidates per depth) must be an integer in [1, vocab size], got {width}")
+    width = draft_width(width, target.config.vocab_size)
     span = k + 1 if span is None else span
     if span < k + 1:
         raise ValueError(f"span must be >= k + 1 = {k + 1}, got {span}")
-    return FeatureDraftProposer(graphdef=nnx.split(draft)[0], k=k, width=int(width), span=span)
+    return FeatureDraftProposer(graphdef=nnx.split(draft)[0], k=k, width=width, span=span)

@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from specdec.autoregressive import decode, plan_shapes, prompt_bucket
-from specdec.engine import speculative_decode
+from specdec.engine import speculative_decode, whole_number
 from specdec.loading import LoadedModel, load_once
 from specdec.methods import METHOD_OPTIONS, build_proposer
 from specdec.pool import SlotUse, dec_of, pool_states
@@ -137,11 +137,8 @@ class _Run:
         if self.stop and self.lm.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         self.width = 1 if method_options.get("block_width") is None else method_options["block_width"]
-        if int(self.width) != self.width or self.width < 1:
-            raise ValueError(f"block_width must be an integer >= 1, got {self.width}")
-        if slots is not None and (int(slots) != slots or slots < 1):
-            raise ValueError(f"slots (batch rows on device) must be an integer >= 1, got {slots}")
-        self.slots = self.n if slots is None else int(slots)
+        self.width = whole_number(self.width, "block_width", 1)
+        self.slots = self.n if slots is None else whole_number(slots, "slots (batch rows on device)", 1)
         extra = self.proposer.tree.size if self.proposer is not None else self.width - 1
         self.shapes = plan_shapes(self.lm.config, [len(p) for p in self.ids], self.max_new, max_cache_len, extra)
         tok = self.lm.tokenizer
@@ -274,10 +271,12 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         accepted (the target computes only the rows' roots and them; see ``specdec.budget``):
         e.g. ``k=1, budget=3`` at 8 slots verifies 11 tokens a step instead of 16; it may be a
         dict by load too, e.g. ``k={1: 4, 2: 1}, budget={1: 4, 8: 2}``;
-        max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1);
-        lookup (methods "medusa" and "eagle"): also propose this many prompt-lookup tokens (n-grams 3
+        max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1); its draft_width copies
+        that many chains, from the best matches whose continuations start with distinct tokens;
+        lookup (methods "medusa", "eagle" and "draft"): also propose this many prompt-lookup tokens (n-grams 3
         down to 1) as a second branch under the root, verified in the same target forward; the
         deepest accepted path wins, whichever branch it is in (see ``specdec.union``; default 0);
+        lookup_width: that many prompt-lookup chains of ``lookup`` tokens (default 1);
         feature_draft (method "eagle"): a ``FeatureDraft`` or a directory saved by ``specdec
         train-feature-draft`` (default: the one bundled for the model); it takes k and draft_width;
         heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from specdec.engine import Commit, Proposal, View
+from specdec.engine import Commit, Proposal, View, whole_number
 from specdec.sampling import Sampling
 from specdec.tree import Tree
 
@@ -64,9 +64,7 @@ class Budgeted:
     budget: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or int(self.budget) != self.budget or self.budget < 1:
-            raise ValueError(f"budget (draft tokens verified per step, all rows together) must be an "
-                             f"integer >= 1, got {self.budget}")
+        whole_number(self.budget, "budget (draft tokens verified per step, all rows together)", 1)
         if hasattr(self.proposer, "verify_from"):
             raise ValueError("a budget needs a proposer whose drafts the target verifies from its first layer; "
                              "early exit verifies from its exit layer")

@@ -56,7 +56,8 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--schedule", help="k (or Medusa tree) and budget by load from a file written by "
                         "`specdec tune --out FILE` (measured on this device)")
     parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
-    parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft or eagle (default 1)")
+    parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft or eagle; "
+                        "chains copied from distinct matches for --method prompt_lookup (default 1)")
     parser.add_argument("--feature-draft", help="feature draft directory for --method eagle (default: the bundled one)")
     parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
     parser.add_argument("--tree", type=_by_load(str), help="Medusa tree: a built-in name (chain-0..4, "
@@ -64,8 +65,9 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
                         "ROWS:TREE,ROWS:TREE,... picks the tree by running rows (chain-0: speculation off)")
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
-    parser.add_argument("--lookup", type=int, help="--method medusa or eagle: also propose this many prompt-lookup "
-                                                   "tokens beside the tree, verified in the same forward (default 0)")
+    parser.add_argument("--lookup", type=int, help="--method medusa, eagle or draft: also propose this many "
+                        "prompt-lookup tokens beside the tree, verified in the same forward (default 0)")
+    parser.add_argument("--lookup-width", type=int, help="--lookup chains copied from distinct matches (default 1)")
     parser.add_argument("--exit-layer", type=int, help="--method early_exit: draft with this many bottom layers "
                                                         "(default: half)")
     parser.add_argument("--target-speedup", type=float, help="--method skipdecode (LOSSY): layers / mean active "
@@ -287,7 +289,7 @@ def _tune(args) -> int:
     prompts = _read_prompts(args)
     model = load_once(args.model)
     fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "feature_draft", "heads", "lookup",
-                                                    "max_ngram", "min_ngram")
+                                                    "lookup_width", "max_ngram", "min_ngram")
              if getattr(args, name) is not None and name in METHOD_OPTIONS[args.method]}
     choices = args.choices and [int(c) if MAIN_OPTION[args.method] == "k" else c for c in args.choices]
     tuned = tune(model, args.method, encode_prompts(model, prompts, True, None), rows=args.rows, choices=choices,
@@ -416,11 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--chunks", type=int, default=6, help="chunks per setting (the first compiles, untimed)")
     tu.add_argument("--draft", help="draft model for --method draft (default: the bundled one)")
     tu.add_argument("--feature-draft", help="feature draft for --method eagle (default: the bundled one)")
-    tu.add_argument("--draft-width", type=int, help="candidates per depth for --method draft (default 1)")
+    tu.add_argument("--draft-width", type=int, help="candidates per depth for --method draft or eagle; chains "
+                    "copied from distinct matches for --method prompt_lookup (default 1)")
     tu.add_argument("--heads", help="Medusa heads directory (default: the bundled heads)")
     tu.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     tu.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
-    tu.add_argument("--lookup", type=int, help="--method medusa or eagle: prompt-lookup tokens beside the tree")
+    tu.add_argument("--lookup", type=int, help="--method medusa, eagle or draft: prompt-lookup tokens beside the "
+                    "tree")
+    tu.add_argument("--lookup-width", type=int, help="--lookup chains copied from distinct matches (default 1)")
     tu.add_argument("--out", help="save the schedule and every measurement as JSON")
     tu.set_defaults(func=_tune)
     fetch = sub.add_parser("fetch", help="download and verify registry models and data sets")

@@ -12,6 +12,7 @@ rejected entries are never read (rollback is free). The loop runs on device in
 from __future__ import annotations
 
 import functools
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple, Protocol, Sequence
@@ -54,12 +55,23 @@ def no_proposal(batch: int) -> Proposal:
     return Proposal(tokens=jnp.zeros((batch, 0), jnp.int32), draft_probs=None)
 
 
+def whole_number(value, what: str, minimum: int = 0, maximum: int | None = None) -> int:
+    """``value`` as an int, or a clear error naming ``what`` unless it is an integer in [minimum, maximum]."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < minimum
+            or (maximum is not None and value > maximum)):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{what} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
 def draft_length(k, minimum: int = 0) -> int:
     """``k`` (draft tokens per step) as an int, or a clear error unless it is an integer >= ``minimum``."""
-    if int(k) != k or k < minimum:
-        off = " (0: speculation off)" if minimum == 0 else ""
-        raise ValueError(f"k (draft tokens per step) must be an integer >= {minimum}{off}, got {k}")
-    return int(k)
+    return whole_number(k, "k (draft tokens per step" + ("; 0: speculation off)" if minimum == 0 else ")"), minimum)
+
+
+def draft_width(width, vocab_size: int) -> int:
+    """``width`` (candidates per depth) as an int, or a clear error unless it is in [1, vocab_size]."""
+    return whole_number(width, "draft_width (candidates per depth)", 1, vocab_size)
 
 
 class View(NamedTuple):

@@ -12,10 +12,10 @@ import numpy as np
 
 METHOD_OPTIONS = {
     "autoregressive": ("block_width",),
-    "draft": ("draft", "k", "draft_width", "budget", "verification", "profile"),
-    "prompt_lookup": ("k", "max_ngram", "min_ngram", "budget", "verification", "profile"),
-    "medusa": ("heads", "tree", "lookup", "budget", "verification", "profile"),
-    "eagle": ("feature_draft", "k", "draft_width", "lookup", "budget", "verification", "profile"),
+    "draft": ("draft", "k", "draft_width", "lookup", "lookup_width", "budget", "verification", "profile"),
+    "prompt_lookup": ("k", "max_ngram", "min_ngram", "draft_width", "budget", "verification", "profile"),
+    "medusa": ("heads", "tree", "lookup", "lookup_width", "budget", "verification", "profile"),
+    "eagle": ("feature_draft", "k", "draft_width", "lookup", "lookup_width", "budget", "verification", "profile"),
     "early_exit": ("exit_layer", "k", "verification", "profile"),
     "skipdecode": ("target_speedup", "warmup_layers", "min_active", "max_active", "weights"),
     "superposed": ("num_drafts", "ngrams", "alpha", "tau", "n_token_sample", "ngram_weights", "reset_every"),
@@ -65,34 +65,39 @@ def _draft(target, options: dict) -> tuple[Any, Any]:
     from drafts.draft_model import draft_proposer
     from drafts.saved import CONFIG_FILE, draft_for
     from specdec.loading import LoadedModel, load
+    from specdec.union import with_lookup
 
     draft = options.get("draft")
     if draft is None or (not isinstance(draft, LoadedModel) and (Path(draft) / CONFIG_FILE).is_file()):
         draft = draft_for(target, draft)[0]  # the bundled draft, or one saved by `specdec train-draft`
     elif not isinstance(draft, LoadedModel):
         draft = load(draft, dtype=target.config.dtype)
-    width = _opt(options, "draft_width", 1)
-    return _by_load(_opt(options, "k", 4), lambda k: (
-        draft_proposer(target.config, draft.config, draft.graphdef, k=k, width=width), draft.state),
-        options.get("budget"))
+    width, (lookup, lookup_width) = _opt(options, "draft_width", 1), _lookup(options)
+    return _by_load(_opt(options, "k", 4), lambda k: with_lookup(
+        draft_proposer(target.config, draft.config, draft.graphdef, k=k, width=width), draft.state, lookup,
+        width=lookup_width), options.get("budget"))
 
 
 def _prompt_lookup(target, options: dict) -> tuple[Any, Any]:
     from drafts.prompt_lookup import PromptLookupProposer
+    from specdec.engine import draft_width
 
-    ngrams = dict(max_ngram=_opt(options, "max_ngram", 3), min_ngram=_opt(options, "min_ngram", 1))
+    ngrams = dict(max_ngram=_opt(options, "max_ngram", 3), min_ngram=_opt(options, "min_ngram", 1),
+                  width=draft_width(_opt(options, "draft_width", 1), target.config.vocab_size))
     return _by_load(_opt(options, "k", 4), lambda k: (PromptLookupProposer(k=k, **ngrams), None),
                     options.get("budget"))
 
 
-def _lookup(options: dict) -> int:
-    """The ``lookup`` option: prompt-lookup tokens proposed beside the method's own tree (0: none)."""
-    from specdec.union import lookup_length
+def _lookup(options: dict) -> tuple[int, int]:
+    """The ``lookup`` and ``lookup_width`` options: tokens per prompt-lookup chain and chains proposed
+    beside the method's own tree (lookup 0: none)."""
+    from specdec.engine import whole_number
+    from specdec.union import LOOKUP
 
-    lookup = _opt(options, "lookup", 0)
-    if isinstance(lookup, Mapping):
-        raise ValueError("lookup (prompt-lookup tokens beside the tree) takes one value, not one by load")
-    return lookup_length(lookup)
+    lookup, width = _opt(options, "lookup", 0), _opt(options, "lookup_width", 1)
+    if isinstance(lookup, Mapping) or isinstance(width, Mapping):
+        raise ValueError("lookup and lookup_width (prompt lookup beside the tree) take one value, not one by load")
+    return whole_number(lookup, LOOKUP), whole_number(width, "lookup_width (prompt-lookup chains beside the tree)", 1)
 
 
 def _medusa(target, options: dict) -> tuple[Any, Any]:
@@ -108,8 +113,8 @@ def _medusa(target, options: dict) -> tuple[Any, Any]:
     tree = options.get("tree")
     if tree is None:  # only then read the searched trees beside the heads
         tree = default_trees(heads_dir)
-    lookup = _lookup(options)
-    return _by_load(tree, lambda t: with_lookup(*medusa_proposer(target, heads, load_spec(t)), lookup),
+    lookup, width = _lookup(options)
+    return _by_load(tree, lambda t: with_lookup(*medusa_proposer(target, heads, load_spec(t)), lookup, width=width),
                     options.get("budget"))
 
 
@@ -123,10 +128,10 @@ def _eagle(target, options: dict) -> tuple[Any, Any]:
     draft = options.get("feature_draft")
     if not isinstance(draft, FeatureDraft):
         draft = feature_draft_for(target, draft)  # the bundled one, or one saved by `specdec train-feature-draft`
-    k, width, lookup = _opt(options, "k", 4), _opt(options, "draft_width", 1), _lookup(options)
+    k, width, (lookup, lookup_width) = _opt(options, "k", 4), _opt(options, "draft_width", 1), _lookup(options)
     span = max(*_schedule(k).values(), lookup) + 1  # one state layout for every tree of a by-load schedule
     return _by_load(k, lambda k: with_lookup(feature_draft_proposer(target, draft, k=k, width=width, span=span),
-                                             nnx.state(draft), lookup), options.get("budget"))
+                                             nnx.state(draft), lookup, width=lookup_width), options.get("budget"))
 
 
 def _early_exit(target, options: dict) -> tuple[Any, Any]:

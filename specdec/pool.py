@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specdec.cache import KVCache
+from specdec.engine import whole_number
 
 
 def _is_cache(x) -> bool:
@@ -97,8 +98,7 @@ def pool_states(requests: Requests, slots: int, use: SlotUse, *, shrink: bool = 
     """Decode every request with at most ``slots`` rows on device, admitting waiting requests into
     rows freed between chunks. Yields ``(state, slot_requests)`` after prefill and after every chunk
     (``slot_requests[row]``: the request in that batch row, or None); fills ``use`` as it goes."""
-    if int(slots) != slots or slots < 1:
-        raise ValueError(f"slots must be an integer >= 1, got {slots}")
+    slots = whole_number(slots, "slots", 1)
     waiting = list(range(requests.n))
     rows: list[int | None] = waiting[:slots]
     del waiting[:slots]

@@ -7,12 +7,14 @@ itself, Medusa heads or a feature draft guess where it does not. Each part sees
 the step's verdict in the union's node numbering, so a part must roll its state
 forward from the target's output at the accepted path alone, never from its own
 node ids: prompt lookup (no state), Medusa heads and the feature draft qualify
-(``commits_any_path``); a draft model, whose cache holds its own guesses, does not.
+(``commits_any_path``); a draft model, whose cache holds its own guesses, does
+when it re-writes as many committed tokens each step as the union's tree is deep
+(its ``refeed``; :func:`with_lookup` sets it).
 """
 
 from __future__ import annotations
 
-import numbers
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Sequence
@@ -20,9 +22,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from specdec.engine import Commit, Proposal, View
+from specdec.engine import Commit, Proposal, View, whole_number
 from specdec.sampling import Sampling
 from specdec.tree import Tree
+
+LOOKUP = "lookup (prompt-lookup tokens beside the tree)"  # the option, in errors
 
 
 def union_tree(trees: Sequence[Tree]) -> Tree:
@@ -52,10 +56,12 @@ class UnionProposer:
     def __post_init__(self) -> None:
         if len(self.parts) < 2:
             raise ValueError(f"a union needs at least two proposers, got {len(self.parts)}")
-        alone = [type(p).__name__ for p in self.parts if not getattr(p, "commits_any_path", False)]
+        alone = [type(p).__name__ for p in self.parts if not getattr(p, "commits_any_path", False)
+                 and getattr(p, "refeed", 0) < self.tree.max_depth]
         if alone:
             raise ValueError(f"{', '.join(alone)} cannot share a step with other proposers: its state follows its "
-                             f"own candidates; combine prompt lookup, Medusa heads and feature drafts")
+                             f"own candidates; give a draft model refeed >= {self.tree.max_depth} (the union's "
+                             f"depth; with_lookup does), or combine prompt lookup, Medusa heads and feature drafts")
 
     @cached_property
     def tree(self) -> Tree:
@@ -89,19 +95,15 @@ def _union_probs(props: Sequence[Proposal], batch: int) -> jax.Array | None:
     return jnp.concatenate([jnp.zeros((batch, 1, vocab), dtype)] + per_part, axis=1)
 
 
-def with_lookup(proposer, params, k: int, **ngrams) -> tuple[Any, Any]:
-    """``(proposer, params)`` with a ``k``-token prompt-lookup chain beside the proposer's tree
-    (``ngrams``: its max_ngram and min_ngram); k 0 returns them unchanged."""
+def with_lookup(proposer, params, k: int, **lookup) -> tuple[Any, Any]:
+    """``(proposer, params)`` with ``k``-token prompt-lookup chains beside the proposer's tree
+    (``lookup``: the chains' width, max_ngram and min_ngram); k 0 returns them unchanged."""
     from drafts.prompt_lookup import PromptLookupProposer
 
-    k = lookup_length(k)
+    k = whole_number(k, LOOKUP)
     if k == 0:
         return proposer, params
-    return UnionProposer((proposer, PromptLookupProposer(k=k, **ngrams))), (params, None)
+    if hasattr(proposer, "refeed"):  # a draft model re-writes any path the union may accept
+        proposer = dataclasses.replace(proposer, refeed=max(proposer.refeed, proposer.tree.max_depth, k))
+    return UnionProposer((proposer, PromptLookupProposer(k=k, **lookup))), (params, None)
 
-
-def lookup_length(k) -> int:
-    """The ``lookup`` option as an int, or a clear error unless it is an integer >= 0."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Real) or int(k) != k or k < 0:
-        raise ValueError(f"lookup (prompt-lookup tokens beside the tree) must be an integer >= 0, got {k!r}")
-    return int(k)

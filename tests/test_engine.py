@@ -160,24 +160,32 @@ def test_prompt_lookup_accepts_repetitions(tiny_lm):
     assert sum(res.accepted_histogram[1:]) > 0 and res.target_forwards < want.target_forwards, res
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.lists(st.integers(0, 3), min_size=1, max_size=30), st.integers(1, 3), st.integers(1, 4))
-def test_lookup_matches_reference(context, max_ngram, k):
+def _lookup_reference(context: list[int], max_ngram: int, k: int, width: int) -> list[tuple[list[int], int]]:
+    """Prompt lookup by brute force: each earlier continuation start ranked by its longest matching
+    n-gram, then by recency; the first ``width`` whose first tokens differ, padded with empty chains."""
     length = len(context) - 1
-    want, want_n = [0] * k, 0
-    for n in range(max_ngram, 0, -1):
-        if n > len(context):
-            continue
-        tail = context[-n:]
-        starts = [j for j in range(0, length - n + 1) if context[j:j + n] == tail]
-        if starts:
-            follow = context[starts[-1] + n:starts[-1] + n + k]
-            want, want_n = follow + [0] * (k - len(follow)), n
-            break
+    matched = {}
+    for c in range(1, length + 1):
+        n = next((n for n in range(max_ngram, 0, -1) if n <= c and context[c - n:c] == context[len(context) - n:]), 0)
+        if n:
+            matched[c] = n
+    chains, firsts = [], set()
+    for c in sorted(matched, key=lambda c: (matched[c], c), reverse=True):
+        if context[c] not in firsts and len(chains) < width:
+            firsts.add(context[c])
+            follow = context[c:c + k]
+            chains.append((follow + [0] * (k - len(follow)), matched[c]))
+    return chains + [([0] * k, 0)] * (width - len(chains))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=30), st.integers(1, 3), st.integers(1, 4), st.integers(1, 3))
+def test_lookup_matches_reference(context, max_ngram, k, width):
     hist = np.zeros((1, 40), np.int32)
     hist[0, :len(context)] = context
-    got, n = lookup(jax.numpy.asarray(hist), jax.numpy.asarray([length]), k=k, max_ngram=max_ngram, min_ngram=1)
-    assert got[0].tolist() == want and int(n[0]) == want_n
+    got, n = lookup(jax.numpy.asarray(hist), jax.numpy.asarray([len(context) - 1]), k=k, max_ngram=max_ngram,
+                    min_ngram=1, width=width)
+    assert [(g.tolist(), int(m)) for g, m in zip(got[0], n[0])] == _lookup_reference(context, max_ngram, k, width)
 
 
 def test_rejection_rule_and_profiled_steps_run(tiny_lm, small_draft):

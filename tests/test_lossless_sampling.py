@@ -3,8 +3,8 @@
 Target and draft are different tiny random models over an 8-token vocabulary
 (chain and tree drafts), random Medusa heads over a tree (deterministic
 top-k candidates, verified as point masses), a random feature draft's chain
-beside a prompt-lookup chain (drawn and deterministic siblings in one tree), or
-the target's own first layer (early exit).
+or a draft model's chain beside prompt-lookup chains (drawn and deterministic
+siblings in one tree), or the target's own first layer (early exit).
 The exact distribution of the first three generated tokens (512 outcomes) comes
 from teacher-forced target forwards; 6000 speculative samples (one row per
 seed) are compared with Pearson's chi-square test, cells with expected count
@@ -91,13 +91,15 @@ def _method(kind: str, target, draft) -> dict:
         from heads.feature_draft import default_spec, new_feature_draft
 
         feature = new_feature_draft(target.module, default_spec(target.module, None), seed=3)
-        return dict(method="eagle", feature_draft=feature, k=2, lookup=2)
+        return dict(method="eagle", feature_draft=feature, k=2, lookup=2, lookup_width=2)
+    if kind == "draft-lookup":  # a drawn draft-model chain beside prompt lookup (the draft re-feeds their path)
+        return dict(method="draft", draft=draft, k=2, lookup=2)
     if kind == "early-exit":  # the target's first layer drafts; verification reuses its K/V
         return dict(method="early_exit", exit_layer=1, k=2)
     return dict(method="draft", draft=draft, k=2, draft_width={"chain": 1, "tree": 3}[kind])
 
 
-@pytest.mark.parametrize("kind", ["chain", "tree", "medusa-tree", "eagle-lookup", "early-exit"])
+@pytest.mark.parametrize("kind", ["chain", "tree", "medusa-tree", "eagle-lookup", "draft-lookup", "early-exit"])
 def test_rejection_sampling_matches_target_distribution(pair, kind):
     target, draft = pair
     p = chi_square_p(sample_counts(target, **_method(kind, target, draft)), exact_distribution(target), SAMPLES)
