@@ -81,8 +81,9 @@ def write_results(name: str, payload: dict, columns: list[str]) -> Path:
 def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new_tokens: int,
                       progress: str = "", common: dict | None = None) -> dict[str, list]:
     """Each method's batch-1 ``Generation`` per prompt of ``ids``, prompt by prompt (methods
-    interleaved), each method compiled for a prompt's shapes before that prompt is timed (programs
-    are dropped whenever a prompt needs other shapes than the one before).
+    interleaved), each method compiled for a prompt's shapes before that prompt is timed. Prompts
+    run shortest first, so each shape bucket compiles once (programs are dropped whenever a prompt
+    needs other shapes than the one before); the lists keep the order of ``ids``.
     ``methods``: name -> ``generate`` options (``{}`` is autoregressive); ``common``: options
     every call shares (e.g. ``ignore_eos``)."""
     common = common or {}
@@ -95,9 +96,10 @@ def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new
         built = build_proposer(options.get("method", "autoregressive"), model,
                                {k: v for k, v in options.items() if k != "method"})
         extra[name] = built[0].tree.size if built is not None else 0
-    results: dict[str, list] = {name: [] for name in methods}
+    results: dict[str, list] = {name: [None] * len(ids) for name in methods}
     compiled, bucket = set(), None
-    for i, prompt in enumerate(ids):
+    for done, i in enumerate(sorted(range(len(ids)), key=lambda j: len(ids[j]))):
+        prompt = ids[i]
         shapes = {name: plan_shapes(model.config, [len(prompt)], [new_tokens], None, extra[name]) for name in methods}
         if shapes != bucket:  # keep one prompt bucket's programs: ten methods' for every bucket exhaust
             jax.clear_caches()  # XLA:CPU's memory maps (LLVM "Cannot allocate memory", then a crash)
@@ -107,8 +109,8 @@ def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new
             if key not in compiled:
                 specdec.generate(model, prompt, max_new_tokens=new_tokens, **common, **options)
                 compiled.add(key)
-            results[name].append(specdec.generate(model, prompt, max_new_tokens=new_tokens, **common, **options))
-        print(f"{progress}prompt {i + 1}/{len(ids)} done", flush=True)
+            results[name][i] = specdec.generate(model, prompt, max_new_tokens=new_tokens, **common, **options)
+        print(f"{progress}prompt {done + 1}/{len(ids)} done", flush=True)
     return results
 
 

@@ -118,3 +118,14 @@ def test_bad_input_gets_clear_errors(tiny_lm, worded):
         specdec.generate(tiny_lm, "hello")
     with pytest.raises(TypeError, match="unknown generate options"):
         specdec.generate(tiny_lm, [1, 2], max_tokens=3)
+
+
+def test_timed_generations_keep_the_prompts_order(tiny_lm, methods):
+    """The benchmark harness runs prompts shortest first; each result still belongs to its prompt."""
+    from specdec.bench import timed_generations
+
+    runs = {"autoregressive": {}, "prompt_lookup": methods["prompt_lookup"]}
+    results = timed_generations(tiny_lm, PROMPTS, runs, 5)
+    for i, prompt in enumerate(PROMPTS):
+        alone = specdec.generate(tiny_lm, prompt, max_new_tokens=5)
+        assert [r[i].tokens for r in results.values()] == [alone.tokens] * 2
