@@ -4,8 +4,9 @@ through the request pool (continuous batching), in one run.
 The same HumanEval + held-out ShareGPT chat prompts go through ``specdec.generate(..., slots=S)``
 for every method and S, greedy, up to ``--new-tokens`` tokens per request (EOS ends a request).
 Each speculative proposer runs with one k (or Medusa tree) at every S and, at the S where it
-differs, with a by-load schedule (``PL_BY_LOAD`` etc.: the k or tree for the rows running,
-picked at each chunk's start; k 0 / "chain-0" turns speculation off) and, for the proposers in
+differs, with a by-load schedule (the k or tree for the rows running, picked at each chunk's
+start; k 0 / "chain-0" turns speculation off: ``PL_BY_LOAD``, ``DRAFT_BY_LOAD``, and for Medusa
+the trees searched per batch size in the bundled ``tree.json``, ``method="medusa"``'s default) and, for the proposers in
 ``BUDGET_BY_LOAD``, with that schedule plus a budget by load (``specdec.budget``), and ("tuned")
 with the k / tree and budget by load that ``specdec.tune`` measures fastest on this machine at
 the start of the run, on other prompts (the next ``--tune-prompts`` of each set); ``--schedules``
@@ -37,7 +38,8 @@ import specdec
 from specdec.bench import pyplot, save_plot, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from specdec.equivalence import classify
-from heads.bundled import default_tree, heads_for
+from heads.bundled import default_tree, default_trees, heads_for
+from heads.trees import BUILTIN_TREES, load_spec
 from specdec.sampling import Sampling
 from specdec.tune import tune
 
@@ -47,7 +49,6 @@ from specdec.tune import tune
 # at 8 rows prompt lookup gains most with k 1, the draft about breaks even with k 1.
 PL_BY_LOAD = {1: 0, 2: 2, 8: 1}
 DRAFT_BY_LOAD = {1: 0, 2: 1}
-MEDUSA_BY_LOAD = {4: "chain-1", 8: "chain-0"}  # from 1 row: the searched tree
 # Budgets by load (draft tokens verified per step, all rows together; specdec.budget), from
 # bench_step_cost on the 2-core AVX512 CPU: at 8 rows prompt lookup k 1 gained most with the 2
 # likeliest draft tokens of the batch (10 tokens a step instead of 16); below 8 rows, no cap.
@@ -55,11 +56,25 @@ BUDGET_BY_LOAD = {"prompt_lookup": {1: 16, 8: 2}}
 PROPOSERS = ("prompt_lookup", "draft", "medusa")
 
 
+def tree_label(paths: list) -> str:
+    """A Medusa tree's paths by their built-in name if they have one, else ``searched-N`` (N nodes, root included)."""
+    spec = load_spec(paths)
+    return next((name for name, builtin in BUILTIN_TREES.items() if builtin == spec), f"searched-{len(spec) + 1}")
+
+
 def schedule_label(value, searched: str) -> str:
     """``{1: 4, 8: 2}`` -> ``"1:4,8:2"`` (the CLI's by-load form), the searched tree's file as "searched",
-    no budget (None) as "none"."""
-    name = lambda v: "searched" if v == searched else "none" if v is None else str(v)  # noqa: E731
+    a tree's paths by :func:`tree_label`, no budget (None) as "none"."""
+    def name(v) -> str:
+        return ("searched" if v == searched else "none" if v is None else tree_label(v) if isinstance(v, list)
+                else str(v))
     return ",".join(f"{r}:{name(v)}" for r, v in sorted(value.items())) if isinstance(value, dict) else name(value)
+
+
+def medusa_variant(lookup: int, vocab: int | None) -> str:
+    """Label suffix of a Medusa variant: K prompt-lookup tokens beside the tree, a head vocabulary of N tokens
+    (0: every token; None: the heads' default)."""
+    return (f" + lookup {lookup}" if lookup else "") + ("" if vocab is None else f", head vocab {vocab or 'all'}")
 
 
 def round_ratios(row: dict, base: dict) -> np.ndarray:
@@ -108,6 +123,11 @@ def main() -> None:
                              "schedule specdec.tune measures on this machine at the start (tuned)")
     parser.add_argument("--tune-prompts", type=int, default=4,
                         help="tuned: HumanEval and as many ShareGPT prompts to tune on (after the benchmark's)")
+    parser.add_argument("--medusa-lookup", type=int, nargs="+", default=[0],
+                        help="Medusa with this many prompt-lookup tokens beside its tree (0: none), one variant each")
+    parser.add_argument("--head-vocab", type=int, nargs="+", default=[None],
+                        help="Medusa heads proposing only the N tokens they were most often trained on (0: every "
+                             "token; default: the heads' own default), one variant each (crossed with --medusa-lookup)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed rounds; each round times every configuration once, in turn")
     args = parser.parse_args()
@@ -118,24 +138,32 @@ def main() -> None:
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
     ids = [tok.encode(tok.chat(p)) for p in prompts]
     draft = dict(draft=specdec.load(args.draft)) if args.draft else {}
-    searched = default_tree(heads_for(model, None)[1])
+    heads_dir = heads_for(model, None)[1]
+    searched, searched_by_load = default_tree(heads_dir), default_trees(heads_dir)
+    if not isinstance(searched_by_load, dict):
+        raise SystemExit(f"{heads_dir}/tree.json holds one tree: re-search it for several batch sizes "
+                         "(specdec search-tree --rows 1 2 4 8 16 --save) to run Medusa by load")
     tuned = tune_all(model, args, draft) if "tuned" in args.schedules else {}
     # (label, generate options, slots it runs at): each proposer with one k / tree, and by load
     methods = [("autoregressive", {}, args.slots)]
-    for name, fixed, schedule in [("prompt_lookup", dict(k=4), dict(k=PL_BY_LOAD)),
-                                  ("draft", dict(k=4, **draft), dict(k=DRAFT_BY_LOAD, **draft)),
-                                  ("medusa", dict(tree=searched), dict(tree={**MEDUSA_BY_LOAD, 1: searched}))]:
+    proposers = [("prompt_lookup", "", dict(k=4), dict(k=PL_BY_LOAD)),
+                 ("draft", "", dict(k=4, **draft), dict(k=DRAFT_BY_LOAD, **draft))]
+    proposers += [("medusa", medusa_variant(k, v), dict(tree=searched, **extra), dict(tree=searched_by_load, **extra))
+                  for k in args.medusa_lookup for v in args.head_vocab
+                  for extra in [dict(lookup=k, head_vocab=v)]]
+    for name, variant, fixed, schedule in proposers:
         if name not in args.methods:
             continue
+        label = name + variant
         varied = min(r for r in next(iter(schedule.values())) if r > 1)
         if "fixed" in args.schedules:
-            methods.append((name, dict(method=name, **fixed), args.slots))
+            methods.append((label, dict(method=name, **fixed), args.slots))
         if "by-load" in args.schedules:
-            methods.append((f"{name} by load", dict(method=name, **schedule), [s for s in args.slots if s >= varied]))
+            methods.append((f"{label} by load", dict(method=name, **schedule), [s for s in args.slots if s >= varied]))
         if "budget" in args.schedules and name in BUDGET_BY_LOAD:
-            methods.append((f"{name} by load + budget", dict(method=name, **schedule, budget=BUDGET_BY_LOAD[name]),
+            methods.append((f"{label} by load + budget", dict(method=name, **schedule, budget=BUDGET_BY_LOAD[name]),
                             [s for s in args.slots if s >= varied]))
-        if name in tuned:
+        if name in tuned and not variant:
             methods.append((f"{name} tuned", dict(method=name, **tuned[name].options, **draft), args.slots))
     configs = [(label, method, slots) for label, method, slots_run in methods for slots in slots_run]
     for label, method, slots in configs:  # compile every shape each configuration meets, before any timing
@@ -162,7 +190,8 @@ def main() -> None:
                      "budget": "" if budget is None else schedule_label(budget, searched),
                      "options": {"slots": slots, "method": method.get("method", "autoregressive"),
                                  **({} if choice is None else {"k" if "k" in method else "tree": choice}),
-                                 **({} if budget is None else {"budget": budget})},
+                                 **({} if budget is None else {"budget": budget}),
+                                 **{o: method[o] for o in ("lookup", "head_vocab") if method.get(o) is not None}},
                      "slots": slots, "tokens_per_s": s.new_tokens / float(np.median(wall)),
                      "per_round_tokens_per_s": [s.new_tokens / w for w in wall],
                      "accepted_per_forward": s.accepted_per_forward, "target_forwards": s.target_forwards,

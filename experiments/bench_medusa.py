@@ -24,7 +24,7 @@ import argparse
 import os
 
 import specdec
-from heads.bundled import default_tree, heads_for
+from heads.bundled import default_head_vocab, default_tree, heads_for
 from heads.medusa import read_metadata
 from heads.trees import load_spec, tree_buffers
 from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
@@ -42,6 +42,10 @@ def main() -> None:
                         help="also run every tree with a prompt-lookup chain of this many tokens beside it")
     parser.add_argument("--lookup-width", type=int, nargs="+", default=[1],
                         help="prompt-lookup chains (from distinct matches) beside the tree, one run per value")
+    parser.add_argument("--head-vocab", type=int, nargs="*", default=[],
+                        help="also run every tree with heads that propose only the N tokens they were most often "
+                             "trained on (the projection onto N rows instead of the whole vocabulary; 0: every "
+                             "token); without: the heads' default")
     parser.add_argument("--results-name", default="bench_medusa")
     args = parser.parse_args()
     pyplot()  # fail now, not after the run, without matplotlib
@@ -50,10 +54,14 @@ def main() -> None:
     heads, heads_dir = heads_for(model, None)
     searched = default_tree(heads_dir)
     trees = [(t, t) for t in args.trees] + [("searched", searched)]
-    methods = [("autoregressive", {})] + [(name, dict(method="medusa", heads=heads, tree=t)) for name, t in trees]
-    branches = [(k, w) for k in args.lookup for w in args.lookup_width]
-    methods += [(f"{name} + {_branch(k, w)}", dict(method="medusa", heads=heads, tree=t, lookup=k, lookup_width=w))
-                for k, w in branches for name, t in trees]
+    # variants: (lookup tokens, lookup chains, head vocabulary; 0: every token, None: the heads' default);
+    # (0, 1, None) is the plain tree
+    variants = [(k, w, v) for k, w in [(0, 1)] + [(k, w) for k in args.lookup for w in args.lookup_width]
+                for v in [None] + args.head_vocab]
+    methods = [("autoregressive", {})] + [
+        (name + _variant(k, w, v), dict(method="medusa", heads=str(heads_dir), tree=t, lookup=k, lookup_width=w,
+                                        head_vocab=v))
+        for k, w, v in variants for name, t in trees]
     sets = {"humaneval": humaneval_chat_prompts(args.humaneval), "sharegpt": sharegpt_prompts(args.sharegpt)}
     tok = model.tokenizer
     rows = []
@@ -66,8 +74,8 @@ def main() -> None:
             branch = (method.get("lookup", 0), method.get("lookup_width", 1))
             nodes = tree_buffers(load_spec(method["tree"])).tree.size + branch[0] * branch[1] if method else 1
             rows.append({"prompts": set_name, "method": "autoregressive" if not method else "medusa",
-                         "tree": name, "lookup": branch[0], "lookup_width": branch[1], "tree_nodes": nodes,
-                         **summary})
+                         "tree": name, "lookup": branch[0], "lookup_width": branch[1],
+                         "head_vocab": method.get("head_vocab"), "tree_nodes": nodes, **summary})
         base = next(r for r in rows if r["prompts"] == set_name and r["tree"] == "autoregressive")
         for row in rows:
             if row["prompts"] == set_name:
@@ -83,6 +91,12 @@ def main() -> None:
         notes.append("TREE + lookup K: the tree and a K-token prompt-lookup chain beside it, verified in one forward "
                      "(tree_nodes counts both); lookup KxW: W such chains, copied from the best matches whose "
                      "continuations start with distinct tokens")
+    notes.append(f"head vocabulary of rows without one in their name: the heads' default, "
+                 f"{default_head_vocab(heads_dir) or 'every token'} (tree.json)")
+    if args.head_vocab:
+        notes.append("TREE, head vocab N: the heads propose only the N tokens they were most often trained on "
+                     "(head_vocab=N; their projection covers N rows of the LM head, not the whole vocabulary); "
+                     "head vocab all: every token")
     write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled Medusa heads (bfloat16)",
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
@@ -91,10 +105,10 @@ def main() -> None:
         "equivalence", "rows_identical"])
     series = {}
     for set_name in sets:
-        for k, w in [(0, 1)] + branches:
-            label = set_name + (f" + {_branch(k, w)}" if k else "")
+        for k, w, v in variants:
+            label = set_name + _variant(k, w, v)
             mine = [r for r in rows if r["prompts"] == set_name and r["method"] == "medusa"
-                    and (r["lookup"], r["lookup_width"]) == (k, w)]
+                    and (r["lookup"], r["lookup_width"], r["head_vocab"]) == (k, w, v)]
             pts = sorted((r["tree_nodes"], r["accepted_per_forward"]) for r in mine
                          if not r["tree"].startswith("searched"))
             series[label] = ([p[0] for p in pts], [p[1] for p in pts])
@@ -108,9 +122,11 @@ def main() -> None:
     print(*notes, sep="\n")
 
 
-def _branch(k: int, width: int) -> str:
-    """Row label of a prompt-lookup branch: K tokens, W chains."""
-    return f"lookup {k}" + (f"x{width}" if width > 1 else "")
+def _variant(k: int, width: int, vocab: int | None) -> str:
+    """Row label suffix: a prompt-lookup branch of K tokens in W chains, and a head vocabulary of N tokens
+    (0: every token; None: the heads' default)."""
+    return ((f" + lookup {k}" + (f"x{width}" if width > 1 else "") if k else "")
+            + ("" if vocab is None else f", head vocab {vocab or 'all'}"))
 
 
 if __name__ == "__main__":

@@ -36,3 +36,11 @@ def default_trees(heads_dir: Path | None) -> str | dict[int, list]:
     if len({json.dumps(load["paths"]) for load in loads}) < 2:
         return default_tree(heads_dir)
     return {int(load["rows"]): load["paths"] for load in loads}
+
+
+def default_head_vocab(heads_dir: Path | None) -> int | None:
+    """The head vocabulary (``head_vocab``) the heads' tree was searched with, recorded in ``tree.json``
+    (``specdec search-tree --head-vocab N --save``); None: every token."""
+    if heads_dir is None or not (heads_dir / TREE_FILE).is_file():
+        return None
+    return json.loads((heads_dir / TREE_FILE).read_text()).get("head_vocab")

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from drafts.model import frequent_vocab
 from specdec.config import DTYPES
 from specdec.model import Llama, fingerprint, head_table
 from specdec.saved import read_config, restore_params, save_dir
 
 CONFIG_FILE = "medusa_config.json"
+TOKEN_COUNTS_FILE = "token_counts.npy"  # [vocab] int64: how often each token was head 0's training label
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,13 +118,33 @@ def new_heads(base: Llama, *, base_name: str, n_heads: int = 4, n_layers: int = 
     return MedusaHeads(cfg, base)
 
 
-def save_heads(heads: MedusaHeads, path: str | Path, extra: dict | None = None) -> Path:
+def save_heads(heads: MedusaHeads, path: str | Path, extra: dict | None = None,
+               token_counts: np.ndarray | None = None) -> Path:
     """Write ``heads`` to the directory ``path``: orbax parameters + ``medusa_config.json``.
 
     extra: more JSON-able metadata to record (e.g. training metrics, per-head accuracies).
+    token_counts: ``[vocab]`` how often each token was a training label, saved as ``token_counts.npy``
+    for :func:`head_vocabulary`.
     """
-    return save_dir(path, nnx.to_pure_dict(nnx.state(heads, nnx.Param)), CONFIG_FILE,
-                    {"config": asdict(heads.config), **(extra or {})})
+    out = save_dir(path, nnx.to_pure_dict(nnx.state(heads, nnx.Param)), CONFIG_FILE,
+                   {"config": asdict(heads.config), **(extra or {})})
+    if token_counts is not None:
+        if np.shape(token_counts) != (heads.config.vocab_size,):
+            raise ValueError(f"token_counts must have shape ({heads.config.vocab_size},), got {np.shape(token_counts)}")
+        np.save(out / TOKEN_COUNTS_FILE, np.asarray(token_counts, np.int64))
+    return out
+
+
+def head_vocabulary(heads_dir: str | Path | None, size: int, always: tuple[int, ...] = ()) -> np.ndarray:
+    """``[size]`` int32, sorted: the ``size`` tokens the heads at ``heads_dir`` were most often trained to
+    predict (``always`` included, e.g. EOS), from their ``token_counts.npy``."""
+    counts = None if heads_dir is None else Path(heads_dir) / TOKEN_COUNTS_FILE
+    if counts is None or not counts.is_file():
+        where = "heads not loaded from a directory" if heads_dir is None else f"no {TOKEN_COUNTS_FILE} in {heads_dir}"
+        raise ValueError(f"head_vocab={size} picks the tokens the heads were most often trained on, but there are "
+                         f"no training counts ({where}): re-train them with `specdec train-heads` (which saves "
+                         "them) or pass head_vocab as a list of token ids")
+    return frequent_vocab(np.load(counts), size, always)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -16,6 +16,7 @@ from functools import cached_property
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from heads.trees import TreeBuffers, candidate_tokens, tree_buffers
@@ -26,7 +27,8 @@ from specdec.tree import Tree
 
 @dataclass(frozen=True)
 class MedusaProposer:
-    """Propose a tree from Medusa heads. Params: ``{"heads": heads state, "table": base LM head [V, d] | None}``."""
+    """Propose a tree from Medusa heads. Params: ``{"heads": heads state, "table": base LM head [V, d] | None,
+    "vocab": [N] int32 | None}``; with ``vocab`` the table holds only those tokens' rows ``[N, d]``."""
 
     commits_any_path = True  # its state is the target's hidden state at the accepted path's end (specdec.union)
     graphdef: nnx.GraphDef
@@ -47,11 +49,13 @@ class MedusaProposer:
         if self.tree.size == 1:  # "chain-0": speculation off
             return hidden, no_proposal(hidden.shape[0])
         heads = nnx.merge(self.graphdef, params["heads"])
-        logits = heads.logits(hidden, params["table"], self.tree.max_depth)  # [B, depth, V]
+        logits = heads.logits(hidden, params["table"], self.tree.max_depth)  # [B, depth, V or N]
         best, top = jax.lax.top_k(logits, self.buffers.top_k)
+        if params["vocab"] is not None:  # a reduced head vocabulary: back to target ids
+            top = params["vocab"][top]
         probs = jnp.exp(best.astype(jnp.float32) - jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1, keepdims=True))
         return hidden, Proposal(tokens=candidate_tokens(top.astype(jnp.int32), self.buffers), draft_probs=None,
-                                confidence=candidate_tokens(probs, self.buffers))  # each head's probability
+                                confidence=candidate_tokens(probs, self.buffers))  # each head's (within vocab)
 
     def commit(self, params, hidden: jax.Array, commit: Commit) -> jax.Array:
         v = commit.verdict
@@ -60,8 +64,12 @@ class MedusaProposer:
         return jnp.where(commit.active[:, None], new.astype(hidden.dtype), hidden)
 
 
-def medusa_proposer(target, heads, spec) -> tuple[MedusaProposer, dict]:
-    """Check that ``heads`` fit ``target`` (a ``LoadedModel``) and build the proposer and its params."""
+def medusa_proposer(target, heads, spec, vocab=None) -> tuple[MedusaProposer, dict]:
+    """Check that ``heads`` fit ``target`` (a ``LoadedModel``) and build the proposer and its params.
+
+    vocab: ``[N]`` target token ids the heads may propose (their logits are computed for these only,
+    a far cheaper projection than the whole vocabulary; lossless, since the target verifies); None: all.
+    """
     from specdec.model import fingerprint, head_table
 
     base = target.module
@@ -75,5 +83,26 @@ def medusa_proposer(target, heads, spec) -> tuple[MedusaProposer, dict]:
                          f"use a tree of depth <= {cfg.n_heads}")
     graphdef, state = nnx.split(heads)
     table = head_table(base) if cfg.shared_lm_head else None
+    if vocab is not None:
+        vocab = _checked_vocab(vocab, cfg)
+        if len(vocab) < buffers.top_k:
+            raise ValueError(f"the tree takes each head's top {buffers.top_k} tokens but head_vocab has only "
+                             f"{len(vocab)}: pass a larger head_vocab or a narrower tree")
+        table = table[vocab]
     spec = tuple(tuple(p) for p in spec)
-    return MedusaProposer(graphdef=graphdef, spec=spec), {"heads": state, "table": table}
+    return MedusaProposer(graphdef=graphdef, spec=spec), {"heads": state, "table": table, "vocab": vocab}
+
+
+def _checked_vocab(vocab, cfg) -> jax.Array:
+    """``vocab`` as ``[N]`` int32 after checking it suits heads of config ``cfg``."""
+    if not cfg.shared_lm_head:
+        raise ValueError("head_vocab needs heads that share the base LM head (shared_lm_head=True); these heads "
+                         "have their own vocabulary projections: drop head_vocab")
+    ids = np.asarray(vocab)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"head_vocab must be a non-empty list of token ids, got an array of shape {ids.shape} "
+                         f"and dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size or len(np.unique(ids)) != ids.size:
+        raise ValueError(f"head_vocab must hold distinct token ids in [0, {cfg.vocab_size}), got "
+                         f"{ids.size} ids in [{ids.min()}, {ids.max()}] ({ids.size - len(np.unique(ids))} repeated)")
+    return jnp.asarray(ids, jnp.int32)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from heads.bundled import TREE_FILE
-from heads.medusa import MedusaHeads, read_metadata
+from heads.medusa import MedusaHeads, head_vocabulary, read_metadata
 from specdec.model import head_table
 from heads.trees import rank_accuracy, search_tree
 from specdec.bench import device_label, forward_time, median_time, target_cost_curve
@@ -29,12 +29,15 @@ from specdec.bench import device_label, forward_time, median_time, target_cost_c
 COST_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
-def heads_cost(lm, heads: MedusaHeads, *, batch: int = 1, repeats: int = 7) -> list[float]:
+def heads_cost(lm, heads: MedusaHeads, *, batch: int = 1, repeats: int = 7, vocab=None) -> list[float]:
     """``[n_heads + 1]``: wall time of the first ``d`` heads' logits + top-k for ``batch`` rows, relative
-    to a one-token target forward of ``batch`` rows (entry 0: no heads, 0)."""
+    to a one-token target forward of ``batch`` rows (entry 0: no heads, 0); ``vocab`` ``[N]``: projected
+    onto those tokens only (``head_vocab``)."""
     graphdef, state = nnx.split(heads)
     table = head_table(lm.module) if heads.config.shared_lm_head else None
-    run = jax.jit(lambda s, h, d: jax.lax.top_k(nnx.merge(graphdef, s).logits(h, table, d), 10)[1],
+    table = table if vocab is None else table[jnp.asarray(vocab)]
+    top = min(10, heads.config.vocab_size if table is None else len(table))
+    run = jax.jit(lambda s, h, d: jax.lax.top_k(nnx.merge(graphdef, s).logits(h, table, d), top)[1],
                   static_argnums=2)
     hidden = jnp.ones((batch, lm.config.d_model), jnp.float32)
     step = forward_time(lm, 1, batch=batch, repeats=repeats)
@@ -45,32 +48,37 @@ def heads_cost(lm, heads: MedusaHeads, *, batch: int = 1, repeats: int = 7) -> l
     return costs
 
 
-def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None) -> list[list[float]]:
-    """Top-1 .. top-10 accuracy per head on the held-out split their training run used."""
+def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None, vocab=None) -> list[list[float]]:
+    """Top-1 .. top-10 accuracy per head on the held-out split their training run used (ranking only
+    the tokens of ``vocab`` when given)."""
     from training.medusa import HeadsTrainConfig, evaluate, prepare_features
 
     meta = read_metadata(heads_dir) if heads_dir is not None else {}
     cfg = HeadsTrainConfig(**meta.get("training", {}).get("config", {"model": lm.name}))
-    return evaluate(heads, head_table(lm.module), prepare_features(lm, cfg, "heldout"))["topk"]
+    return evaluate(heads, head_table(lm.module), prepare_features(lm, cfg, "heldout"), vocab=vocab)["topk"]
 
 
 def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_nodes: int = 64,
                      topk: list[list[float]] | None = None, rows: tuple[int, ...] = (1,),
-                     save: bool = False) -> dict:
+                     head_vocab: int | None = None, save: bool = False) -> dict:
     """Measure accuracies (unless ``topk [n_heads, K]`` is given) and, for each batch of ``rows``
     running rows, the costs; search one tree per batch size; (``save``) write ``tree.json`` beside
     the heads. The top-level ``paths`` are the tree for ``rows[0] = 1`` row; ``by_load`` holds every
-    batch size's tree (the default by-load schedule, see :func:`heads.bundled.default_tree`)."""
+    batch size's tree (the default by-load schedule, see :func:`heads.bundled.default_tree`).
+    ``head_vocab``: heads that propose only the N tokens they were most often trained on (accuracies and
+    costs measured so; recorded, and then the heads' default)."""
     rows = tuple(sorted(set(int(r) for r in rows)))
     if not rows or rows[0] != 1:
         raise ValueError(f"rows (batch sizes to search for) must include 1, got {list(rows)}")
     start = time.perf_counter()
-    topk = heldout_accuracy(lm, heads, heads_dir) if topk is None else topk
+    eos = tuple(lm.tokenizer.eos_ids) if lm.tokenizer is not None else ()
+    vocab = None if head_vocab is None else head_vocabulary(heads_dir, head_vocab, eos)
+    topk = heldout_accuracy(lm, heads, heads_dir, vocab) if topk is None else topk
     widths = sorted({w for w in COST_WIDTHS if w <= max_nodes + 1} | {max_nodes + 1})
     by_load = []
     for r in rows:
         curve = target_cost_curve(lm, widths, batch=r)
-        heads_by_depth = heads_cost(lm, heads, batch=r)
+        heads_by_depth = heads_cost(lm, heads, batch=r, vocab=vocab)
         spec, sizes = search_tree(rank_accuracy(topk), curve, max_nodes=max_nodes, depth_cost=heads_by_depth)
         best = max(sizes, key=lambda s: s.score)
         by_load.append({"rows": r, "paths": [list(p) for p in spec], "nodes": len(spec),
@@ -78,7 +86,8 @@ def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_node
                         "target_cost_curve": {str(w): c for w, c in curve.items()},
                         "heads_relative_cost_by_depth": heads_by_depth, "sizes": [s._asdict() for s in sizes]})
     result = {**{k: v for k, v in by_load[0].items() if k != "rows"}, "device": device_label()[1],
-              "heldout_topk_accuracy": topk, "by_load": by_load, "search_s": round(time.perf_counter() - start, 1)}
+              "heldout_topk_accuracy": topk, "head_vocab": head_vocab, "by_load": by_load,
+              "search_s": round(time.perf_counter() - start, 1)}
     if save:
         if heads_dir is None:
             raise ValueError("save=True needs heads loaded from a directory")
@@ -89,7 +98,7 @@ def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_node
 def describe(result: dict) -> str:
     """A short text summary of a search result."""
     acc = np.asarray(result["heldout_topk_accuracy"])
-    lines = [f"device: {result['device']}",
+    lines = [f"device: {result['device']}", f"head vocabulary: {result.get('head_vocab') or 'every token'}",
              f"held-out accuracy per head (top-1 / top-{min(5, acc.shape[1])}): "
              + ", ".join(f"{a[0]:.2f}/{a[min(4, len(a) - 1)]:.2f}" for a in acc),
              "heads cost by depth 1.. (x a one-token forward of 1 row): "

@@ -281,7 +281,12 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         train-feature-draft`` (default: the one bundled for the model); it takes k and draft_width;
         heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for
         the model); tree: a built-in tree name, a JSON file or a list of paths (default: the
-        searched tree saved with the heads, else "tree-16");
+        searched tree saved with the heads, else "tree-16"); head_vocab: the heads project onto
+        these token ids only (a list), or onto the N they were most often trained on (an int N,
+        from the heads' ``token_counts.npy``; EOS kept): a far cheaper projection than the whole
+        vocabulary, lossless since the target verifies (default: the ``head_vocab`` recorded in the
+        heads' ``tree.json`` by ``specdec search-tree --head-vocab N --save``, else every token; 0:
+        every token);
         exit_layer (method "early_exit", lossless self-speculation): draft with the target's
         first exit_layer layers, then verify with the rest (default: half the layers);
         verification: "exact" (default; greedy, or coupled sampling: token-identical to

@@ -63,6 +63,9 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--tree", type=_by_load(str), help="Medusa tree: a built-in name (chain-0..4, "
                         "tree-8/16/32/64) or a JSON file of paths (default: the searched tree saved with the heads); "
                         "ROWS:TREE,ROWS:TREE,... picks the tree by running rows (chain-0: speculation off)")
+    parser.add_argument("--head-vocab", type=int, help="--method medusa: the heads propose only the N tokens they "
+                        "were most often trained on (a cheaper projection; lossless; 0: every token; default: "
+                        "the one the heads' tree was searched with)")
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
     parser.add_argument("--lookup", type=int, help="--method medusa, eagle or draft: also propose this many "
@@ -267,14 +270,19 @@ def _search_tree(args) -> int:
 
     topk = None
     if args.accuracy_from:  # read before the model loads: a bad file fails at once
-        topk = read_config(Path(args.accuracy_from).parent, Path(args.accuracy_from).name, what="tree search",
-                           fix="pass a tree.json written by `specdec search-tree --save`").get("heldout_topk_accuracy")
+        earlier = read_config(Path(args.accuracy_from).parent, Path(args.accuracy_from).name, what="tree search",
+                              fix="pass a tree.json written by `specdec search-tree --save`")
+        topk, recorded = earlier.get("heldout_topk_accuracy"), earlier.get("head_vocab")
         if topk is None:
             raise ValueError(f"{args.accuracy_from} records no heldout_topk_accuracy; drop --accuracy-from")
+        if recorded != args.head_vocab:
+            raise ValueError(f"{args.accuracy_from} holds accuracies with head vocabulary {recorded or 'every token'}"
+                             f", not {args.head_vocab or 'every token'}: pass --head-vocab {recorded or ''} to match "
+                             "or drop --accuracy-from")
     lm = load_once(args.model)
     heads, heads_dir = heads_for(lm, args.heads)
     result = search_for_heads(lm, heads, heads_dir, max_nodes=args.max_nodes, topk=topk, rows=tuple(args.rows),
-                              save=args.save)
+                              head_vocab=args.head_vocab, save=args.save)
     print(describe(result))
     if args.save:
         print(f"saved to {heads_dir / 'tree.json'} (the default tree for these heads)", file=sys.stderr)
@@ -402,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "for, from 1; with several, method medusa picks them by load (e.g. --rows 1 2 4 8 16)")
     ts.add_argument("--accuracy-from", default=None, help="reuse the held-out head accuracies recorded in this "
                     "tree.json instead of measuring them again")
+    ts.add_argument("--head-vocab", type=int, default=None, help="heads that propose only the N tokens they were "
+                    "most often trained on: accuracies and costs measured so; with --save, the heads' default")
     ts.add_argument("--save", action="store_true", help="write tree.json beside the heads (their default tree)")
     ts.set_defaults(func=_search_tree)
     tu = sub.add_parser("tune", help="measure which k (or Medusa tree) and budget decode fastest on this device at "

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import specdec
 from specdec import engine
-from heads.medusa import load_heads, new_heads, save_heads
+from heads.medusa import TOKEN_COUNTS_FILE, head_vocabulary, load_heads, new_heads, save_heads
+from heads.proposer import medusa_proposer
 from specdec.model import head_table
 from heads.trees import (BUILTIN_TREES, candidate_tokens, chain_spec, expected_accepted, grow_tree, load_spec,
                          rank_accuracy, search_tree, tree_buffers)
@@ -23,7 +24,7 @@ from specdec.equivalence import check
 from specdec.methods import build_proposer
 from specdec.model import init_model
 from training.features import Features
-from training.medusa import HeadsTrainConfig, evaluate, fit
+from training.medusa import HeadsTrainConfig, evaluate, fit, label_counts
 
 
 def random_heads(model, seed: int, scale: float, **kw):
@@ -177,6 +178,76 @@ def test_medusa_bad_input(tiny_lm, tiny):
         specdec.generate(tiny_lm, [1, 2], method="medusa")
 
 
+def _heads_with_counts(tiny, path, seed: int = 3):
+    """Random heads saved at ``path`` with training counts that rank token t at ``(t * 37) % 97``."""
+    counts = (np.arange(tiny.config.vocab_size) * 37) % tiny.config.vocab_size
+    save_heads(random_heads(tiny, seed, 0.5), path, token_counts=counts)
+    return counts
+
+
+def test_head_vocabulary_ranks_the_training_counts(tiny, tmp_path):
+    counts = _heads_with_counts(tiny, tmp_path / "h")
+    top = np.argsort(-counts)[:5]
+    np.testing.assert_array_equal(head_vocabulary(tmp_path / "h", 5), np.sort(top))
+    with_eos = head_vocabulary(tmp_path / "h", 5, always=(0,))  # token 0 is counted least: kept anyway
+    np.testing.assert_array_equal(with_eos, np.sort([0, *top[:4]]))
+    labels = np.array([[4, 1], [4, -1], [-1, 2], [7, 7]])
+    data = Features(hidden=np.zeros((4, tiny.config.d_model), np.float32), labels=labels)
+    np.testing.assert_array_equal(np.nonzero(label_counts(data, 10))[0], [4, 7])  # head 0's labels only
+    assert label_counts(data, 10)[4] == 2 and label_counts(data, 10).sum() == 3
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=st.sampled_from(["chain-2", "tree-16"]), size=st.sampled_from([8, 40]),
+       lens=st.lists(st.integers(1, 20), min_size=2, max_size=4), temperature=st.sampled_from([0.0, 0.9]))
+def test_head_vocab_rows_equal_autoregressive(tiny_lm, tiny, tmp_path_factory, tree, size, lens, temperature):
+    """Heads that propose only their ``head_vocab`` most trained-on tokens: still every row identical."""
+    path = tmp_path_factory.mktemp("heads")
+    _heads_with_counts(tiny, path)
+    rng = np.random.default_rng(sum(lens))
+    prompts = [rng.integers(0, 97, n).tolist() for n in lens]
+    report = check(tiny_lm, prompts, "medusa", batch_size=len(prompts), heads=str(path), tree=tree, head_vocab=size,
+                   max_new_tokens=16, temperature=temperature, top_k=20 if temperature else 0,
+                   seed=list(range(len(lens))))
+    assert report.counts["identical"] == len(prompts), report.table()
+
+
+def test_head_vocab_proposes_only_its_tokens(tiny_lm, tiny):
+    heads = random_heads(tiny, 5, 0.5)
+    vocab = np.arange(10, 97, 7)
+    proposer, params = medusa_proposer(tiny_lm, heads, load_spec("tree-16"), vocab)
+    hidden = jax.random.normal(jax.random.key(3), (4, tiny.config.d_model))
+    _, proposal = proposer.propose(params, hidden, None, None, "exact")
+    assert np.isin(np.asarray(proposal.tokens), vocab).all()
+    full, full_params = medusa_proposer(tiny_lm, heads, load_spec("tree-16"))
+    _, unrestricted = full.propose(full_params, hidden, None, None, "exact")
+    assert not np.isin(np.asarray(unrestricted.tokens), vocab).all()  # the restriction did something
+    everything, all_params = medusa_proposer(tiny_lm, heads, load_spec("tree-16"), np.arange(97))
+    np.testing.assert_array_equal(everything.propose(all_params, hidden, None, None, "exact")[1].tokens,
+                                  unrestricted.tokens)
+
+
+def test_head_vocab_bad_input(tiny_lm, tiny, tmp_path):
+    heads = random_heads(tiny, 5, 0.5)
+    with pytest.raises(ValueError, match="no training counts"):
+        specdec.generate(tiny_lm, [1, 2], method="medusa", heads=heads, head_vocab=8)
+    save_heads(heads, tmp_path / "plain")
+    with pytest.raises(ValueError, match=f"no {TOKEN_COUNTS_FILE} in"):
+        specdec.generate(tiny_lm, [1, 2], method="medusa", heads=str(tmp_path / "plain"), head_vocab=8)
+    _heads_with_counts(tiny, tmp_path / "h")
+    for bad, match in [(-1, "head_vocab .* integer in \\[0, 97\\]"), (98, "integer in \\[0, 97\\]"),
+                       ([3, 3, 4], "distinct token ids in \\[0, 97\\)"), ([5, 200], "distinct token ids"),
+                       ([[1, 2]], "list of token ids"), (1, "top 4 tokens but head_vocab has only 1")]:
+        with pytest.raises(ValueError, match=match):
+            specdec.generate(tiny_lm, [1, 2], method="medusa", heads=str(tmp_path / "h"), tree="tree-8",
+                             head_vocab=bad)
+    own = random_heads(tiny, 5, 0.5, shared_lm_head=False)
+    with pytest.raises(ValueError, match="share the base LM head"):
+        specdec.generate(tiny_lm, [1, 2], method="medusa", heads=own, head_vocab=[1, 2, 3])
+    with pytest.raises(ValueError, match="token_counts must have shape"):
+        save_heads(heads, tmp_path / "x", token_counts=np.ones(5))
+
+
 def test_search_for_heads_measures_and_saves(tiny_lm, tiny, tmp_path):
     from heads.bundled import default_tree, default_trees
     from heads.search import describe, search_for_heads
@@ -195,6 +266,24 @@ def test_search_for_heads_measures_and_saves(tiny_lm, tiny, tmp_path):
         search_for_heads(tiny_lm, heads, tmp_path, max_nodes=6, topk=topk, rows=(2, 4))
 
 
+def test_search_with_a_head_vocabulary_sets_the_default(tiny_lm, tiny, tmp_path):
+    from heads.bundled import default_head_vocab
+    from heads.search import describe, search_for_heads
+
+    _heads_with_counts(tiny, tmp_path)
+    heads = load_heads(tmp_path, tiny)
+    topk = [[0.6, 0.7, 0.75], [0.4, 0.5, 0.55]]
+    assert default_head_vocab(tmp_path) is None
+    result = search_for_heads(tiny_lm, heads, tmp_path, max_nodes=4, topk=topk, head_vocab=8, save=True)
+    assert result["head_vocab"] == 8 and "head vocabulary: 8" in describe(result)
+    assert default_head_vocab(tmp_path) == 8
+    _, params = build_proposer("medusa", tiny_lm, {"heads": str(tmp_path)})
+    np.testing.assert_array_equal(params["vocab"], head_vocabulary(tmp_path, 8))  # the default now
+    assert params["table"].shape == (8, tiny.config.d_model)
+    _, params = build_proposer("medusa", tiny_lm, {"heads": str(tmp_path), "head_vocab": 0})
+    assert params["vocab"] is None and params["table"].shape == (97, tiny.config.d_model)  # 0: every token
+
+
 def test_search_tree_cli_rejects_a_bad_accuracy_file(tmp_path, capsys):
     from specdec.cli import main as cli_main
 
@@ -203,6 +292,9 @@ def test_search_tree_cli_rejects_a_bad_accuracy_file(tmp_path, capsys):
     assert "records no heldout_topk_accuracy" in capsys.readouterr().err
     assert cli_main(["search-tree", "--accuracy-from", str(tmp_path / "missing.json")]) == 2
     assert "missing.json is missing" in capsys.readouterr().err
+    (tmp_path / "tree.json").write_text(json.dumps({"heldout_topk_accuracy": [[0.5]], "head_vocab": 4096}))
+    assert cli_main(["search-tree", "--accuracy-from", str(tmp_path / "tree.json")]) == 2
+    assert "holds accuracies with head vocabulary 4096, not every token" in capsys.readouterr().err
 
 
 def test_trees_searched_by_load_are_the_default_schedule(tiny_lm, tiny, tmp_path):
@@ -247,3 +339,16 @@ def test_training_lowers_loss_and_resumes_exactly(tiny, tmp_path):
     log = fit(resumed, table, data, cfg, tmp_path / "b")
     assert [r["loss"] for r in log] == [r["loss"] for r in whole]
     assert json.dumps(evaluate(resumed, table, data)) == json.dumps(after)
+
+
+def test_evaluate_within_a_head_vocabulary(tiny):
+    """Accuracy when the heads rank only some tokens: every token -> the full figures; a label outside
+    the vocabulary is a miss, however few tokens are allowed."""
+    heads, data, table = random_heads(tiny, 6, 0.5), _features(256, 1), head_table(tiny)
+    full = evaluate(heads, table, data)
+    everything = evaluate(heads, table, data, vocab=np.arange(97))
+    assert everything["topk"] == full["topk"] and "ce" not in everything
+    few = np.arange(0, 97, 3)[:4]  # 4 tokens: top-10 would hit every label without the rule
+    inside = np.isin(data.labels, few)
+    got = np.asarray(evaluate(heads, table, data, vocab=few)["topk"])
+    np.testing.assert_allclose(got[:, -1], inside.sum(0) / (data.labels >= 0).sum(0), atol=1e-4)

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from drafts.model import token_frequencies
 from heads.medusa import MedusaHeads, new_heads, save_heads
 from specdec.model import head_table
 from training.data import head_labels, pack, split_examples
@@ -84,6 +85,7 @@ def _ce_and_hits(logits: jax.Array, labels: jax.Array, ks=(1, 5)):
     ce = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
     target = jnp.take_along_axis(logits, safe[..., None], axis=-1)
     rank = jnp.sum(logits > target, axis=-1)  # how many tokens score above the label
+    rank = jnp.where(jnp.isneginf(target[..., 0]), logits.shape[-1], rank)  # a label ruled out: never a hit
     hits = [jnp.sum((rank < k) & valid, axis=0) for k in ks]
     return jnp.sum(jnp.where(valid, ce, 0.0), axis=0), hits, jnp.sum(valid, axis=0)
 
@@ -110,25 +112,31 @@ TOP_K_EVAL = 10  # evaluation reports top-1 .. top-10 accuracy per head (tree se
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _eval_batch(graphdef, params, table, hidden, labels):
-    heads = nnx.merge(graphdef, params)
-    return _ce_and_hits(heads.logits(hidden, table), labels, ks=tuple(range(1, TOP_K_EVAL + 1)))
+def _eval_batch(graphdef, params, table, hidden, labels, allowed):
+    logits = nnx.merge(graphdef, params).logits(hidden, table)
+    logits = logits if allowed is None else jnp.where(allowed, logits, -jnp.inf)
+    return _ce_and_hits(logits, labels, ks=tuple(range(1, TOP_K_EVAL + 1)))
 
 
-def evaluate(heads: MedusaHeads, table: jax.Array, data: Features, batch_size: int = 512) -> dict:
+def evaluate(heads: MedusaHeads, table: jax.Array, data: Features, batch_size: int = 512,
+             vocab: np.ndarray | None = None) -> dict:
     """Per-head accuracy and mean CE on ``data``: ``top1``, ``top5`` ``[n]``, ``topk`` ``[n, 10]``
-    (top-1 .. top-10), ``ce`` and ``positions`` ``[n]``."""
+    (top-1 .. top-10), ``ce`` and ``positions`` ``[n]``. ``vocab`` (``[N]`` token ids): the heads rank
+    only these tokens (``head_vocab``; a label outside them is a miss) and ``ce`` is left out."""
     graphdef, params = nnx.split(heads)
     n = heads.config.n_heads
+    allowed = None if vocab is None else jnp.zeros(heads.config.vocab_size, bool).at[jnp.asarray(vocab)].set(True)
     ce, hits, count = np.zeros(n), np.zeros((TOP_K_EVAL, n)), np.zeros(n)
     for start in range(0, len(data.labels), batch_size):
         rows = slice(start, start + batch_size)
-        c, h, k = _eval_batch(graphdef, params, table, jnp.asarray(data.hidden[rows]), jnp.asarray(data.labels[rows]))
+        c, h, k = _eval_batch(graphdef, params, table, jnp.asarray(data.hidden[rows]), jnp.asarray(data.labels[rows]),
+                              allowed)
         ce, hits, count = ce + np.asarray(c), hits + np.asarray(h), count + np.asarray(k)
     count = np.maximum(count, 1)
     topk = (hits / count).T.round(4)
     return {"top1": topk[:, 0].tolist(), "top5": topk[:, 4].tolist(), "topk": topk.tolist(),
-            "ce": (ce / count).round(4).tolist(), "positions": count.astype(int).tolist()}
+            **({"ce": (ce / count).round(4).tolist()} if vocab is None else {}),
+            "positions": count.astype(int).tolist()}
 
 
 def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainConfig, work_dir: str | Path,
@@ -185,5 +193,12 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
                       shared_lm_head=cfg.shared_lm_head, dtype=cfg.save_dtype)
     nnx.update(saved, jax.tree.map(lambda a: a.astype(saved.config.jnp_dtype), nnx.state(heads, nnx.Param)))
     metrics["heldout_saved_dtype"] = evaluate(saved, table, heldout)
-    save_heads(saved, cfg.out, {"training": metrics})
+    save_heads(saved, cfg.out, {"training": metrics}, token_counts=label_counts(train, base.config.vocab_size))
     return metrics
+
+
+def label_counts(data: Features, vocab_size: int) -> np.ndarray:
+    """``[vocab_size]``: how often each token is head 0's label in ``data`` (the reply tokens; what
+    ``head_vocab=N`` ranks, see :func:`heads.medusa.head_vocabulary`)."""
+    first = data.labels[:, 0]
+    return token_frequencies([first[first >= 0]], vocab_size)
