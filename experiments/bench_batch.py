@@ -218,9 +218,9 @@ def main() -> None:
              "specdec.budget), by load like k; blank: no cap",
              "x_vs_1_slot of a by-load or tuned row: over its base method at 1 slot (the same proposer there); "
              "blank without a 1-slot run",
-             "tuned: k / tree and budget by load measured fastest on this machine at the start of the run "
-             f"(specdec.tune, rows {tune_rows(args)}, on {args.tune_prompts} + {args.tune_prompts} other prompts); "
-             "the measurements are under 'tuning' in the JSON",
+             *(["tuned: k / tree and budget by load measured fastest on this machine at the start of the run "
+                f"(specdec.tune, rows {tune_rows(args)}, on {args.tune_prompts} + {args.tune_prompts} other "
+                "prompts); the measurements are under 'tuning' in the JSON"] if tuned else []),
              f"equivalence: against autoregressive at {min(args.slots)} slot(s)"
              + (", i.e. each prompt alone" if min(args.slots) == 1 else " through the same pool"),
              "targets: speculative at 8 slots >= 3x the same proposer at 1 slot, and >= autoregressive at 8 slots"]
