@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from flax import nnx
 
 from drafts.model import frequent_vocab
 from specdec.config import DTYPES
+from specdec.engine import whole_number
 from specdec.model import Llama, fingerprint, head_table
 from specdec.saved import read_config, restore_params, save_dir
 
@@ -169,3 +172,17 @@ def load_heads(path: str | Path, base: Llama) -> MedusaHeads:
     nnx.update(heads, state)
     return heads
 
+
+
+def head_vocab_ids(target, value, heads_dir: str | Path | None):
+    """The ``head_vocab`` option for heads at ``heads_dir`` on ``target`` (a ``LoadedModel``) as token ids
+    (None: every token): a count N picks :func:`head_vocabulary` (the target's EOS ids kept; 0: every
+    token), a sequence is taken as the ids (checked when the proposer is built)."""
+    if value is None or not isinstance(value, numbers.Real):
+        return value
+    size = whole_number(value, "head_vocab (tokens the Medusa heads may propose; 0: every token)", 0,
+                        target.config.vocab_size)
+    if size == 0:
+        return None
+    eos = tuple(target.tokenizer.eos_ids) if target.tokenizer is not None else ()
+    return head_vocabulary(heads_dir, size, eos)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from heads.bundled import TREE_FILE
-from heads.medusa import MedusaHeads, head_vocabulary, read_metadata
+from heads.medusa import MedusaHeads, head_vocab_ids, read_metadata
 from specdec.model import head_table
 from heads.trees import rank_accuracy, search_tree
 from specdec.bench import device_label, forward_time, median_time, target_cost_curve
@@ -71,8 +71,7 @@ def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_node
     if not rows or rows[0] != 1:
         raise ValueError(f"rows (batch sizes to search for) must include 1, got {list(rows)}")
     start = time.perf_counter()
-    eos = tuple(lm.tokenizer.eos_ids) if lm.tokenizer is not None else ()
-    vocab = None if head_vocab is None else head_vocabulary(heads_dir, head_vocab, eos)
+    vocab = head_vocab_ids(lm, head_vocab, heads_dir)
     topk = heldout_accuracy(lm, heads, heads_dir, vocab) if topk is None else topk
     widths = sorted({w for w in COST_WIDTHS if w <= max_nodes + 1} | {max_nodes + 1})
     by_load = []

@@ -275,7 +275,7 @@ def _search_tree(args) -> int:
         topk, recorded = earlier.get("heldout_topk_accuracy"), earlier.get("head_vocab")
         if topk is None:
             raise ValueError(f"{args.accuracy_from} records no heldout_topk_accuracy; drop --accuracy-from")
-        if recorded != args.head_vocab:
+        if (recorded or None) != (args.head_vocab or None):  # 0 and None both mean every token
             raise ValueError(f"{args.accuracy_from} holds accuracies with head vocabulary {recorded or 'every token'}"
                              f", not {args.head_vocab or 'every token'}: pass --head-vocab {recorded or ''} to match "
                              "or drop --accuracy-from")

@@ -102,7 +102,7 @@ def _lookup(options: dict) -> tuple[int, int]:
 
 def _medusa(target, options: dict) -> tuple[Any, Any]:
     from heads.bundled import default_head_vocab, default_trees, heads_for
-    from heads.medusa import MedusaHeads
+    from heads.medusa import MedusaHeads, head_vocab_ids
     from heads.proposer import medusa_proposer
     from heads.trees import load_spec
     from specdec.union import with_lookup
@@ -113,28 +113,10 @@ def _medusa(target, options: dict) -> tuple[Any, Any]:
     tree = options.get("tree")
     if tree is None:  # only then read the searched trees beside the heads
         tree = default_trees(heads_dir)
-    vocab = _head_vocab(target, _opt(options, "head_vocab", default_head_vocab(heads_dir)), heads_dir)
+    vocab = head_vocab_ids(target, _opt(options, "head_vocab", default_head_vocab(heads_dir)), heads_dir)
     lookup, width = _lookup(options)
     return _by_load(tree, lambda t: with_lookup(*medusa_proposer(target, heads, load_spec(t), vocab), lookup,
                                                 width=width), options.get("budget"))
-
-
-def _head_vocab(target, value, heads_dir):
-    """The ``head_vocab`` option as token ids (None: the whole vocabulary): a count N picks the N tokens
-    the heads were most often trained on (EOS always kept; 0: every token), a sequence is taken as the ids."""
-    import numbers
-
-    from heads.medusa import head_vocabulary
-    from specdec.engine import whole_number
-
-    if value is None or not isinstance(value, numbers.Real):
-        return value  # None, or ids (checked with the heads)
-    size = whole_number(value, "head_vocab (tokens the Medusa heads may propose; 0: every token)", 0,
-                        target.config.vocab_size)
-    if size == 0:
-        return None
-    eos = tuple(target.tokenizer.eos_ids) if target.tokenizer is not None else ()
-    return head_vocabulary(heads_dir, size, eos)
 
 
 def _eagle(target, options: dict) -> tuple[Any, Any]:
