@@ -6,7 +6,8 @@ for every method and S, greedy, up to ``--new-tokens`` tokens per request (EOS e
 Each speculative proposer runs with one k (or Medusa tree) at every S and, at the S where it
 differs, with a by-load schedule (the k or tree for the rows running, picked at each chunk's
 start; k 0 / "chain-0" turns speculation off: ``PL_BY_LOAD``, ``DRAFT_BY_LOAD``, and for Medusa
-the trees searched per batch size in the bundled ``tree.json``, ``method="medusa"``'s default) and, for the proposers in
+the trees searched per batch size in the bundled ``tree.json``, ``method="medusa"``'s default,
+when it holds more than one) and, for the proposers in
 ``BUDGET_BY_LOAD``, with that schedule plus a budget by load (``specdec.budget``), and ("tuned")
 with the k / tree and budget by load that ``specdec.tune`` measures fastest on this machine at
 the start of the run, on other prompts (the next ``--tune-prompts`` of each set); ``--schedules``
@@ -140,9 +141,9 @@ def main() -> None:
     draft = dict(draft=specdec.load(args.draft)) if args.draft else {}
     heads_dir = heads_for(model, None)[1]
     searched, searched_by_load = default_tree(heads_dir), default_trees(heads_dir)
-    if not isinstance(searched_by_load, dict):
-        raise SystemExit(f"{heads_dir}/tree.json holds one tree: re-search it for several batch sizes "
-                         "(specdec search-tree --rows 1 2 4 8 16 --save) to run Medusa by load")
+    if not isinstance(searched_by_load, dict):  # one tree for every load: Medusa by load is Medusa fixed
+        searched_by_load = None
+        print(f"{heads_dir}/tree.json holds one tree for every load: no Medusa by-load rows", flush=True)
     tuned = tune_all(model, args, draft) if "tuned" in args.schedules else {}
     # (label, generate options, slots it runs at): each proposer with one k / tree, and by load
     methods = [("autoregressive", {}, args.slots)]
@@ -155,14 +156,15 @@ def main() -> None:
         if name not in args.methods:
             continue
         label = name + variant
-        varied = min(r for r in next(iter(schedule.values())) if r > 1)
         if "fixed" in args.schedules:
             methods.append((label, dict(method=name, **fixed), args.slots))
-        if "by-load" in args.schedules:
-            methods.append((f"{label} by load", dict(method=name, **schedule), [s for s in args.slots if s >= varied]))
+        by_load = next(iter(schedule.values()))  # the k or tree by running rows (None: one for every load)
+        varied = [] if by_load is None else [s for s in args.slots if s >= min(r for r in by_load if r > 1)]
+        if "by-load" in args.schedules and varied:
+            methods.append((f"{label} by load", dict(method=name, **schedule), varied))
         if "budget" in args.schedules and name in BUDGET_BY_LOAD:
             methods.append((f"{label} by load + budget", dict(method=name, **schedule, budget=BUDGET_BY_LOAD[name]),
-                            [s for s in args.slots if s >= varied]))
+                            varied))
         if name in tuned and not variant:
             methods.append((f"{name} tuned", dict(method=name, **tuned[name].options, **draft), args.slots))
     configs = [(label, method, slots) for label, method, slots_run in methods for slots in slots_run]
