@@ -163,9 +163,7 @@ def _compact(cache: KVCache, path: jax.Array, n: jax.Array) -> KVCache:
     src = cache.lengths[:, None] + path
     j = jnp.arange(width)[None, :]
     dst = jnp.where(j <= n[:, None], cache.lengths[:, None] + j, cache.slots)  # past the path: dropped
-    k = cache.k.at[:, rows, dst].set(cache.k[:, rows, src], mode="drop")
-    v = cache.v.at[:, rows, dst].set(cache.v[:, rows, src], mode="drop")
-    return cache.replace(k=k, v=v)
+    return cache.map_layers(lambda x: x.at[rows, :, dst].set(x[rows, :, src], mode="drop"))
 
 
 def _verify(tree: Tree, rule: str, sampling: Sampling, tokens, logits, prop: Proposal, seeds, lengths) -> Verdict:

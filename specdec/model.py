@@ -107,16 +107,19 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """q: [B, T, H, D]; k, v: [B, S, KVH, D]; visible: [B, T, S] -> [B, T, H*D]."""
+    """q: [B, T, H, D]; k, v: [B, KVH, S, D]; visible: [B, T, S] -> [B, T, H*D].
+
+    Each (row, KV head) is one matrix product of its T x G queries with its slots (G query heads
+    share a KV head), which XLA on CPU runs faster than products batched over T and G too.
+    """
     b, t = q.shape[:2]
-    groups = cfg.n_heads // cfg.n_kv_heads
-    q = q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->btkgs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim ** -0.5)
-    scores = jnp.where(visible[:, :, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("btkgs,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, cfg.n_heads * cfg.head_dim).astype(q.dtype)
+    kvh, groups, d = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    q = q.reshape(b, t, kvh, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * groups, d)
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    seen = jnp.repeat(visible, groups, axis=1)[:, None]  # [B, 1, T * G, S]
+    probs = jax.nn.softmax(jnp.where(seen, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, kvh, t, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.n_heads * d).astype(q.dtype)
 
 
 def _unpack(x: jax.Array, packed: jax.Array | None, b: int, t: int) -> jax.Array:

@@ -22,39 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specdec.cache import KVCache
 from specdec.engine import whole_number
-
-
-def _is_cache(x) -> bool:
-    return isinstance(x, KVCache)
 
 
 @jax.jit
 def take_rows(state, rows: jax.Array):
-    """The decode state restricted to batch ``rows: [R]`` (KV caches index their batch axis 1,
-    every other array its leading axis; scalars are shared counters and kept)."""
-
-    def take(x):
-        if _is_cache(x):
-            return KVCache(k=x.k[:, rows], v=x.v[:, rows], lengths=x.lengths[rows])
-        return x[rows] if jnp.ndim(x) else x
-
-    return jax.tree.map(take, state, is_leaf=_is_cache)
+    """The decode state restricted to batch ``rows: [R]`` (every array's leading axis; scalars are
+    shared counters and kept)."""
+    return jax.tree.map(lambda x: x[rows] if jnp.ndim(x) else x, state)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def put_rows(state, rows: jax.Array, new):
     """Write the rows of decode state ``new`` (batch R) into ``state`` at batch rows ``rows: [R]``;
     an index past the batch drops that row of ``new``. Scalars keep ``state``'s value."""
-
-    def put(x, y):
-        if _is_cache(x):
-            return KVCache(k=x.k.at[:, rows].set(y.k, mode="drop"), v=x.v.at[:, rows].set(y.v, mode="drop"),
-                           lengths=x.lengths.at[rows].set(y.lengths, mode="drop"))
-        return x.at[rows].set(y, mode="drop") if jnp.ndim(x) else x
-
-    return jax.tree.map(put, state, new, is_leaf=_is_cache)
+    return jax.tree.map(lambda x, y: x.at[rows].set(y, mode="drop") if jnp.ndim(x) else x, state, new)
 
 
 class Requests(Protocol):

@@ -58,7 +58,7 @@ def test_packed_forward_computes_the_packed_tokens_exactly(tiny):
     on = on.reshape(b, t)
     np.testing.assert_allclose(np.asarray(got.logits)[on], np.asarray(full.logits)[on], rtol=1e-5, atol=1e-5)
     assert not np.asarray(got.logits)[~on].any()
-    k_got, k_full = np.asarray(got.cache.k)[:, :, length:length + t], np.asarray(full.cache.k)[:, :, length:length + t]
+    k_got, k_full = (np.moveaxis(np.asarray(c.k), 2, 3)[:, :, length:length + t] for c in (got.cache, full.cache))
     np.testing.assert_allclose(k_got[:, on], k_full[:, on], rtol=1e-5, atol=1e-5)
     assert not k_got[:, ~on].any()
 

@@ -136,11 +136,11 @@ def _decode_poisoned(lm, schedule_masks, poison) -> np.ndarray:
         st = decode_chunk(lm.graphdef, lm.state, st, jnp.int32(1), masks, sampling=Sampling(), eos_ids=())
         layers = [layer for layer in range(lm.config.n_layers) if poison(i, schedule_masks[i, layer])]
         rows = np.arange(len(prompts))
-        k, v = st.cache.k, st.cache.v
+        k, v = list(st.cache.k), list(st.cache.v)
         for layer in layers:
-            k = k.at[layer, rows, written].set(jnp.nan)
-            v = v.at[layer, rows, written].set(jnp.nan)
-        st = st.replace(cache=st.cache.replace(k=k, v=v))
+            k[layer] = k[layer].at[rows, :, written].set(jnp.nan)
+            v[layer] = v[layer].at[rows, :, written].set(jnp.nan)
+        st = st.replace(cache=st.cache.replace(k=tuple(k), v=tuple(v)))
     return np.asarray(st.out)[:, :steps + 1]
 
 

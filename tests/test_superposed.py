@@ -163,9 +163,9 @@ def test_cache_batch_does_not_depend_on_k(tiny, split):
         st_ = jax.eval_shape(functools.partial(superposed_core, slots=shapes.slots, num_drafts=k, n_token_sample=8,
                                                steps=5, reset_every=0, eos_ids=()),
                              *split, tokens, lens, None, 0.0, TAU, jnp.zeros(0), 200.0)
-        caches.append(st_.cache.k.shape)
+        caches.append(st_.cache.k[0].shape)
         assert st_.alive.shape == (len(PROMPTS), k, 5)
-    assert caches[0] == caches[1] and caches[0][1] == len(PROMPTS)
+    assert caches[0] == caches[1] and caches[0][0] == len(PROMPTS)
 
 
 def test_argument_errors(split, corpus):
