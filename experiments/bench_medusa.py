@@ -13,7 +13,10 @@ before that prompt is timed. Figures per (prompt set, method):
 
 Per-head top-1/top-5 accuracies are the held-out figures measured when the heads
 were trained (saved with them). The searched tree is the heads' default
-(``tree.json``, from ``specdec search-tree --save``).
+(``tree.json``, from ``specdec search-tree --save``). ``--trees grown-N`` is the
+N-node tree (root included) of the likeliest paths under the held-out top-k
+accuracies in that ``tree.json``, whatever its cost: the most accepted tokens
+per forward these heads can expect from N nodes.
 
     .venv/bin/python experiments/bench_medusa.py
 """
@@ -21,14 +24,28 @@ were trained (saved with them). The searched tree is the heads' default
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
 import specdec
-from heads.bundled import default_head_vocab, default_tree, heads_for
+from heads.bundled import TREE_FILE, default_head_vocab, default_tree, heads_for
 from heads.medusa import read_metadata
-from heads.trees import load_spec, tree_buffers
+from heads.trees import grow_tree, load_spec, rank_accuracy, tree_buffers
 from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
+
+
+def tree_named(name: str, heads_dir: Path) -> str | list:
+    """``grown-N``: the N-node spec grown from the held-out accuracies in the heads' ``tree.json``;
+    any other name (built-in or file) as given."""
+    if not name.startswith("grown-"):
+        return name
+    size = int(name.removeprefix("grown-"))
+    if size < 2:
+        raise SystemExit(f"{name}: a grown tree needs at least 2 nodes (the root and one draft)")
+    accuracy = json.loads((heads_dir / TREE_FILE).read_text())["heldout_topk_accuracy"]
+    return grow_tree(rank_accuracy(accuracy), size - 1)
 
 
 def main() -> None:
@@ -48,12 +65,14 @@ def main() -> None:
                              "token); without: the heads' default")
     parser.add_argument("--results-name", default="bench_medusa")
     args = parser.parse_args()
+    if args.humaneval < 1 and args.sharegpt < 1:
+        parser.error("no prompts: give --humaneval N or --sharegpt N (or both) with N >= 1")
     pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
     heads, heads_dir = heads_for(model, None)
     searched = default_tree(heads_dir)
-    trees = [(t, t) for t in args.trees] + [("searched", searched)]
+    trees = [(t, tree_named(t, heads_dir)) for t in args.trees] + [("searched", searched)]
     # variants: (lookup tokens, lookup chains, head vocabulary; 0: every token, None: the heads' default);
     # (0, 1, None) is the plain tree
     variants = [(k, w, v) for k, w in [(0, 1)] + [(k, w) for k in args.lookup for w in args.lookup_width]
@@ -62,7 +81,8 @@ def main() -> None:
         (name + _variant(k, w, v), dict(method="medusa", heads=str(heads_dir), tree=t, lookup=k, lookup_width=w,
                                         head_vocab=v))
         for k, w, v in variants for name, t in trees]
-    sets = {"humaneval": humaneval_chat_prompts(args.humaneval), "sharegpt": sharegpt_prompts(args.sharegpt)}
+    sets = {name: prompts for name, prompts in [("humaneval", humaneval_chat_prompts(args.humaneval)),
+                                                ("sharegpt", sharegpt_prompts(args.sharegpt))] if prompts}
     tok = model.tokenizer
     rows = []
     for set_name, prompts in sets.items():
