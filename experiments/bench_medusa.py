@@ -24,7 +24,6 @@ per forward these heads can expect from N nodes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from heads.medusa import read_metadata
 from heads.trees import grow_tree, load_spec, rank_accuracy, tree_buffers
 from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
+from specdec.saved import read_config
 
 
 def tree_named(name: str, heads_dir: Path) -> str | list:
@@ -44,7 +44,10 @@ def tree_named(name: str, heads_dir: Path) -> str | list:
     size = int(name.removeprefix("grown-"))
     if size < 2:
         raise SystemExit(f"{name}: a grown tree needs at least 2 nodes (the root and one draft)")
-    accuracy = json.loads((heads_dir / TREE_FILE).read_text())["heldout_topk_accuracy"]
+    saved = read_config(heads_dir, TREE_FILE, what="tree search", fix="run `specdec search-tree --save` first")
+    if "heldout_topk_accuracy" not in saved:
+        raise SystemExit(f"{heads_dir / TREE_FILE} records no held-out accuracies to grow {name} from")
+    accuracy = saved["heldout_topk_accuracy"]
     return grow_tree(rank_accuracy(accuracy), size - 1)
 
 
