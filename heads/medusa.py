@@ -11,10 +11,9 @@ for small models).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -171,7 +170,6 @@ def load_heads(path: str | Path, base: Llama) -> MedusaHeads:
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(heads, state)
     return heads
-
 
 
 def head_vocab_ids(target, value, heads_dir: str | Path | None):
