@@ -59,7 +59,8 @@ def plan_shapes(cfg: LlamaConfig, prompt_lens: Sequence[int], max_new: Sequence[
 
     ``extra``: slots needed past the last generated token (a speculative step writes a whole
     candidate tree of that many nodes). Cache slots are rounded up to a multiple of 64 only:
-    attention reads every slot at every step, so unused slots cost decode time.
+    attention reads the cache in windows of 128, 256, ... slots and then all of them, so unused
+    slots past the last window cost decode time.
     """
     limit = cfg.max_seq_len if max_cache_len is None else max_cache_len
     for i, (p, n) in enumerate(zip(prompt_lens, max_new)):

@@ -106,7 +106,18 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+WINDOW_SLOTS = 128  # the smallest attention window; larger ones double it up to the whole cache
+
+
+def attention_windows(slots: int, t: int) -> list[int]:
+    """Window sizes (leading cache slots) a forward of ``t`` new tokens may attend over, smallest
+    first: 128, 256, ... below ``slots``, then ``slots``. Windows narrower than ``t`` are left out
+    (the new tokens alone fill them)."""
+    doubled = (WINDOW_SLOTS << i for i in range(max(slots, 1).bit_length()))
+    return [w for w in doubled if t <= w < slots] + [slots]
+
+
+def _attend_dense(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
     """q: [B, T, H, D]; k, v: [B, KVH, S, D]; visible: [B, T, S] -> [B, T, H*D].
 
     Each (row, KV head) is one matrix product of its T x G queries with its slots (G query heads
@@ -120,6 +131,21 @@ def _attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible:
     probs = jax.nn.softmax(jnp.where(seen, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
     out = jnp.einsum("bkms,bksd->bkmd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, kvh, t, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.n_heads * d).astype(q.dtype)
+
+
+def _attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+            lengths: jax.Array) -> jax.Array:
+    """Attention of ``q: [B, T, H, D]`` over the leading window of the cache that the longest row
+    needs (``lengths: [B]`` + T slots, see :func:`attention_windows`), not every slot: a slot past
+    that is visible to no token. -> [B, T, H*D]."""
+    windows = attention_windows(k.shape[2], q.shape[1])
+    if len(windows) == 1:
+        return _attend_dense(cfg, q, k, v, visible)
+    need = jnp.max(lengths) + q.shape[1]
+    pick = jnp.sum(need > jnp.asarray(windows[:-1]))
+    branches = [lambda q, k, v, seen, w=w: _attend_dense(cfg, q, k[:, :, :w], v[:, :, :w], seen[..., :w])
+                for w in windows]
+    return jax.lax.switch(pick, branches, q, k, v, visible)
 
 
 def _unpack(x: jax.Array, packed: jax.Array | None, b: int, t: int) -> jax.Array:
@@ -144,7 +170,7 @@ def _block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, positions: 
     v = _unpack(block.attn.v(h), packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     cache = write_layer(cache, layer, k, v)
-    x = x + block.attn.o(_pack(_attend(cfg, q, cache.k[layer], cache.v[layer], visible), packed))
+    x = x + block.attn.o(_pack(_attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths), packed))
     x = x + block.mlp(block.mlp_norm(x))
     return x, cache
 

@@ -13,7 +13,7 @@ from flax import nnx
 from conftest import full_logits
 from specdec.cache import causal_mask, init_cache
 from specdec.config import tiny_config
-from specdec.model import forward, init_model
+from specdec.model import attention_windows, forward, init_model
 from specdec.weights import hf_tensors, model_from_hf
 
 TOL = 1e-5
@@ -61,6 +61,30 @@ def test_ragged_batch_equals_rows_alone(tiny):
     for row, n in enumerate(lens):
         alone = full_logits(tiny, jnp.concatenate([toks[row:row + 1, :n], nxt[row:row + 1]], 1))
         np.testing.assert_allclose(out.logits[row, :n], alone[0, :n], atol=TOL, rtol=0)
+        np.testing.assert_allclose(step.logits[row], alone[0, n:], atol=TOL, rtol=0)
+
+
+def test_attention_windows():
+    assert attention_windows(640, 1) == [128, 256, 512, 640]
+    assert attention_windows(640, 200) == [256, 512, 640]  # a window must hold the new tokens
+    assert attention_windows(512, 5) == [128, 256, 512]
+    assert attention_windows(128, 1) == [128]
+    assert attention_windows(100, 1) == [100]
+
+
+@pytest.mark.parametrize("longest", [100, 200, 290])  # the step needs the 128-, 256- or whole 300-slot window
+def test_attention_window_equals_rows_alone(tiny, longest):
+    """A step over a 300-slot cache attends over the window its longest row needs; slots past it
+    hold stale K/V (the padded prefill's) and must not matter."""
+    lens = [7, longest]
+    toks = _tokens(2, 296, seed=3)
+    cache = init_cache(tiny.config, 2, 300)
+    prefill = run(tiny, cache, tokens=toks[:, :293], positions=jnp.broadcast_to(jnp.arange(293), (2, 293)))
+    cache = prefill.cache.with_lengths(jnp.asarray(lens))
+    nxt = toks[:, 293:]
+    step = run(tiny, cache, tokens=nxt, positions=cache.lengths[:, None] + jnp.arange(3))
+    for row, n in enumerate(lens):
+        alone = full_logits(tiny, jnp.concatenate([toks[row:row + 1, :n], nxt[row:row + 1]], 1))
         np.testing.assert_allclose(step.logits[row], alone[0, n:], atol=TOL, rtol=0)
 
 
