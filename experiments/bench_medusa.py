@@ -30,10 +30,10 @@ from pathlib import Path
 import specdec
 from heads.bundled import TREE_FILE, default_head_vocab, default_tree, heads_for
 from heads.medusa import read_metadata
+from heads.search import saved_accuracies
 from heads.trees import grow_tree, load_spec, rank_accuracy, tree_buffers
 from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
-from specdec.saved import read_config
 
 
 def tree_named(name: str, heads_dir: Path) -> str | list:
@@ -44,10 +44,7 @@ def tree_named(name: str, heads_dir: Path) -> str | list:
     size = int(name.removeprefix("grown-"))
     if size < 2:
         raise SystemExit(f"{name}: a grown tree needs at least 2 nodes (the root and one draft)")
-    saved = read_config(heads_dir, TREE_FILE, what="tree search", fix="run `specdec search-tree --save` first")
-    if "heldout_topk_accuracy" not in saved:
-        raise SystemExit(f"{heads_dir / TREE_FILE} records no held-out accuracies to grow {name} from")
-    accuracy = saved["heldout_topk_accuracy"]
+    accuracy, _ = saved_accuracies(heads_dir / TREE_FILE, fix=f"run `specdec search-tree --save` to grow {name}")
     return grow_tree(rank_accuracy(accuracy), size - 1)
 
 

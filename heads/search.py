@@ -25,6 +25,7 @@ from heads.medusa import MedusaHeads, head_vocab_ids, read_metadata
 from specdec.model import head_table
 from heads.trees import rank_accuracy, search_tree
 from specdec.bench import device_label, forward_time, median_time, target_cost_curve
+from specdec.saved import read_config
 
 COST_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
@@ -92,6 +93,17 @@ def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_node
             raise ValueError("save=True needs heads loaded from a directory")
         (heads_dir / TREE_FILE).write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def saved_accuracies(path: str | Path, fix: str) -> tuple[list, int | None]:
+    """The held-out top-k head accuracies (``[heads, k]``) and their head vocabulary recorded in a
+    ``tree.json`` from ``specdec search-tree --save``; a clear error, ending in ``fix``, without them."""
+    path = Path(path)
+    saved = read_config(path.parent, path.name, what="tree search",
+                        fix="pass a tree.json written by `specdec search-tree --save`")
+    if saved.get("heldout_topk_accuracy") is None:
+        raise ValueError(f"{path} records no heldout_topk_accuracy; {fix}")
+    return saved["heldout_topk_accuracy"], saved.get("head_vocab")
 
 
 def describe(result: dict) -> str:

@@ -265,16 +265,11 @@ def _build_ngrams(args) -> int:
 
 def _search_tree(args) -> int:
     from heads.bundled import heads_for
-    from heads.search import describe, search_for_heads
-    from specdec.saved import read_config
+    from heads.search import describe, saved_accuracies, search_for_heads
 
     topk = None
     if args.accuracy_from:  # read before the model loads: a bad file fails at once
-        earlier = read_config(Path(args.accuracy_from).parent, Path(args.accuracy_from).name, what="tree search",
-                              fix="pass a tree.json written by `specdec search-tree --save`")
-        topk, recorded = earlier.get("heldout_topk_accuracy"), earlier.get("head_vocab")
-        if topk is None:
-            raise ValueError(f"{args.accuracy_from} records no heldout_topk_accuracy; drop --accuracy-from")
+        topk, recorded = saved_accuracies(args.accuracy_from, fix="drop --accuracy-from")
         if (recorded or None) != (args.head_vocab or None):  # 0 and None both mean every token
             raise ValueError(f"{args.accuracy_from} holds accuracies with head vocabulary {recorded or 'every token'}"
                              f", not {args.head_vocab or 'every token'}: pass --head-vocab {recorded or ''} to match "
