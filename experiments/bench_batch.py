@@ -23,7 +23,8 @@ drift in the machine's speed reaches every configuration alike. Figures:
 - x_vs_1_slot: tokens/s over the same method at 1 slot; x_vs_autoregressive: over
   autoregressive at the same slots; each the median over the rounds of the ratio within a round;
 - equivalence: the checker's worst verdict over the requests against autoregressive decoding of
-  each prompt alone (the autoregressive run at 1 slot decodes each prompt alone).
+  each prompt alone (the autoregressive run at 1 slot decodes each prompt alone); worst_gap: the
+  largest logit gap at a divergence (a tie is under the checker's 1e-3, a bug far over it).
 
     .venv/bin/python experiments/bench_batch.py [--slots 1 8] [--repeats 3] [--draft PATH]
 """
@@ -36,12 +37,10 @@ import time
 import numpy as np
 
 import specdec
-from specdec.bench import pyplot, save_plot, write_results
+from specdec.bench import equivalence_summary, pyplot, save_plot, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
-from specdec.equivalence import classify
 from heads.bundled import default_tree, default_trees, heads_for
 from heads.trees import BUILTIN_TREES, load_spec
-from specdec.sampling import Sampling
 from specdec.tune import tune
 
 # By-load schedules (k 0 / "chain-0": speculation off), from bench_step_cost on the 2-core AVX2 CPU
@@ -183,8 +182,7 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.repeats}: {label} at {slots} slots, {walls[i][-1]:.1f} s", flush=True)
     rows = []
     for (label, method, slots), res, wall in zip(configs, outputs, walls):
-        verdicts = [classify(model, ids[j], res[j], alone[j], sampling=Sampling(), seed=0,
-                             eos_ids=tuple(tok.eos_ids)).verdict for j in range(len(ids))]
+        same = equivalence_summary(model, ids, res, alone)
         s = res[0].stats
         choice = method.get("k", method.get("tree"))
         budget = method.get("budget")
@@ -198,9 +196,8 @@ def main() -> None:
                      "per_round_tokens_per_s": [s.new_tokens / w for w in wall],
                      "accepted_per_forward": s.accepted_per_forward, "target_forwards": s.target_forwards,
                      "slot_utilisation": float(np.mean(s.slot_utilisation)), "new_tokens": s.new_tokens,
-                     "wall_s": wall, "equivalence": "MISMATCH" if "MISMATCH" in verdicts else
-                     "tie" if "tie" in verdicts else "identical",
-                     "rows_identical": f"{verdicts.count('identical')}/{len(ids)}"})
+                     "wall_s": wall, "equivalence": same["equivalence"], "worst_gap": same["worst_gap"],
+                     "rows_identical": f"{same['rows_identical']}/{len(ids)}"})
     for row in rows:
         base = row["method"].split(" by load")[0].removesuffix(" tuned")  # over the base method at 1 slot
         one = next((r for r in rows if r["method"] == base and r["slots"] == 1), None)
@@ -225,6 +222,8 @@ def main() -> None:
                 "prompts); the measurements are under 'tuning' in the JSON"] if tuned else []),
              f"equivalence: against autoregressive at {min(args.slots)} slot(s)"
              + (", i.e. each prompt alone" if min(args.slots) == 1 else " through the same pool"),
+             "worst_gap: largest |logit gap| between the two choices where a row first diverges (blank: none "
+             "diverged at a token); under 1e-3 the checker calls it a numerical tie",
              "targets: speculative at 8 slots >= 3x the same proposer at 1 slot, and >= autoregressive at 8 slots"]
     write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, Medusa heads and "
@@ -234,7 +233,7 @@ def main() -> None:
         "tuning": {name: {"options": t.options, "measurements": t.rows} for name, t in tuned.items()},
     }, ["method", "k_or_tree", "budget", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive", "x_vs_ar_range",
         "accepted_per_forward",
-        "target_forwards", "slot_utilisation", "equivalence", "rows_identical"])
+        "target_forwards", "slot_utilisation", "equivalence", "worst_gap", "rows_identical"])
     series = {label: ([r["slots"] for r in rows if r["method"] == label],
                       [r["tokens_per_s"] for r in rows if r["method"] == label]) for label, _, _ in methods}
     save_plot(args.results_name, series, xlabel="batch slots", ylabel="tokens/s (all requests)",

@@ -69,7 +69,7 @@ def write_results(name: str, payload: dict, columns: list[str]) -> Path:
         cells = []
         for col in columns:
             value = row.get(col, row.get("options", {}).get(col, ""))
-            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+            cells.append(f"{value:.3g}" if isinstance(value, float) else "" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     notes = payload.get("notes")
     if notes:
@@ -114,20 +114,29 @@ def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new
     return results
 
 
-def greedy_summary(model, ids: list[list[int]], results: list, reference: list) -> dict:
-    """Work, speed and equivalence of one method's batch-1 greedy ``results`` (``Generation`` per
-    prompt ``ids``) against the autoregressive ``reference`` results of the same prompts."""
+def equivalence_summary(model, ids: list[list[int]], results: list, reference: list) -> dict:
+    """The checker's verdicts on greedy ``results`` (``Generation`` per prompt ``ids``) against the
+    autoregressive ``reference``: the worst verdict, the identical rows, and the largest score gap at a
+    divergence (None where no row diverged at a token choice; a tie is under the checker's tolerance)."""
     from specdec.equivalence import classify
     from specdec.sampling import Sampling
 
+    reports = [classify(model, ids[i], results[i], reference[i], sampling=Sampling(), seed=0,
+                        eos_ids=tuple(model.tokenizer.eos_ids)) for i in range(len(ids))]
+    verdicts = [r.verdict for r in reports]
+    gaps = [abs(r.gap) for r in reports if r.gap is not None]
+    return {"equivalence": "MISMATCH" if "MISMATCH" in verdicts else "tie" if "tie" in verdicts else "identical",
+            "rows_identical": verdicts.count("identical"), "worst_gap": max(gaps) if gaps else None}
+
+
+def greedy_summary(model, ids: list[list[int]], results: list, reference: list) -> dict:
+    """Work, speed and equivalence (:func:`equivalence_summary`) of one method's batch-1 greedy ``results``
+    against the autoregressive ``reference`` results of the same prompts."""
     tokens = sum(len(r.tokens) + (r.finish_reason == "eos") - 1 for r in results)
     forwards = sum(r.target_forwards for r in results)
     decode_s = sum(r.stats.wall_s - r.stats.ttft_s for r in results)
-    verdicts = [classify(model, ids[i], results[i], reference[i], sampling=Sampling(), seed=0,
-                         eos_ids=tuple(model.tokenizer.eos_ids)).verdict for i in range(len(ids))]
-    worst = "MISMATCH" if "MISMATCH" in verdicts else "tie" if "tie" in verdicts else "identical"
-    return {"accepted_per_forward": tokens / forwards, "tokens_per_s": tokens / decode_s, "equivalence": worst,
-            "rows_identical": verdicts.count("identical"), "new_tokens": tokens, "target_forwards": forwards}
+    return {"accepted_per_forward": tokens / forwards, "tokens_per_s": tokens / decode_s,
+            **equivalence_summary(model, ids, results, reference), "new_tokens": tokens, "target_forwards": forwards}
 
 
 def pyplot():

@@ -20,6 +20,11 @@ from flax import nnx
 from specdec.cache import KVCache, causal_mask, init_cache, visibility, write_layer
 from specdec.config import LlamaConfig
 
+# Every product of the forward in full float32, whatever the backend. JAX lets recent NVIDIA GPUs run float32
+# products as TF32 (10-bit mantissas) and TPUs as bfloat16 passes by default; logits then move by ~1e-2 between
+# a 1-token and a k-token forward, past the equivalence checker's 1e-3 tie tolerance. On CPU it changes nothing.
+PRECISION = jax.lax.Precision.HIGHEST
+
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype):
@@ -33,7 +38,8 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, precision=PRECISION,
+                      rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -78,7 +84,8 @@ class Llama(nnx.Module):
         if self.lm_head is None:
             # contract against the [vocab, d] table as stored: a transposed copy per step would
             # read and write the whole table again
-            out = jax.lax.dot_general(hidden, self.embed.embedding[...], (((hidden.ndim - 1,), (1,)), ((), ())))
+            out = jax.lax.dot_general(hidden, self.embed.embedding[...], (((hidden.ndim - 1,), (1,)), ((), ())),
+                                      precision=PRECISION)
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
@@ -126,10 +133,10 @@ def _attend_dense(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, vi
     b, t = q.shape[:2]
     kvh, groups, d = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     q = q.reshape(b, t, kvh, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * groups, d)
-    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, precision=PRECISION, preferred_element_type=jnp.float32) * (d ** -0.5)
     seen = jnp.repeat(visible, groups, axis=1)[:, None]  # [B, 1, T * G, S]
     probs = jax.nn.softmax(jnp.where(seen, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v, precision=PRECISION, preferred_element_type=jnp.float32)
     return out.reshape(b, kvh, t, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.n_heads * d).astype(q.dtype)
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from conftest import full_logits
 from specdec.cache import causal_mask, init_cache
 from specdec.config import tiny_config
-from specdec.model import attention_windows, forward, init_model
+from specdec.model import attention_windows, forward, init_model, teacher_forced_logits
 from specdec.weights import hf_tensors, model_from_hf
 
 TOL = 1e-5
@@ -167,6 +167,20 @@ def test_untied_head_bias_and_bfloat16():
     low = full_logits(half, toks)
     assert low.dtype == jnp.float32
     np.testing.assert_allclose(low, ref, atol=0.1)  # same weights up to bf16 rounding
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_product_asks_for_full_float32(tied):
+    """Each matrix product of a forward (projections, attention, the head, tied or not) carries the HIGHEST
+    precision, so no backend may drop to TF32 or bfloat16 passes (the GPU default) behind the checker's back."""
+    model = init_model(tiny_config(tie_embeddings=tied), seed=0)
+    graphdef, state = nnx.split(model)
+    toks = _tokens(2, 6, seed=1)
+    text = jax.jit(lambda s, t: teacher_forced_logits(nnx.merge(graphdef, s), t)).lower(state, toks).as_text()
+    products = [line for line in text.splitlines() if "dot_general" in line]
+    assert len(products) >= 8 * model.config.n_layers, len(products)  # q, k, v, o, gate, up, down, 2 attention
+    loose = [line.strip() for line in products if "precision = [HIGHEST, HIGHEST]" not in line]
+    assert not loose, loose[:3]
 
 
 def test_causal_mask_shape():
