@@ -15,7 +15,6 @@ step over the measured cost of a step wins.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specdec.saved import read_config
 from specdec.tree import Tree, canonical_paths
 
 Spec = list[tuple[int, ...]]
@@ -139,5 +139,6 @@ def load_spec(tree: str | Sequence[Sequence[int]]) -> Spec:
     path = Path(tree)
     if not path.is_file():
         raise ValueError(f"unknown tree {tree!r}: not a built-in ({', '.join(BUILTIN_TREES)}) and no such file")
-    data = json.loads(path.read_text())
+    data = read_config(path.parent, path.name, what="Medusa tree",
+                       fix="give a JSON list of paths, or a tree.json written by `specdec search-tree --save`")
     return canonical_paths(data["paths"] if isinstance(data, dict) else data)

@@ -56,13 +56,16 @@ def test_tree_buffers_hand_checked():
     assert candidate_tokens(top, b).tolist() == [[10, 11, 20, 21, 20, 32]]
 
 
-def test_bad_specs_are_rejected():
+def test_bad_specs_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="no parent path"):
         tree_buffers([(0,), (1, 0)])
     with pytest.raises(ValueError, match="ranks >= 0"):
         tree_buffers([(0,), (0, -1)])
     with pytest.raises(ValueError, match="unknown tree"):
         load_spec("tree-17")
+    (tmp_path / "cut.json").write_text("[[0], [1")
+    with pytest.raises(ValueError, match="cut.json is corrupt.*JSON list of paths"):
+        load_spec(str(tmp_path / "cut.json"))
 
 
 def test_builtin_trees_have_their_sizes():
@@ -298,8 +301,9 @@ def test_search_tree_cli_rejects_a_bad_accuracy_file(tmp_path, capsys):
 
 
 def test_trees_searched_by_load_are_the_default_schedule(tiny_lm, tiny, tmp_path):
-    """A tree.json with different trees per batch size makes method="medusa" pick them by running rows."""
-    from heads.bundled import TREE_FILE, default_tree, default_trees
+    """A tree.json with different trees per batch size makes method="medusa" pick them by running rows; a corrupt
+    one is a clear error."""
+    from heads.bundled import TREE_FILE, default_head_vocab, default_tree, default_trees
     from heads.search import search_for_heads
     from specdec.engine import ByLoad
 
@@ -315,6 +319,10 @@ def test_trees_searched_by_load_are_the_default_schedule(tiny_lm, tiny, tmp_path
     assert isinstance(default_tree(tmp_path), str)
     sched, _ = build_proposer("medusa", tiny_lm, {"heads": str(tmp_path)})
     assert isinstance(sched, ByLoad) and [sched.pick(r).tree.size for r in (1, 2, 3, 8)] == [4, 4, 2, 2]
+    (tmp_path / TREE_FILE).write_text('{"by_load": [')  # cut short: every default names the file and the fix
+    for default in (default_tree, default_trees, default_head_vocab):
+        with pytest.raises(ValueError, match="tree.json is corrupt.*specdec search-tree --save"):
+            default(tmp_path)
 
 
 def _features(n: int, seed: int) -> Features:
