@@ -118,15 +118,13 @@ def equivalence_summary(model, ids: list[list[int]], results: list, reference: l
     """The checker's verdicts on greedy ``results`` (``Generation`` per prompt ``ids``) against the
     autoregressive ``reference``: the worst verdict, the identical rows, and the largest score gap at a
     divergence (None where no row diverged at a token choice; a tie is under the checker's tolerance)."""
-    from specdec.equivalence import classify
+    from specdec.equivalence import Report, classify
     from specdec.sampling import Sampling
 
-    reports = [classify(model, ids[i], results[i], reference[i], sampling=Sampling(), seed=0,
-                        eos_ids=tuple(model.tokenizer.eos_ids)) for i in range(len(ids))]
-    verdicts = [r.verdict for r in reports]
-    gaps = [abs(r.gap) for r in reports if r.gap is not None]
-    return {"equivalence": "MISMATCH" if "MISMATCH" in verdicts else "tie" if "tie" in verdicts else "identical",
-            "rows_identical": verdicts.count("identical"), "worst_gap": max(gaps) if gaps else None}
+    report = Report("", [classify(model, ids[i], results[i], reference[i], sampling=Sampling(), seed=0,
+                                  eos_ids=tuple(model.tokenizer.eos_ids)) for i in range(len(ids))])
+    return {"equivalence": report.verdict, "rows_identical": report.counts["identical"],
+            "worst_gap": report.worst_gap}
 
 
 def greedy_summary(model, ids: list[list[int]], results: list, reference: list) -> dict:

@@ -60,6 +60,11 @@ class Report:
         c = self.counts
         return "MISMATCH" if c["MISMATCH"] else "tie" if c["tie"] else "identical"
 
+    @property
+    def worst_gap(self) -> float | None:
+        """The largest ``|gap|`` at a divergence (None where no row diverged at a token choice)."""
+        return max((abs(r.gap) for r in self.rows if r.gap is not None), default=None)
+
     def table(self) -> str:
         lines = [f"{'row':>4}  {'verdict':<10} {'divergence':>10} {'gap':>10}"]
         for i, r in enumerate(self.rows):

@@ -18,7 +18,7 @@ import specdec
 from specdec.api import Generation
 from specdec.autoregressive import plan_shapes, prompt_arrays
 from specdec.engine import _propose_jit, _verify_jit, spec_prefill
-from specdec.equivalence import check, classify
+from specdec.equivalence import DEFAULT_TOLERANCE, Report, check, classify
 from specdec.methods import build_proposer
 from specdec.pool import next_power_of_two, put_rows, take_rows
 from specdec.sampling import Sampling
@@ -202,9 +202,10 @@ def test_checker_flags_the_classic_batch_bugs(tiny_lm, bug):
     method = dict(method="prompt_lookup", k=4)  # rows accept different numbers of tokens per step
     ours = _buggy_batch_decode(tiny_lm, method, prompts, 24, bug)
     ref = [specdec.generate(tiny_lm, p, max_new_tokens=24, ignore_eos=True) for p in prompts]
-    verdicts = [classify(tiny_lm, p, a, b, sampling=Sampling(), seed=0, eos_ids=()).verdict
-                for p, a, b in zip(prompts, ours, ref)]
+    report = Report("prompt_lookup", [classify(tiny_lm, p, a, b, sampling=Sampling(), seed=0, eos_ids=())
+                                      for p, a, b in zip(prompts, ours, ref)])
+    verdicts = [r.verdict for r in report.rows]
     if bug is None:
-        assert verdicts == ["identical"] * 4
-    else:
-        assert "MISMATCH" in verdicts, verdicts
+        assert verdicts == ["identical"] * 4 and report.worst_gap is None
+    else:  # every row runs its whole budget: a wrong row diverges at a token choice, far past a tie
+        assert "MISMATCH" in verdicts and report.worst_gap > DEFAULT_TOLERANCE, report.table()
