@@ -11,7 +11,8 @@ shapes before that prompt is timed. Figures per method:
 - tokens_per_s and speedup_vs_autoregressive (same run);
 - equivalence: the checker's worst verdict over the prompts (identical / tie / MISMATCH).
 
-The draft is the one bundled for the model (``drafts/smollm2-135m``) unless ``--draft``; the
+The draft is the one bundled for the model (``drafts/smollm2-135m``) unless ``--draft`` (several
+directories: each gets its rows, named after the directory, side by side in one run); the
 feature draft (``method="eagle"``) the one bundled under ``heads/`` unless ``--feature-draft``.
 
     .venv/bin/python experiments/bench_draft.py
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+from pathlib import Path
 
 import specdec
 from drafts.saved import draft_for, read_metadata
@@ -40,10 +43,13 @@ def main() -> None:
     parser.add_argument("--sharegpt", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--draft", default=None, help="a saved draft directory (default: the bundled one)")
+    parser.add_argument("--draft", nargs="+", default=[None],
+                        help="saved draft directories (default: the bundled one); several: rows for each")
     parser.add_argument("--draft-width", type=int, default=1, help="draft model: candidates per depth")
     parser.add_argument("--draft-lookup", type=int, nargs="+", default=[0],
                         help="draft model: prompt-lookup tokens proposed beside its tree (lookup=), rows for each")
+    parser.add_argument("--draft-lookup-width", type=int, default=1,
+                        help="draft model: prompt-lookup chains beside its tree (lookup_width=)")
     parser.add_argument("--eagle-ks", type=int, nargs="*", default=[1, 2, 4],
                         help="k of the feature-draft rows (none: no such rows)")
     parser.add_argument("--eagle-width", type=int, default=1, help="feature draft: candidates per depth")
@@ -55,12 +61,18 @@ def main() -> None:
     pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
-    draft, where = draft_for(model, args.draft)
+    drafts = dict(draft_for(model, path)[::-1] for path in args.draft)  # directory -> loaded draft
+    named = len(drafts) > 1
+    if named and len({where.name for where in drafts}) < len(drafts):
+        parser.error(f"--draft directories {[str(w) for w in drafts]} share a name; rows are labelled by it")
     methods = {"autoregressive": {},
                **{f"draft k={k}" + (f" width {args.draft_width}" if args.draft_width > 1 else "")
-                  + (f" + lookup {lookup}" if lookup else ""): dict(
-                   method="draft", draft=draft, k=k, draft_width=args.draft_width, lookup=lookup)
-                  for lookup in args.draft_lookup for k in args.ks},
+                  + (f" + lookup {lookup}" if lookup else "")
+                  + (f"x{args.draft_lookup_width}" if lookup and args.draft_lookup_width > 1 else "")
+                  + (f" [{where.name}]" if named else ""): dict(
+                   method="draft", draft=draft, k=k, draft_width=args.draft_width, lookup=lookup,
+                   lookup_width=args.draft_lookup_width)
+                  for where, draft in drafts.items() for lookup in args.draft_lookup for k in args.ks},
                **{f"eagle k={k}" + (f" width {args.eagle_width}" if args.eagle_width > 1 else "")
                   + (f" + lookup {args.eagle_lookup}" if args.eagle_lookup else ""): dict(
                    method="eagle", feature_draft=args.feature_draft, k=k, draft_width=args.eagle_width,
@@ -76,37 +88,41 @@ def main() -> None:
         # chain tokens proposed per forward (Medusa, or a lookup branch beside the chain: no rate)
         k = None if options.get("lookup") else options.get("k")
         rate = (summary["accepted_per_forward"] - 1) / k if k else None
-        rows.append({"method": name, "options": {o: v for o, v in options.items() if o in ("method", "k", "lookup")},
+        kept = {o: v for o, v in options.items() if o in ("method", "k", "draft_width", "lookup", "lookup_width")}
+        rows.append({"method": name, "options": kept,
                      "acceptance_rate": rate, **summary,
                      "rows_identical": f"{summary['rows_identical']}/{len(ids)}"})
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup_vs_autoregressive"] = row["tokens_per_s"] / base
-    meta = read_metadata(where)
-    held = meta.get("training", {}).get("heldout", {})
-    notes = [f"draft: {os.path.relpath(where)} ({meta['spec']}); held-out greedy acceptance from training "
-             f"{held.get('greedy_accept')}, expected tokens per forward {held.get('expected_per_forward')}",
-             "target: accepted_per_forward >= 2.5 at the best k"]
+    notes = []
+    for where in drafts:
+        meta = read_metadata(where)
+        held = meta.get("training", {}).get("heldout", {})
+        shown = os.path.relpath(where) if where.resolve().is_relative_to(Path.cwd().resolve()) else where
+        notes.append(f"draft: {shown} ({meta['spec']}); held-out greedy acceptance from training "
+                     f"{held.get('greedy_accept')}, expected tokens per forward {held.get('expected_per_forward')}")
+    notes.append("target: accepted_per_forward >= 2.5 at the best k")
     if args.eagle_ks:
         fd_meta = read_metadata(feature_draft_dir(model, args.feature_draft), FEATURE_FILE)
-        notes.insert(1, f"feature draft: {fd_meta['spec']}; held-out greedy acceptance by depth from training "
+        notes.insert(-1, f"feature draft: {fd_meta['spec']}; held-out greedy acceptance by depth from training "
                         f"{fd_meta.get('training', {}).get('heldout', {}).get('greedy_accept')}")
     write_results(args.results_name, {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, feature draft, "
-                 "Medusa heads",
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; "
+                 + ("bundled draft" if args.draft == [None] else "drafts below")
+                 + (", feature draft" if args.eagle_ks else "") + ", Medusa heads",
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
         "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
     }, ["method", "acceptance_rate", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive",
         "equivalence", "rows_identical"])
-    series = {}
-    kinds = {(r["options"]["method"], r["options"].get("lookup", 0)) for r in rows
-             if r["options"].get("method") in ("draft", "eagle")}
-    for kind, lookup in sorted(kinds):
-        chain = [r for r in rows if (r["options"].get("method"), r["options"].get("lookup", 0)) == (kind, lookup)]
-        for label, key in (("accepted tokens per forward", "accepted_per_forward"),
-                           ("speedup vs autoregressive", "speedup_vs_autoregressive")):
-            name = kind + (f" + lookup {lookup}" if lookup else "")
-            series[f"{name}: {label}"] = ([r["options"]["k"] for r in chain], [r[key] for r in chain])
+    series: dict[str, tuple[list, list]] = {}
+    for r in rows:  # one line per draft kind (its name without the k), against k
+        if r["options"].get("method") in ("draft", "eagle"):
+            for label, key in (("accepted tokens per forward", "accepted_per_forward"),
+                               ("speedup vs autoregressive", "speedup_vs_autoregressive")):
+                ks, values = series.setdefault(f"{re.sub(r' k=[0-9]+', '', r['method'])}: {label}", ([], []))
+                ks.append(r["options"]["k"])
+                values.append(r[key])
     save_plot(args.results_name, series, xlabel="draft tokens per step (k)", ylabel="ratio",
               title="Draft model and feature draft on SmolLM2-135M-Instruct")
     for row in rows:
