@@ -39,7 +39,7 @@ def default_trees(heads_dir: Path | None) -> str | dict[int, list]:
     saved = _saved_search(heads_dir)
     loads = [] if saved is None else saved.get("by_load", [])
     if len({json.dumps(load["paths"]) for load in loads}) < 2:
-        return "tree-16" if saved is None else str(heads_dir / TREE_FILE)
+        return default_tree(heads_dir)
     return {int(load["rows"]): load["paths"] for load in loads}
 
 
