@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -20,12 +21,13 @@ RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 
 
 def device_label() -> tuple[str, str]:
-    """(folder name, human label), e.g. ("cpu", "cpu: 2-core AVX2") or ("gpu", "gpu: NVIDIA H100")."""
+    """(folder name, human label), e.g. ("cpu", "cpu: 2-core AVX2, AMD EPYC") or ("gpu", "gpu: NVIDIA H100")."""
     dev = jax.devices()[0]
     if dev.platform == "cpu":
-        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-        simd = "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
-        return "cpu", f"cpu: {os.cpu_count()}-core {simd}"
+        info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        simd = "AVX512" if "avx512f" in info else "AVX2" if "avx2" in info else platform.machine()
+        model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+        return "cpu", f"cpu: {os.cpu_count()}-core {simd}" + (f", {model.group(1).strip()}" if model else "")
     return dev.platform, f"{dev.platform}: {dev.device_kind}"
 
 

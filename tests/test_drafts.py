@@ -50,7 +50,8 @@ def test_draft_from_all_target_layers_is_the_target(tiny):
     outside = np.setdiff1d(np.arange(97), vocab_map)
     assert np.all(np.isneginf(np.asarray(got[:, outside])))
     spread = new_draft(init_model(tiny_config(n_layers=6)), DraftSpec(n_layers=3))
-    assert DraftSpec(n_layers=3).target_layers(6) == (0, 2, 5) and spread.config.n_layers == 3
+    assert DraftSpec(n_layers=3).target_layers(6) == (0, 1, 5) and spread.config.n_layers == 3
+    assert DraftSpec(n_layers=1).target_layers(6) == (5,)
     own = new_draft(tiny, DraftSpec(n_layers=1, init="embeddings", share_embeddings=False))
     assert own.embed.embedding.get_value() is not tiny.embed.embedding.get_value()
 

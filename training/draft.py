@@ -54,7 +54,7 @@ class DraftTrainConfig:
     work_dir: str | None = None  # cached data, checkpoints, loss log (default: under the cache dir)
     n_layers: int = 2
     init: str = "layers"  # random | embeddings | layers
-    layers: str = ""  # init layers: comma-separated target layers to copy (default: evenly spread)
+    layers: str = ""  # init layers: comma-separated target layers to copy (default: first n-1, last)
     share_embeddings: bool = True
     vocab_size: int = 8192  # reduced draft vocabulary (0: the target's full vocabulary)
     loss: str = "kl"  # kl | tv | kl+tv | ce
