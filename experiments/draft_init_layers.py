@@ -35,8 +35,6 @@ def main() -> None:
     parser.add_argument("--work-dir", default=None, help="cached target distributions and checkpoints")
     parser.add_argument("--results-name", default="draft_init_layers", help="results file name")
     args = parser.parse_args()
-    if not all(part.strip().isdigit() for c in args.choices for part in c.split(",")):
-        parser.error(f"--choices takes comma-separated layer indices such as 0,1,2,29, got {args.choices}")
     lengths = {len(c.split(",")) for c in args.choices}
     if len(lengths) != 1:
         parser.error(f"every --choices entry must name the same number of layers, got {sorted(lengths)}")
@@ -44,11 +42,14 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as out:
-        for choice in args.choices:
-            cfg = DraftTrainConfig(out=str(Path(out) / choice.replace(",", "-")), work_dir=args.work_dir,
-                                   n_layers=n_layers, layers=choice, vocab_size=args.vocab_size, data="sharegpt",
-                                   heldout_data="self-distill", conversations=args.conversations, epochs=args.epochs,
-                                   lr=args.lr, loss=args.loss)
+        try:  # every choice is checked before the first run starts
+            configs = [DraftTrainConfig(out=str(Path(out) / c.replace(",", "-")), work_dir=args.work_dir,
+                                        n_layers=n_layers, layers=c, vocab_size=args.vocab_size, data="sharegpt",
+                                        heldout_data="self-distill", conversations=args.conversations,
+                                        epochs=args.epochs, lr=args.lr, loss=args.loss) for c in args.choices]
+        except ValueError as err:
+            parser.error(str(err))
+        for choice, cfg in zip(args.choices, configs):
             m = train_draft(cfg)
             trained = m["heldout_saved_dtype"]
             rows.append({"layers": choice, "greedy_at_init": m["heldout_at_init"]["greedy_accept"],

@@ -138,6 +138,18 @@ def test_distillation_lowers_its_loss_and_raises_acceptance(tiny, toy, tmp_path,
     assert after["expected_per_forward"][4] > before["expected_per_forward"][4]
 
 
+def test_bad_layer_choices_fail_when_the_config_is_built():
+    """``layers`` is parsed and checked against ``n_layers`` as the config is made, with a message
+    naming the expected format, so a bad ``--layers`` fails before any data or training work."""
+    assert DraftTrainConfig(n_layers=4, layers=" 0, 1,2 ,29").spec().layers == (0, 1, 2, 29)
+    assert DraftTrainConfig(n_layers=3).spec().layers is None
+    for bad in ("0;1", "a,b", "0,,1", "-1,2"):
+        with pytest.raises(ValueError, match="comma-separated target layer indices"):
+            DraftTrainConfig(n_layers=2, layers=bad)
+    with pytest.raises(ValueError, match="not n_layers=4"):
+        DraftTrainConfig(n_layers=4, layers="0,1,29")
+
+
 def test_heldout_split_can_be_self_distilled_whatever_the_training_data(monkeypatch):
     """``heldout_data`` picks the held-out split's mode (default: as ``data``), names its own data
     cache, rejects unknown modes, and reaches :func:`split_examples`."""

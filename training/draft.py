@@ -87,9 +87,14 @@ class DraftTrainConfig:
             raise ValueError(f"heldout_data must be empty (as data) or one of {DATA_MODES}, got {self.heldout_data!r}")
         if self.batch_size < 1 or self.epochs <= 0 or self.teacher_top_k < 1:
             raise ValueError("batch_size and teacher_top_k must be >= 1 and epochs > 0")
+        self.spec()  # a bad layers / n_layers / init combination fails here, before any data work
 
     def spec(self) -> DraftSpec:
-        layers = tuple(int(x) for x in self.layers.split(",")) if self.layers.strip() else None
+        parts = [x.strip() for x in self.layers.split(",")] if self.layers.strip() else []
+        if not all(x.isdigit() for x in parts):
+            raise ValueError(f"layers takes comma-separated target layer indices such as '0,1,2,29', "
+                             f"got {self.layers!r}")
+        layers = tuple(int(x) for x in parts) or None
         return DraftSpec(n_layers=self.n_layers, init=self.init, layers=layers,
                          share_embeddings=self.share_embeddings, vocab_size=self.vocab_size or None)
 
