@@ -8,9 +8,12 @@ reduced draft vocabulary (the target's most frequent greedy tokens) -> AdamW on
 the draft -> held-out accuracy per drafting depth -> the draft saved with its
 metrics.
 
-Entry ``j`` reads ``(f_j, x_{j+1})`` and is trained on ``CE(target's greedy
-token after x_{j+1}) + feature_weight * SmoothL1(guess, f_{j+1})`` wherever
-``x_{j+1}`` is an assistant token. With ``unroll = u`` the loss also covers
+Entry ``j`` reads ``(f_j, x_{j+1})`` and is trained on a token loss plus
+``feature_weight * SmoothL1(guess, f_{j+1})`` wherever ``x_{j+1}`` is an
+assistant token. The token loss (``loss``) is ``"ce"``, the CE of the target's
+greedy token after ``x_{j+1}``, or ``"kl"``, the CE of the target's whole
+distribution there, ``softmax(head(f_{j+1}))`` over the draft's vocabulary
+(forward KL up to a constant, as EAGLE trains). With ``unroll = u`` the loss also covers
 depths 2 .. u: pass ``s`` feeds each entry the guess that pass ``s - 1`` made
 for its feature (what drafting deeper sees), weighted ``depth_decay ** s``.
 """
@@ -41,6 +44,7 @@ from training.features import packed_hidden, segment_mask
 from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
 
 KIND = "train-feature-draft"  # work directories under the cache
+TOKEN_LOSSES = ("ce", "kl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +71,8 @@ class FeatureDraftTrainConfig:
     warmup: float = 0.05
     weight_decay: float = 0.0
     clip: float = 1.0
-    feature_weight: float = 1.0  # SmoothL1 weight against the token CE
+    loss: str = "ce"  # token loss: "ce" (the target's greedy token) or "kl" (its distribution, from f_{j+1})
+    feature_weight: float = 1.0  # SmoothL1 weight against the token loss
     unroll: int = 2  # drafting depths trained (1: teacher-forced features only)
     depth_decay: float = 0.8
     save_dtype: str = "bfloat16"
@@ -78,6 +83,8 @@ class FeatureDraftTrainConfig:
         for mode in (self.data, self.heldout_data or self.data):
             if mode not in DATA_MODES:
                 raise ValueError(f"data and heldout_data must be one of {DATA_MODES}, got {mode!r}")
+        if self.loss not in TOKEN_LOSSES:
+            raise ValueError(f"loss must be one of {TOKEN_LOSSES}, got {self.loss!r}")
         if self.batch_size < 1 or self.epochs <= 0 or self.unroll < 1 or self.seq_len < 3:
             raise ValueError("batch_size and unroll must be >= 1, seq_len >= 3 and epochs > 0")
 
@@ -134,8 +141,10 @@ def batch_arrays(data: FeatureRows, rows, vocab_map: np.ndarray | None, vocab_si
             "valid": (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0) & data.mask[rows][:, 1:]}
 
 
-def depth_terms(draft: FeatureDraft, batch: dict, unroll: int) -> dict:
-    """Per-depth sums ``[unroll]`` of CE, SmoothL1, greedy hits and the count of scored entries."""
+def depth_terms(draft: FeatureDraft, batch: dict, unroll: int, soft: bool = False) -> dict:
+    """Per-depth sums ``[unroll]`` of CE, SmoothL1, greedy hits and the count of scored entries; with
+    ``soft`` also ``soft``: the CE of the target's distribution ``softmax(head(f_{j+1}))`` over the
+    draft's vocabulary."""
     feats = batch["features"].astype(jnp.float32)
     given, wanted = feats[:, :-1], feats[:, 1:]
     seg = batch["segments"]
@@ -144,7 +153,9 @@ def depth_terms(draft: FeatureDraft, batch: dict, unroll: int) -> dict:
     continues = jnp.concatenate([jnp.zeros((b, 1), bool), seg[:, 1:] == seg[:, :-1]], axis=1)
     valid, labels = batch["valid"], batch["labels"]
     scored = valid & (labels >= 0)
-    inputs, out = given, {"ce": [], "feature": [], "hits": []}
+    inputs, out = given, {"ce": [], "feature": [], "hits": []} | ({"soft": []} if soft else {})
+    if soft:  # the target's next-token distribution at j + 1, restricted to the draft's vocabulary
+        target_p = jax.nn.softmax(draft.body.draft_logits(wanted.astype(draft.config.jnp_dtype)), axis=-1)
     for _ in range(unroll):
         res = draft.run(init_cache(draft.config, b, t), inputs, batch["tokens"], batch["positions"],
                         block_mask=mask, compute_logits=False)
@@ -156,6 +167,8 @@ def depth_terms(draft: FeatureDraft, batch: dict, unroll: int) -> dict:
         out["ce"].append(jnp.sum(jnp.where(scored, ce, 0.0)))
         out["feature"].append(jnp.sum(jnp.where(valid, l1, 0.0)))
         out["hits"].append(jnp.sum(scored & (jnp.argmax(logits, axis=-1) == labels)))
+        if soft:
+            out["soft"].append(jnp.sum(jnp.where(scored, -jnp.sum(target_p * logp, axis=-1), 0.0)))
         # the next depth: entry j reads the guess entry j - 1 made for f_j (the first of a segment: f_j)
         inputs = jnp.where(continues[..., None], jnp.concatenate([given[:, :1], guess[:, :-1]], axis=1), given)
     terms = {k: jnp.stack(v).astype(jnp.float32) for k, v in out.items()}
@@ -164,20 +177,22 @@ def depth_terms(draft: FeatureDraft, batch: dict, unroll: int) -> dict:
     return terms
 
 
-def _loss(params, graphdef, frozen, batch: dict, unroll: int, feature_weight: float, depth_decay: float):
-    terms = depth_terms(nnx.merge(graphdef, params, frozen), batch, unroll)
-    per_depth = terms["ce"] / jnp.maximum(terms["count"], 1.0) + feature_weight * terms["feature"] / jnp.maximum(
+def _loss(params, graphdef, frozen, batch: dict, unroll: int, feature_weight: float, depth_decay: float,
+          soft: bool):
+    terms = depth_terms(nnx.merge(graphdef, params, frozen), batch, unroll, soft)
+    per_depth = terms["soft" if soft else "ce"] / jnp.maximum(terms["count"], 1.0) + feature_weight * terms["feature"] / jnp.maximum(
         terms["valid"], 1.0)
     return jnp.sum(depth_decay ** jnp.arange(unroll, dtype=jnp.float32) * per_depth), terms
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "unroll", "feature_weight", "depth_decay"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "unroll", "feature_weight", "depth_decay",
+                                                "soft"),
                    donate_argnames=("params", "opt"))
 def train_step(graphdef, params, frozen, opt, batch: dict, *, optimizer, unroll: int, feature_weight: float,
-               depth_decay: float):
+               depth_decay: float, soft: bool = False):
     """One AdamW step on the draft's trainable parameters: ``(params, opt, loss, terms)``."""
     (value, terms), grads = jax.value_and_grad(_loss, has_aux=True)(params, graphdef, frozen, batch, unroll,
-                                                                    feature_weight, depth_decay)
+                                                                    feature_weight, depth_decay, soft)
     updates, opt = optimizer.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, value, terms
 
@@ -196,7 +211,7 @@ def fit(draft: FeatureDraft, spec: DraftSpec, data: FeatureRows, cfg: FeatureDra
     graphdef, params, frozen = nnx.split(draft, trainable(spec), ...)
     vocab_map, vocab = _vocab_map(draft), draft.config.vocab_size
     static = dict(optimizer=optimizer, unroll=cfg.unroll, feature_weight=cfg.feature_weight,
-                  depth_decay=cfg.depth_decay)
+                  depth_decay=cfg.depth_decay, soft=cfg.loss == "kl")
 
     def step(params, opt, idx):
         params, opt, value, terms = train_step(graphdef, params, frozen, opt,
