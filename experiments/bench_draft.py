@@ -13,7 +13,8 @@ shapes before that prompt is timed. Figures per method:
 
 The draft is the one bundled for the model (``drafts/smollm2-135m``) unless ``--draft`` (several
 directories: each gets its rows, named after the directory, side by side in one run); the
-feature draft (``method="eagle"``) the one bundled under ``heads/`` unless ``--feature-draft``.
+feature draft (``method="eagle"``) the one bundled under ``heads/`` unless ``--feature-draft`` (several
+directories: rows for each, likewise).
 
     .venv/bin/python experiments/bench_draft.py
 
@@ -37,6 +38,11 @@ from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, 
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 
 
+def shown_path(where: Path) -> str:
+    """``where`` relative to the working directory when it lies under it."""
+    return os.path.relpath(where) if where.resolve().is_relative_to(Path.cwd().resolve()) else str(where)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--humaneval", type=int, default=8)
@@ -55,7 +61,8 @@ def main() -> None:
     parser.add_argument("--eagle-width", type=int, default=1, help="feature draft: candidates per depth")
     parser.add_argument("--eagle-lookup", type=int, default=0,
                         help="feature draft: prompt-lookup tokens proposed beside its tree (lookup=)")
-    parser.add_argument("--feature-draft", default=None, help="a saved feature-draft directory")
+    parser.add_argument("--feature-draft", nargs="+", default=[None],
+                        help="saved feature-draft directories (several: rows for each, named after it)")
     parser.add_argument("--results-name", default="bench_draft", help="results file name (under results/<device>/)")
     args = parser.parse_args()
     pyplot()  # fail now, not after the run, without matplotlib
@@ -65,6 +72,11 @@ def main() -> None:
     named = len(drafts) > 1
     if named and len({where.name for where in drafts}) < len(drafts):
         parser.error(f"--draft directories {[str(w) for w in drafts]} share a name; rows are labelled by it")
+    feature_dirs = [feature_draft_dir(model, path) for path in args.feature_draft] if args.eagle_ks else []
+    fd_named = len(feature_dirs) > 1
+    if fd_named and len({where.name for where in feature_dirs}) < len(feature_dirs):
+        parser.error(f"--feature-draft directories {[str(w) for w in feature_dirs]} share a name; "
+                     "rows are labelled by it")
     methods = {"autoregressive": {},
                **{f"draft k={k}" + (f" width {args.draft_width}" if args.draft_width > 1 else "")
                   + (f" + lookup {lookup}" if lookup else "")
@@ -74,9 +86,10 @@ def main() -> None:
                    lookup_width=args.draft_lookup_width)
                   for where, draft in drafts.items() for lookup in args.draft_lookup for k in args.ks},
                **{f"eagle k={k}" + (f" width {args.eagle_width}" if args.eagle_width > 1 else "")
-                  + (f" + lookup {args.eagle_lookup}" if args.eagle_lookup else ""): dict(
-                   method="eagle", feature_draft=args.feature_draft, k=k, draft_width=args.eagle_width,
-                   lookup=args.eagle_lookup) for k in args.eagle_ks},
+                  + (f" + lookup {args.eagle_lookup}" if args.eagle_lookup else "")
+                  + (f" [{where.name}]" if fd_named else ""): dict(
+                   method="eagle", feature_draft=str(where), k=k, draft_width=args.eagle_width,
+                   lookup=args.eagle_lookup) for where in feature_dirs for k in args.eagle_ks},
                "prompt_lookup k=4": dict(method="prompt_lookup", k=4), "medusa": dict(method="medusa")}
     tok = model.tokenizer
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
@@ -99,14 +112,13 @@ def main() -> None:
     for where in drafts:
         meta = read_metadata(where)
         held = meta.get("training", {}).get("heldout", {})
-        shown = os.path.relpath(where) if where.resolve().is_relative_to(Path.cwd().resolve()) else where
-        notes.append(f"draft: {shown} ({meta['spec']}); held-out greedy acceptance from training "
+        notes.append(f"draft: {shown_path(where)} ({meta['spec']}); held-out greedy acceptance from training "
                      f"{held.get('greedy_accept')}, expected tokens per forward {held.get('expected_per_forward')}")
     notes.append("target: accepted_per_forward >= 2.5 at the best k")
-    if args.eagle_ks:
-        fd_meta = read_metadata(feature_draft_dir(model, args.feature_draft), FEATURE_FILE)
-        notes.insert(-1, f"feature draft: {fd_meta['spec']}; held-out greedy acceptance by depth from training "
-                        f"{fd_meta.get('training', {}).get('heldout', {}).get('greedy_accept')}")
+    for where in feature_dirs:
+        fd_meta = read_metadata(where, FEATURE_FILE)
+        notes.insert(-1, f"feature draft: {shown_path(where)} ({fd_meta['spec']}); held-out greedy acceptance by "
+                        f"depth from training {fd_meta.get('training', {}).get('heldout', {}).get('greedy_accept')}")
     write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; "
                  + ("bundled draft" if args.draft == [None] else "drafts below")
