@@ -144,7 +144,7 @@ def batch_arrays(data: FeatureRows, rows, vocab_map: np.ndarray | None, vocab_si
 def depth_terms(draft: FeatureDraft, batch: dict, unroll: int, soft: bool = False) -> dict:
     """Per-depth sums ``[unroll]`` of CE, SmoothL1, greedy hits and the count of scored entries; with
     ``soft`` also ``soft``: the CE of the target's distribution ``softmax(head(f_{j+1}))`` over the
-    draft's vocabulary."""
+    draft's vocabulary, at the same scored entries (whose greedy token is in that vocabulary)."""
     feats = batch["features"].astype(jnp.float32)
     given, wanted = feats[:, :-1], feats[:, 1:]
     seg = batch["segments"]
@@ -180,8 +180,8 @@ def depth_terms(draft: FeatureDraft, batch: dict, unroll: int, soft: bool = Fals
 def _loss(params, graphdef, frozen, batch: dict, unroll: int, feature_weight: float, depth_decay: float,
           soft: bool):
     terms = depth_terms(nnx.merge(graphdef, params, frozen), batch, unroll, soft)
-    per_depth = terms["soft" if soft else "ce"] / jnp.maximum(terms["count"], 1.0) + feature_weight * terms["feature"] / jnp.maximum(
-        terms["valid"], 1.0)
+    token = terms["soft" if soft else "ce"] / jnp.maximum(terms["count"], 1.0)
+    per_depth = token + feature_weight * terms["feature"] / jnp.maximum(terms["valid"], 1.0)
     return jnp.sum(depth_decay ** jnp.arange(unroll, dtype=jnp.float32) * per_depth), terms
 
 
