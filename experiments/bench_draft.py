@@ -43,6 +43,13 @@ def shown_path(where: Path) -> str:
     return os.path.relpath(where) if where.resolve().is_relative_to(Path.cwd().resolve()) else str(where)
 
 
+def labelled(parser: argparse.ArgumentParser, flag: str, dirs: list[Path]) -> bool:
+    """Whether ``flag``'s rows carry their directory's name (several directories); fails on a shared name."""
+    if len(dirs) > 1 and len({where.name for where in dirs}) < len(dirs):
+        parser.error(f"{flag} directories {[str(w) for w in dirs]} share a name; rows are labelled by it")
+    return len(dirs) > 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--humaneval", type=int, default=8)
@@ -69,14 +76,8 @@ def main() -> None:
 
     model = specdec.load("smollm2-135m")
     drafts = dict(draft_for(model, path)[::-1] for path in args.draft)  # directory -> loaded draft
-    named = len(drafts) > 1
-    if named and len({where.name for where in drafts}) < len(drafts):
-        parser.error(f"--draft directories {[str(w) for w in drafts]} share a name; rows are labelled by it")
     feature_dirs = [feature_draft_dir(model, path) for path in args.feature_draft] if args.eagle_ks else []
-    fd_named = len(feature_dirs) > 1
-    if fd_named and len({where.name for where in feature_dirs}) < len(feature_dirs):
-        parser.error(f"--feature-draft directories {[str(w) for w in feature_dirs]} share a name; "
-                     "rows are labelled by it")
+    named, fd_named = labelled(parser, "--draft", list(drafts)), labelled(parser, "--feature-draft", feature_dirs)
     methods = {"autoregressive": {},
                **{f"draft k={k}" + (f" width {args.draft_width}" if args.draft_width > 1 else "")
                   + (f" + lookup {lookup}" if lookup else "")
