@@ -3,9 +3,10 @@ through the request pool (continuous batching), in one run.
 
 The same HumanEval + held-out ShareGPT chat prompts go through ``specdec.generate(..., slots=S)``
 for every method and S, greedy, up to ``--new-tokens`` tokens per request (EOS ends a request).
-Each speculative proposer runs with one k (or Medusa tree) at every S and, at the S where it
-differs, with a by-load schedule (the k or tree for the rows running, picked at each chunk's
-start; k 0 / "chain-0" turns speculation off: ``PL_BY_LOAD``, ``DRAFT_BY_LOAD``, and for Medusa
+Each speculative proposer runs with one k (or Medusa tree; the feature draft, ``eagle``, with each
+``--eagle-k``) at every S and, at the S where it differs (not for the feature draft), with a
+by-load schedule (the k or tree for the rows running, picked at each chunk's start; k 0 /
+"chain-0" turns speculation off: ``PL_BY_LOAD``, ``DRAFT_BY_LOAD``, and for Medusa
 the trees searched per batch size in the bundled ``tree.json``, ``method="medusa"``'s default,
 when it holds more than one) and, for the proposers in
 ``BUDGET_BY_LOAD``, with that schedule plus a budget by load (``specdec.budget``), and ("tuned")
@@ -53,7 +54,7 @@ DRAFT_BY_LOAD = {1: 0, 2: 1}
 # bench_step_cost on the 2-core AVX512 CPU: at 8 rows prompt lookup k 1 gained most with the 2
 # likeliest draft tokens of the batch (10 tokens a step instead of 16); below 8 rows, no cap.
 BUDGET_BY_LOAD = {"prompt_lookup": {1: 16, 8: 2}}
-PROPOSERS = ("prompt_lookup", "draft", "medusa")
+PROPOSERS = ("prompt_lookup", "draft", "medusa", "eagle")
 
 
 def tree_label(paths: list) -> str:
@@ -128,6 +129,9 @@ def main() -> None:
     parser.add_argument("--head-vocab", type=int, nargs="+", default=[None],
                         help="Medusa heads proposing only the N tokens they were most often trained on (0: every "
                              "token; default: the heads' own default), one variant each (crossed with --medusa-lookup)")
+    parser.add_argument("--eagle-k", type=int, nargs="+", default=[1],
+                        help="the feature draft (method eagle, the bundled one) with k draft tokens per step, one "
+                             "variant each; no by-load schedule")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed rounds; each round times every configuration once, in turn")
     args = parser.parse_args()
@@ -151,6 +155,7 @@ def main() -> None:
     proposers += [("medusa", medusa_variant(k, v), dict(tree=searched, **extra), dict(tree=searched_by_load, **extra))
                   for k in args.medusa_lookup for v in args.head_vocab
                   for extra in [dict(lookup=k, head_vocab=v)]]
+    proposers += [("eagle", f" k={k}" if len(args.eagle_k) > 1 else "", dict(k=k), dict(k=None)) for k in args.eagle_k]
     for name, variant, fixed, schedule in proposers:
         if name not in args.methods:
             continue
@@ -164,8 +169,8 @@ def main() -> None:
         if "budget" in args.schedules and name in BUDGET_BY_LOAD:
             methods.append((f"{label} by load + budget", dict(method=name, **schedule, budget=BUDGET_BY_LOAD[name]),
                             varied))
-        if name in tuned and not variant:
-            methods.append((f"{name} tuned", dict(method=name, **tuned[name].options, **draft), args.slots))
+    methods += [(f"{name} tuned", dict(method=name, **t.options, **(draft if name == "draft" else {})), args.slots)
+                for name, t in tuned.items()]
     configs = [(label, method, slots) for label, method, slots_run in methods for slots in slots_run]
     for label, method, slots in configs:  # compile every shape each configuration meets, before any timing
         out = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
@@ -226,8 +231,8 @@ def main() -> None:
              "diverged at a token); under 1e-3 the checker calls it a numerical tie",
              "targets: speculative at 8 slots >= 3x the same proposer at 1 slot, and >= autoregressive at 8 slots"]
     write_results(args.results_name, {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, Medusa heads and "
-                 "searched tree" + (f" (draft: {args.draft})" if args.draft else ""),
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, feature draft, "
+                 "Medusa heads and searched tree" + (f" (draft: {args.draft})" if args.draft else ""),
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, greedy, "
                    f"through the request pool", "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
         "tuning": {name: {"options": t.options, "measurements": t.rows} for name, t in tuned.items()},

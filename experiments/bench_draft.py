@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--eagle-width", type=int, default=1, help="feature draft: candidates per depth")
     parser.add_argument("--eagle-lookup", type=int, default=0,
                         help="feature draft: prompt-lookup tokens proposed beside its tree (lookup=)")
+    parser.add_argument("--eagle-lookup-width", type=int, default=1,
+                        help="feature draft: prompt-lookup chains beside its tree (lookup_width=)")
     parser.add_argument("--feature-draft", nargs="+", default=[None],
                         help="saved feature-draft directories (several: rows for each, named after it)")
     parser.add_argument("--results-name", default="bench_draft", help="results file name (under results/<device>/)")
@@ -88,9 +90,11 @@ def main() -> None:
                   for where, draft in drafts.items() for lookup in args.draft_lookup for k in args.ks},
                **{f"eagle k={k}" + (f" width {args.eagle_width}" if args.eagle_width > 1 else "")
                   + (f" + lookup {args.eagle_lookup}" if args.eagle_lookup else "")
+                  + (f"x{args.eagle_lookup_width}" if args.eagle_lookup and args.eagle_lookup_width > 1 else "")
                   + (f" [{where.name}]" if fd_named else ""): dict(
                    method="eagle", feature_draft=str(where), k=k, draft_width=args.eagle_width,
-                   lookup=args.eagle_lookup) for where in feature_dirs for k in args.eagle_ks},
+                   lookup=args.eagle_lookup, lookup_width=args.eagle_lookup_width)
+                  for where in feature_dirs for k in args.eagle_ks},
                "prompt_lookup k=4": dict(method="prompt_lookup", k=4), "medusa": dict(method="medusa")}
     tok = model.tokenizer
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)

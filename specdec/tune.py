@@ -137,7 +137,7 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
 
     Args:
       model: the target (a :class:`specdec.loading.LoadedModel`).
-      method: "prompt_lookup", "draft" or "medusa".
+      method: "prompt_lookup", "draft", "medusa" or "eagle" (the feature draft).
       ids: [N] prompts as token ids, N >= max(rows); at r rows they decode in groups of r
         (the first N // r * r of them), each group timed beside autoregressive decoding.
       rows: running-row counts to tune for, from 1 (a larger load uses the largest tuned below it).
