@@ -50,6 +50,11 @@ def labelled(parser: argparse.ArgumentParser, flag: str, dirs: list[Path]) -> bo
     return len(dirs) > 1
 
 
+def lookup_label(tokens: int, chains: int) -> str:
+    """Row-name suffix for ``chains`` prompt-lookup chains of ``tokens`` tokens beside a tree ("" without)."""
+    return (f" + lookup {tokens}" if tokens else "") + (f"x{chains}" if tokens and chains > 1 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--humaneval", type=int, default=8)
@@ -82,15 +87,13 @@ def main() -> None:
     named, fd_named = labelled(parser, "--draft", list(drafts)), labelled(parser, "--feature-draft", feature_dirs)
     methods = {"autoregressive": {},
                **{f"draft k={k}" + (f" width {args.draft_width}" if args.draft_width > 1 else "")
-                  + (f" + lookup {lookup}" if lookup else "")
-                  + (f"x{args.draft_lookup_width}" if lookup and args.draft_lookup_width > 1 else "")
+                  + lookup_label(lookup, args.draft_lookup_width)
                   + (f" [{where.name}]" if named else ""): dict(
                    method="draft", draft=draft, k=k, draft_width=args.draft_width, lookup=lookup,
                    lookup_width=args.draft_lookup_width)
                   for where, draft in drafts.items() for lookup in args.draft_lookup for k in args.ks},
                **{f"eagle k={k}" + (f" width {args.eagle_width}" if args.eagle_width > 1 else "")
-                  + (f" + lookup {args.eagle_lookup}" if args.eagle_lookup else "")
-                  + (f"x{args.eagle_lookup_width}" if args.eagle_lookup and args.eagle_lookup_width > 1 else "")
+                  + lookup_label(args.eagle_lookup, args.eagle_lookup_width)
                   + (f" [{where.name}]" if fd_named else ""): dict(
                    method="eagle", feature_draft=str(where), k=k, draft_width=args.eagle_width,
                    lookup=args.eagle_lookup, lookup_width=args.eagle_lookup_width)
