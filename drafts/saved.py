@@ -46,6 +46,12 @@ def read_metadata(path: str | Path, file: str = CONFIG_FILE) -> dict:
     return read_config(path, file, what="draft", fix="re-save or re-train the draft (specdec train-draft)")
 
 
+def saved_spec(meta: dict) -> DraftSpec:
+    """The :class:`DraftSpec` recorded in a saved draft's metadata (:func:`read_metadata`)."""
+    raw = dict(meta["spec"])
+    return DraftSpec(**{**raw, "layers": tuple(raw["layers"]) if raw.get("layers") else None})
+
+
 def restore_saved(path: str | Path, target: LoadedModel, file: str, build: Callable) -> nnx.Module:
     """The module saved by :func:`save_draft` at ``path``, checked against and attached to ``target``
     (its dtype too). ``build(spec, vocab_map)`` makes an untrained module of the saved shape."""
@@ -56,8 +62,7 @@ def restore_saved(path: str | Path, target: LoadedModel, file: str, build: Calla
         raise ValueError(f"the draft at {path} was trained for target {meta['target']!r} (fingerprint "
                          f"{meta['target_fingerprint']}), not for this model (fingerprint {fingerprint(base)}): "
                          f"load a draft made for this model or train a new one")
-    raw = dict(meta["spec"])
-    spec = DraftSpec(**{**raw, "layers": tuple(raw["layers"]) if raw.get("layers") else None})
+    spec = saved_spec(meta)
     vocab_map = np.arange(spec.vocab_size, dtype=np.int32) if spec.vocab_size else None
     module = build(DraftSpec(**{**asdict(spec), "init": "embeddings" if spec.share_embeddings else "random"}),
                    vocab_map)

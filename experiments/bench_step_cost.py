@@ -37,7 +37,11 @@ SETTINGS = {"autoregressive": None, "prompt_lookup k=1": ("prompt_lookup", dict(
             "prompt_lookup k=1 budget=4": ("prompt_lookup", dict(k=1, budget=4)),
             "prompt_lookup k=2 budget=4": ("prompt_lookup", dict(k=2, budget=4)),
             "draft k=1 budget=2": ("draft", dict(k=1, budget=2)), "draft k=1 budget=4": ("draft", dict(k=1, budget=4)),
-            "medusa searched budget=4": ("medusa", dict(budget=4))}
+            "medusa searched budget=4": ("medusa", dict(budget=4)),
+            "eagle k=1": ("eagle", dict(k=1)), "eagle k=2": ("eagle", dict(k=2)),
+            "eagle k=1 budget=2": ("eagle", dict(k=1, budget=2)), "eagle k=1 budget=4": ("eagle", dict(k=1, budget=4)),
+            "eagle k=1 budget=6": ("eagle", dict(k=1, budget=6)), "eagle k=2 budget=4": ("eagle", dict(k=2, budget=4)),
+            "eagle k=2 budget=8": ("eagle", dict(k=2, budget=8))}
 
 
 def main() -> None:
@@ -66,8 +70,8 @@ def main() -> None:
                          "tokens_per_step": m["tokens_per_step"], "x_vs_autoregressive": m["x_vs_autoregressive"]})
             print(rows[-1], flush=True)
     write_results(args.results_name, {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, Medusa heads and "
-                 "searched tree",
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, feature draft, "
+                 "Medusa heads and searched tree",
         "prompts": "HumanEval and held-out ShareGPT chat prompts, alternating; greedy, EOS not applied",
         "rows": rows,
         "notes": [f"{args.chunks - 1} timed chunks of {args.steps} steps per setting, interleaved across settings",

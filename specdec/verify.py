@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from specdec.sampling import Sampling, position_key
+from specdec.sampling import Sampling, argmax, position_key
 from specdec.tree import Tree
 
 REJECTION_SALT = 0x5EC  # keys of the rejection verifier: fold_in(position_key(seed, length), salt)
@@ -155,7 +155,7 @@ def verify_rejection(tree: Tree, tokens: jax.Array, logp: jax.Array, draft_probs
             qc = jax.nn.one_hot(x, vocab) if q is None else q[jnp.maximum(child, 0)]
             accept = jax.random.uniform(k) * qc[x] < r[x]  # u < r(x) / q(x), no division
             residual = residual_distribution(r, qc)
-            draw = jnp.argmax(jnp.log(r) + jax.random.gumbel(jax.random.fold_in(k, 1), (vocab,))).astype(jnp.int32)
+            draw = argmax(jnp.log(r) + jax.random.gumbel(jax.random.fold_in(k, 1), (vocab,)))
             go_down = ~done & has_child & accept
             reject = ~done & has_child & ~accept
             stop = ~done & ~has_child

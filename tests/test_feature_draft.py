@@ -24,7 +24,8 @@ from specdec.loading import LoadedModel
 from specdec.methods import build_proposer
 from specdec.model import forward, init_model
 from specdec.sampling import Sampling
-from training.feature_draft import FeatureDraftTrainConfig, batch_arrays, depth_terms, evaluate, fit, target_rows
+from training.feature_draft import FeatureDraftTrainConfig, batch_arrays, depth_terms, evaluate, fit, initial_draft, \
+    target_rows
 from training.loop import run_dir_of
 
 
@@ -100,6 +101,25 @@ def test_resume_is_exact_and_only_for_the_same_config(tiny, toy, tmp_path):
     assert killed is not resumed and [r["loss"] for r in log_b] == [r["loss"] for r in log]
     for a, b in zip(jax.tree.leaves(nnx.state(whole)), jax.tree.leaves(nnx.state(resumed))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_fine_tunes_the_saved_draft(tiny, tiny_lm, trained, toy, tmp_path):
+    """``init_from`` starts from a saved draft (its parameters, not a new draft's), and refuses one of
+    another shape with the flags that would fit it."""
+    draft, _, log = trained
+    spec = default_spec(tiny, None)
+    save_feature_draft(draft, spec, tiny, tmp_path / "fd", target_name="tiny", dtype="float32")
+    start, start_spec = initial_draft(tiny_lm, _cfg(init_from=str(tmp_path / "fd")), toy[0])
+    for a, b in zip(jax.tree.leaves(nnx.state(draft)), jax.tree.leaves(nnx.state(start))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fresh = initial_draft(tiny_lm, _cfg(), toy[0])[0]
+    assert evaluate(fresh, toy[1], unroll=1)["ce"][0] > evaluate(start, toy[1], unroll=1)["ce"][0] + 0.5
+    tuned = fit(start, start_spec, toy[0], _cfg(init_from=str(tmp_path / "fd"), epochs=1.0), tmp_path / "w")
+    assert tuned[0]["loss"] < log[0]["loss"] / 2  # its first step already sees a trained draft
+    with pytest.raises(ValueError, match="pass --n-layers 1 --vocab-size 0 to fine-tune it"):
+        initial_draft(tiny_lm, _cfg(init_from=str(tmp_path / "fd"), n_layers=2), toy[0])
+    with pytest.raises(FileNotFoundError, match="feature_draft_config.json is missing"):
+        initial_draft(tiny_lm, _cfg(init_from=str(tmp_path / "nothing")), toy[0])
 
 
 def _reference_chain(target, draft, size: int = 40):

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from specdec.sampling import Sampling, gumbel_noise
+from specdec.sampling import Sampling, argmax, gumbel_noise
 
 LOGITS = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
 
@@ -18,6 +20,17 @@ def test_greedy_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (5, 50))
     got = s.sample(logits, jnp.arange(5), jnp.zeros(5, jnp.int32))
     np.testing.assert_array_equal(got, jnp.argmax(logits, -1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([-np.inf, -1.5, -0.0, 0.0, 0.25, 3.0, np.inf, np.nan]), min_size=1,
+                         max_size=7), min_size=1, max_size=4).filter(lambda rows: len({len(r) for r in rows}) == 1))
+def test_argmax_is_jnp_argmax_with_ties_infinities_and_nans(rows):
+    """The fast argmax picks what ``jnp.argmax`` picks: the first of tied maxima, the first NaN."""
+    x = jnp.asarray(rows, jnp.float32)
+    got = argmax(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
 
 
 def test_top_k_and_top_p_masks():

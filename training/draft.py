@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from drafts.model import DraftLlama, DraftSpec, frequent_vocab, new_draft, token_frequencies, trainable
 from specdec.cache import init_cache
 from specdec.model import forward
+from specdec.sampling import argmax
 from training.data import Packed, next_labels, pack, split_examples
 from training.features import segment_mask
 from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
@@ -174,7 +175,7 @@ def distill_terms(q_logits: jax.Array, top_ids: jax.Array, top_probs: jax.Array,
     rest_p, rest_q = 1.0 - jnp.sum(p_k, axis=-1), 1.0 - jnp.sum(q_k, axis=-1)
     tv = 0.5 * (jnp.sum(jnp.abs(p_k - q_k), axis=-1) + jnp.abs(rest_p - rest_q))
     ce = -jnp.take_along_axis(logq, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-    greedy = (jnp.argmax(q_logits, axis=-1) == top_ids[..., 0]) & here[..., 0]
+    greedy = (argmax(q_logits) == top_ids[..., 0]) & here[..., 0]
     accept = jnp.sum(jnp.minimum(p_k, q_k), axis=-1)
 
     def total(x, where=valid):

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from drafts.model import DraftSpec, frequent_vocab, token_frequencies, trainable
 from heads.feature_draft import FeatureDraft, default_spec, new_feature_draft
 from specdec.cache import init_cache
+from specdec.sampling import argmax
 from training.data import Packed, pack, split_examples
 from training.draft import DATA_MODES, to_draft_ids
 from training.features import packed_hidden, segment_mask
@@ -78,6 +79,7 @@ class FeatureDraftTrainConfig:
     save_dtype: str = "bfloat16"
     checkpoint_every: int = 50
     seed: int = 0
+    init_from: str = ""  # a saved feature draft to start from (fine-tuning; "": a new one as the fields above say)
 
     def __post_init__(self) -> None:
         for mode in (self.data, self.heldout_data or self.data):
@@ -114,7 +116,7 @@ class FeatureRows(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _greedy(graphdef, params, hidden):
-    return jnp.argmax(nnx.merge(graphdef, params).logits(hidden), axis=-1).astype(jnp.int32)
+    return argmax(nnx.merge(graphdef, params).logits(hidden))
 
 
 def target_rows(lm, packed: Packed, batch_size: int = 4) -> FeatureRows:
@@ -166,7 +168,7 @@ def depth_terms(draft: FeatureDraft, batch: dict, unroll: int, soft: bool = Fals
         l1 = jnp.mean(optax.huber_loss(guess, wanted), axis=-1)
         out["ce"].append(jnp.sum(jnp.where(scored, ce, 0.0)))
         out["feature"].append(jnp.sum(jnp.where(valid, l1, 0.0)))
-        out["hits"].append(jnp.sum(scored & (jnp.argmax(logits, axis=-1) == labels)))
+        out["hits"].append(jnp.sum(scored & (argmax(logits) == labels)))
         if soft:
             out["soft"].append(jnp.sum(jnp.where(scored, -jnp.sum(target_p * logp, axis=-1), 0.0)))
         # the next depth: entry j reads the guess entry j - 1 made for f_j (the first of a segment: f_j)
@@ -262,6 +264,25 @@ def draft_vocab(lm, data: FeatureRows, size: int) -> np.ndarray:
     return frequent_vocab(counts, size, always=tuple(lm.tokenizer.eos_ids) if lm.tokenizer else ())
 
 
+def initial_draft(lm, cfg: FeatureDraftTrainConfig, train: FeatureRows) -> tuple[FeatureDraft, DraftSpec]:
+    """The draft to train and its spec: a new one as ``cfg`` says (vocabulary from ``train``), or the
+    one saved at ``cfg.init_from`` (its layers, ``fc`` and vocabulary), which must have ``cfg``'s shape."""
+    from drafts.saved import read_metadata, saved_spec
+    from heads.feature_draft import CONFIG_FILE, load_feature_draft
+
+    spec = cfg.spec(lm.module)
+    if not cfg.init_from:
+        vocab_map = draft_vocab(lm, train, spec.vocab_size) if spec.vocab_size else None
+        return new_feature_draft(lm.module, spec, vocab_map=vocab_map, seed=cfg.seed), spec
+    saved = saved_spec(read_metadata(cfg.init_from, CONFIG_FILE))
+    if (saved.n_layers, saved.vocab_size or 0) != (spec.n_layers, spec.vocab_size or 0):
+        raise ValueError(f"the feature draft at {cfg.init_from} has {saved.n_layers} layer(s) and a "
+                         f"{saved.vocab_size or 'full'}-token vocabulary, but this run asks for {spec.n_layers} and "
+                         f"{spec.vocab_size or 'full'}: pass --n-layers {saved.n_layers} --vocab-size "
+                         f"{saved.vocab_size or 0} to fine-tune it, or drop --init-from")
+    return load_feature_draft(cfg.init_from, lm), saved
+
+
 def train_feature_draft(cfg: FeatureDraftTrainConfig, max_steps: int | None = None) -> dict:
     """Run the whole pipeline for ``cfg`` and save the draft to ``cfg.out``; returns its metrics."""
     from heads.feature_draft import load_feature_draft, save_feature_draft
@@ -270,9 +291,7 @@ def train_feature_draft(cfg: FeatureDraftTrainConfig, max_steps: int | None = No
     start = time.perf_counter()
     lm = load(cfg.model)
     train, heldout = prepare_data(lm, cfg, "train"), prepare_data(lm, cfg, "heldout")
-    spec = cfg.spec(lm.module)
-    vocab_map = draft_vocab(lm, train, spec.vocab_size) if spec.vocab_size else None
-    draft = new_feature_draft(lm.module, spec, vocab_map=vocab_map, seed=cfg.seed)
+    draft, spec = initial_draft(lm, cfg, train)
     log = fit(draft, spec, train, cfg, work_dir_of(cfg, KIND), max_steps=max_steps)
     metrics = {"heldout": evaluate(draft, heldout), "train_rows": int(len(train.tokens)),
                "train_positions": int(train.mask.sum()), "steps": len(log),
