@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from specdec.engine import Commit, Proposal, View, draft_length, no_proposal, whole_number
-from specdec.sampling import Sampling
+from specdec.sampling import Sampling, argmax
 from specdec.tree import Tree
 from specdec.union import union_tree
 
@@ -51,7 +51,7 @@ def lookup(history: jax.Array, lengths: jax.Array, *, k: int, max_ngram: int, mi
     firsts = padded[:, :h]
     conts, ns = [], []
     for _ in range(width):
-        at = jnp.argmax(score, axis=1)
+        at = argmax(score)
         n = jnp.where(jnp.max(score, axis=1) >= 0, jnp.take_along_axis(matched, at[:, None], axis=1)[:, 0], 0)
         tokens = jnp.take_along_axis(padded, at[:, None] + jnp.arange(k)[None, :], axis=1)
         conts.append(jnp.where(n[:, None] > 0, tokens, 0))
