@@ -14,7 +14,10 @@ draft the committed tokens, so a by-load schedule can switch it back on.
 
 ``width > 1`` adds, at every depth, the ``width - 1`` next most likely draft
 tokens as leaf siblings of the chain's token: the target may accept one of them
-when it rejects the chain there.
+when it rejects the chain there. ``branches > 1`` drafts a chain below each of
+the root's ``branches`` likeliest children (the tree :func:`draft_tree`); its
+cache then keeps only the first chain's guesses, so ``refeed`` must reach back
+``k`` tokens (:func:`draft_proposer` sets it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from flax import nnx
 
 from specdec.cache import KVCache, init_cache
 from specdec.config import LlamaConfig
-from specdec.engine import Commit, Proposal, View, draft_length, draft_width, no_proposal
+from specdec.engine import Commit, Proposal, View, draft_branches, draft_length, draft_width, no_proposal
 from specdec.model import forward
 from specdec.sampling import Sampling, position_key
 from specdec.tree import Tree
@@ -56,45 +59,66 @@ def pick_draft(logits: jax.Array, seeds: jax.Array, position: jax.Array, samplin
     return token, siblings, jnp.exp(logq)
 
 
-def chain_with_siblings(k: int, width: int) -> Tree:
-    """Root, then ``k`` depths of ``width`` nodes: the first continues the chain, the rest are leaves."""
-    if width < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
-    parents = [-1]
-    for d in range(1, k + 1):
-        spine_above = 0 if d == 1 else 1 + (d - 2) * width
-        parents += [spine_above] * width
+def draft_tree(k: int, width: int, branches: int = 1) -> Tree:
+    """Root; its ``max(width, branches)`` likeliest children; below each of the first ``branches`` of
+    them, ``k - 1`` more depths of ``width`` nodes: the first continues that chain, the rest are leaves."""
+    if width < 1 or branches < 1:
+        raise ValueError(f"width and branches must be >= 1, got width={width}, branches={branches}")
+    if k == 0:
+        return Tree.chain(0)
+    parents = [-1] + [0] * max(width, branches)
+    for spine in range(1, branches + 1):
+        for _ in range(k - 1):
+            parents += [spine] * width
+            spine = len(parents) - width
     return Tree(tuple(parents))
 
 
 def draft_chain(step, state, logits: jax.Array, view: View, k: int, width: int, sampling: Sampling,
-                rule: str) -> tuple[Any, Proposal]:
-    """Draft ``k`` tokens one by one, each with ``width - 1`` leaf siblings (tree
-    :func:`chain_with_siblings`), from ``logits: [B, V]`` for the token after the root.
+                rule: str, branches: int = 1) -> tuple[Any, Proposal]:
+    """Draft the tree :func:`draft_tree` from ``logits: [B, V]`` for the token after the root: the
+    ``branches`` likeliest first tokens each start a chain of ``k`` tokens drafted one by one, each
+    token with ``width - 1`` leaf siblings.
 
-    ``step(state, token [B], position [B]) -> (state, logits [B, V])`` feeds a draft token at its
-    position and returns the draft's logits for the next one. Returns the last state and the proposal.
+    ``step(state, token [B'], position [B']) -> (state, logits [B', V])`` feeds a draft token at its
+    position and returns the draft's logits for the next one; every leaf of ``state`` is indexed by row
+    first, and with ``branches > 1`` the chains run as ``B * branches`` rows (row ``b * branches + j``:
+    row b's chain j). Returns the first chain's last state (``B`` rows) and the proposal.
     """
-    length = view.lengths
+    length, seeds, rows = view.lengths, view.seeds, view.lengths.shape[0]
+    first, others, q1 = pick_draft(logits, seeds, length + 1, sampling, rule, max(width, branches))
+    tops = jnp.concatenate([first[:, None], others], axis=1)  # [B, max(width, branches)]: depth 1, best first
+    picks = [(tops, q1[:, None])]  # node groups [B, G * m], each a chain token then m - 1 others; q [B, G, V]
+    if k > 1:
+        def spread(x):  # row b -> rows b * branches .. b * branches + branches - 1
+            return jnp.repeat(x, branches, axis=0) if branches > 1 else x
 
-    def body(carry, depth):
-        state, logits = carry
-        token, siblings, q = pick_draft(logits, view.seeds, length + depth, sampling, rule, width)
-        return step(state, token, length + depth), (token, siblings, q)
+        length, seeds = spread(length), spread(seeds)
 
-    (state, logits), (tokens, siblings, qs) = jax.lax.scan(body, (state, logits), jnp.arange(1, k))
-    last = pick_draft(logits, view.seeds, length + k, sampling, rule, width)
-    tokens = jnp.concatenate([tokens, last[0][None]], axis=0).T  # [B, k]
-    siblings = jnp.concatenate([siblings, last[1][None]], axis=0).transpose(1, 0, 2)  # [B, k, w-1]
-    nodes = jnp.concatenate([tokens[:, :, None], siblings], axis=2).reshape(tokens.shape[0], -1)
-    qs = jnp.concatenate([qs, last[2][None]], axis=0).transpose(1, 0, 2)  # [B, k, V]
-    confidence = jnp.take_along_axis(qs, nodes.reshape(qs.shape[0], k, width), axis=2)  # the draft's q
+        def body(carry, depth):
+            state, logits = carry
+            token, siblings, q = pick_draft(logits, seeds, length + depth, sampling, rule, width)
+            return step(state, token, length + depth), (token, siblings, q)
+
+        carry = step(jax.tree.map(spread, state), tops[:, :branches].reshape(-1), length + 1)
+        (state, logits), (tokens, siblings, qs) = jax.lax.scan(body, carry, jnp.arange(2, k))
+        last = pick_draft(logits, seeds, length + k, sampling, rule, width)
+        tokens = jnp.concatenate([tokens, last[0][None]], axis=0).T  # [B', k - 1]
+        siblings = jnp.concatenate([siblings, last[1][None]], axis=0).transpose(1, 0, 2)  # [B', k - 1, w - 1]
+        qs = jnp.concatenate([qs, last[2][None]], axis=0).transpose(1, 0, 2)  # [B', k - 1, V]
+        chains = jnp.concatenate([tokens[:, :, None], siblings], axis=2)  # [B', k - 1, w]
+        picks.append((chains.reshape(rows, -1), qs.reshape(rows, branches * (k - 1), -1)))
+        state = jax.tree.map(lambda x: x[::branches], state)
+    nodes = jnp.concatenate([n for n, _ in picks], axis=1)  # [B, N - 1] in draft_tree's order
+    groups = [(n.reshape(q.shape[0], q.shape[1], -1), q) for n, q in picks]  # [B, G, m], [B, G, V]
+    confidence = jnp.concatenate([jnp.take_along_axis(q, n, axis=2).reshape(rows, -1) for n, q in groups],
+                                 axis=1)  # the draft's q of each node
     probs = None
-    if rule == "rejection" and not sampling.greedy:
-        point = jax.nn.one_hot(siblings, qs.shape[-1], dtype=qs.dtype)  # siblings: point masses
-        per_node = jnp.concatenate([qs[:, :, None], point], axis=2).reshape(tokens.shape[0], -1, qs.shape[-1])
-        probs = jnp.concatenate([jnp.zeros_like(per_node[:, :1]), per_node], axis=1)  # node 0: unused
-    return state, Proposal(tokens=nodes, draft_probs=probs, confidence=confidence.reshape(nodes.shape))
+    if rule == "rejection" and not sampling.greedy:  # a group's chain token: its q; the others: point masses
+        per_node = [jnp.concatenate([q[:, :, None], jax.nn.one_hot(n[:, :, 1:], q.shape[-1], dtype=q.dtype)],
+                                    axis=2).reshape(rows, -1, q.shape[-1]) for n, q in groups]
+        probs = jnp.concatenate([jnp.zeros_like(per_node[0][:, :1])] + per_node, axis=1)  # node 0: unused
+    return state, Proposal(tokens=nodes, draft_probs=probs, confidence=confidence)
 
 
 @dataclass(frozen=True)
@@ -105,10 +129,11 @@ class DraftModelProposer:
     k: int
     width: int = 1
     refeed: int = 1  # committed tokens before the root re-written each step (see the module docstring)
+    branches: int = 1
 
     @property
     def tree(self) -> Tree:
-        return chain_with_siblings(self.k, self.width)
+        return draft_tree(self.k, self.width, self.branches)
 
     def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, slots: int, hidden=None) -> KVCache:
         model = nnx.merge(self.graphdef, params)
@@ -134,19 +159,22 @@ class DraftModelProposer:
 
         def step(cache, token, position):
             out = forward(model, cache, tokens=token[:, None], positions=position[:, None])
-            return out.cache.advance(jnp.ones_like(length)), out.logits[:, 0]
+            return out.cache.advance(jnp.ones_like(position)), out.logits[:, 0]
 
-        return draft_chain(step, cache, res.logits[:, 0], view, self.k, self.width, sampling, rule)
+        return draft_chain(step, cache, res.logits[:, 0], view, self.k, self.width, sampling, rule, self.branches)
 
     def commit(self, params, cache: KVCache, commit: Commit) -> KVCache:
         return cache.with_lengths(commit.lengths - 1)
 
 
 def draft_proposer(target: LlamaConfig, draft_config: LlamaConfig, graphdef: nnx.GraphDef, *, k: int,
-                   width: int = 1) -> DraftModelProposer:
-    """Check that the draft fits the target and build its proposer."""
+                   width: int = 1, branches: int = 1) -> DraftModelProposer:
+    """Check that the draft fits the target and build its proposer (``branches`` chains, see
+    :func:`draft_tree`)."""
     if draft_config.vocab_size != target.vocab_size:
         raise ValueError(f"draft/target vocabulary mismatch: the draft has {draft_config.vocab_size} tokens, "
                          f"the target {target.vocab_size}; the draft must use the target's tokenizer")
     k = draft_length(k)
-    return DraftModelProposer(graphdef=graphdef, k=k, width=draft_width(width, target.vocab_size))
+    branches = draft_branches(branches, target.vocab_size)
+    return DraftModelProposer(graphdef=graphdef, k=k, width=draft_width(width, target.vocab_size),
+                              refeed=max(k, 1) if branches > 1 else 1, branches=branches)

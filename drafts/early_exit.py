@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from drafts.draft_model import chain_with_siblings, pick_draft
+from drafts.draft_model import draft_tree, pick_draft
 from specdec.config import LlamaConfig
 from specdec.engine import Commit, Proposal, View, draft_length, whole_number
 from specdec.model import forward
@@ -36,7 +36,7 @@ class EarlyExitProposer:
 
     @property
     def tree(self) -> Tree:
-        return chain_with_siblings(self.k, 1)
+        return draft_tree(self.k, 1)
 
     @property
     def verify_from(self) -> int:

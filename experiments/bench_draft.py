@@ -55,6 +55,11 @@ def lookup_label(tokens: int, chains: int) -> str:
     return (f" + lookup {tokens}" if tokens else "") + (f"x{chains}" if tokens and chains > 1 else "")
 
 
+def shape_label(width: int, branches: int) -> str:
+    """Row-name suffix for a draft tree's width and branches ("" for a chain)."""
+    return (f" width {width}" if width > 1 else "") + (f" branches {branches}" if branches > 1 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--humaneval", type=int, default=8)
@@ -64,6 +69,8 @@ def main() -> None:
     parser.add_argument("--draft", nargs="+", default=[None],
                         help="saved draft directories (default: the bundled one); several: rows for each")
     parser.add_argument("--draft-width", type=int, default=1, help="draft model: candidates per depth")
+    parser.add_argument("--draft-branches", type=int, default=1,
+                        help="draft model: chains below the root's likeliest children (draft_branches=)")
     parser.add_argument("--draft-lookup", type=int, nargs="+", default=[0],
                         help="draft model: prompt-lookup tokens proposed beside its tree (lookup=), rows for each")
     parser.add_argument("--draft-lookup-width", type=int, default=1,
@@ -71,6 +78,9 @@ def main() -> None:
     parser.add_argument("--eagle-ks", type=int, nargs="*", default=[1, 2, 4],
                         help="k of the feature-draft rows (none: no such rows)")
     parser.add_argument("--eagle-width", type=int, default=1, help="feature draft: candidates per depth")
+    parser.add_argument("--eagle-branches", type=int, nargs="+", default=[1],
+                        help="feature draft: chains below the root's likeliest children (draft_branches=); "
+                        "rows for each")
     parser.add_argument("--eagle-lookup", type=int, default=0,
                         help="feature draft: prompt-lookup tokens proposed beside its tree (lookup=)")
     parser.add_argument("--eagle-lookup-width", type=int, default=1,
@@ -86,18 +96,18 @@ def main() -> None:
     feature_dirs = [feature_draft_dir(model, path) for path in args.feature_draft] if args.eagle_ks else []
     named, fd_named = labelled(parser, "--draft", list(drafts)), labelled(parser, "--feature-draft", feature_dirs)
     methods = {"autoregressive": {},
-               **{f"draft k={k}" + (f" width {args.draft_width}" if args.draft_width > 1 else "")
+               **{f"draft k={k}" + shape_label(args.draft_width, args.draft_branches)
                   + lookup_label(lookup, args.draft_lookup_width)
                   + (f" [{where.name}]" if named else ""): dict(
-                   method="draft", draft=draft, k=k, draft_width=args.draft_width, lookup=lookup,
-                   lookup_width=args.draft_lookup_width)
+                   method="draft", draft=draft, k=k, draft_width=args.draft_width, draft_branches=args.draft_branches,
+                   lookup=lookup, lookup_width=args.draft_lookup_width)
                   for where, draft in drafts.items() for lookup in args.draft_lookup for k in args.ks},
-               **{f"eagle k={k}" + (f" width {args.eagle_width}" if args.eagle_width > 1 else "")
+               **{f"eagle k={k}" + shape_label(args.eagle_width, branches)
                   + lookup_label(args.eagle_lookup, args.eagle_lookup_width)
                   + (f" [{where.name}]" if fd_named else ""): dict(
                    method="eagle", feature_draft=str(where), k=k, draft_width=args.eagle_width,
-                   lookup=args.eagle_lookup, lookup_width=args.eagle_lookup_width)
-                  for where in feature_dirs for k in args.eagle_ks},
+                   draft_branches=branches, lookup=args.eagle_lookup, lookup_width=args.eagle_lookup_width)
+                  for where in feature_dirs for branches in args.eagle_branches for k in args.eagle_ks},
                "prompt_lookup k=4": dict(method="prompt_lookup", k=4), "medusa": dict(method="medusa")}
     tok = model.tokenizer
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
@@ -109,7 +119,8 @@ def main() -> None:
         # chain tokens proposed per forward (Medusa, or a lookup branch beside the chain: no rate)
         k = None if options.get("lookup") else options.get("k")
         rate = (summary["accepted_per_forward"] - 1) / k if k else None
-        kept = {o: v for o, v in options.items() if o in ("method", "k", "draft_width", "lookup", "lookup_width")}
+        kept = {o: v for o, v in options.items()
+                if o in ("method", "k", "draft_width", "draft_branches", "lookup", "lookup_width")}
         rows.append({"method": name, "options": kept,
                      "acceptance_rate": rate, **summary,
                      "rows_identical": f"{summary['rows_identical']}/{len(ids)}"})

@@ -12,8 +12,9 @@ written from guesses are overwritten and nothing the target rejected is read.
 No extra target forward is run.
 
 ``k = 0`` turns speculation off while still entering the features, so a by-load
-schedule can switch it back on. ``width > 1`` adds leaf siblings at every depth
-(see :func:`drafts.draft_model.chain_with_siblings`).
+schedule can switch it back on. ``width > 1`` adds leaf siblings at every depth,
+``branches > 1`` a chain below each of the root's likeliest children, drafted as
+extra rows over a copy of the draft's cache (see :func:`drafts.draft_model.draft_tree`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from drafts.draft_model import chain_with_siblings, draft_chain
+from drafts.draft_model import draft_chain, draft_tree
 from specdec.cache import KVCache, init_cache
-from specdec.engine import Commit, View, draft_length, draft_width, no_proposal
+from specdec.engine import Commit, View, draft_branches, draft_length, draft_width, no_proposal
 from specdec.sampling import Sampling
 from specdec.tree import Tree
 
@@ -48,10 +49,11 @@ class FeatureDraftProposer:
     k: int
     width: int = 1
     span: int = 0
+    branches: int = 1
 
     @property
     def tree(self) -> Tree:
-        return chain_with_siblings(self.k, self.width)
+        return draft_tree(self.k, self.width, self.branches)
 
     def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, slots: int,
                 hidden: jax.Array) -> FeatureState:
@@ -77,10 +79,10 @@ class FeatureDraftProposer:
         def step(carry, token, position):  # enter (guessed feature, drafted token) at the entry before it
             cache, guess = carry
             out = draft.run(cache, guess[:, None], token[:, None], (position - 1)[:, None])
-            return (out.cache.advance(jnp.ones_like(length)), out.hidden[:, 0]), out.logits[:, 0]
+            return (out.cache.advance(jnp.ones_like(position)), out.hidden[:, 0]), out.logits[:, 0]
 
         _, prop = draft_chain(step, (cache, res.hidden[:, 0]), res.logits[:, 0], view, self.k, self.width,
-                              sampling, rule)
+                              sampling, rule, self.branches)
         return FeatureState(cache, state.pending), prop
 
     def commit(self, params, state: FeatureState, commit: Commit) -> FeatureState:
@@ -90,8 +92,10 @@ class FeatureDraftProposer:
         return state._replace(pending=jnp.where(commit.active[:, None, None], pending, state.pending))
 
 
-def feature_draft_proposer(target, draft, *, k, width: int = 1, span: int | None = None) -> FeatureDraftProposer:
-    """Check that the feature draft fits ``target`` (a ``LoadedModel``) and build its proposer."""
+def feature_draft_proposer(target, draft, *, k, width: int = 1, span: int | None = None,
+                           branches: int = 1) -> FeatureDraftProposer:
+    """Check that the feature draft fits ``target`` (a ``LoadedModel``) and build its proposer
+    (``branches`` chains, see :func:`drafts.draft_model.draft_tree`)."""
     k = draft_length(k)
     if draft.config.d_model != target.config.d_model or draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"this feature draft reads features of width {draft.config.d_model} over "
@@ -101,4 +105,5 @@ def feature_draft_proposer(target, draft, *, k, width: int = 1, span: int | None
     span = k + 1 if span is None else span
     if span < k + 1:
         raise ValueError(f"span must be >= k + 1 = {k + 1}, got {span}")
-    return FeatureDraftProposer(graphdef=nnx.split(draft)[0], k=k, width=width, span=span)
+    return FeatureDraftProposer(graphdef=nnx.split(draft)[0], k=k, width=width, span=span,
+                                branches=draft_branches(branches, target.config.vocab_size))

@@ -12,6 +12,9 @@ from pathlib import Path
 from specdec.loading import load_once
 from specdec.methods import METHOD_OPTIONS, METHODS
 
+BRANCHES_HELP = ("--method draft or eagle: a chain of k below each of the root's this many likeliest children "
+                 "(default 1)")
+
 
 def _method_options(args) -> dict:
     """The speculative options given on the command line (absent ones left to the method's defaults),
@@ -58,6 +61,7 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
     parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft or eagle; "
                         "chains copied from distinct matches for --method prompt_lookup (default 1)")
+    parser.add_argument("--draft-branches", type=int, help=BRANCHES_HELP)
     parser.add_argument("--feature-draft", help="feature draft directory for --method eagle (default: the bundled one)")
     parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
     parser.add_argument("--tree", type=_by_load(str), help="Medusa tree: a built-in name (chain-0..4, "
@@ -291,8 +295,8 @@ def _tune(args) -> int:
 
     prompts = _read_prompts(args)
     model = load_once(args.model)
-    fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "feature_draft", "heads", "lookup",
-                                                    "lookup_width", "max_ngram", "min_ngram")
+    fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "draft_branches", "feature_draft",
+                                                    "heads", "lookup", "lookup_width", "max_ngram", "min_ngram")
              if getattr(args, name) is not None and name in METHOD_OPTIONS[args.method]}
     choices = args.choices and [int(c) if MAIN_OPTION[args.method] == "k" else c for c in args.choices]
     tuned = tune(model, args.method, encode_prompts(model, prompts, True, None), rows=args.rows, choices=choices,
@@ -425,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--feature-draft", help="feature draft for --method eagle (default: the bundled one)")
     tu.add_argument("--draft-width", type=int, help="candidates per depth for --method draft or eagle; chains "
                     "copied from distinct matches for --method prompt_lookup (default 1)")
+    tu.add_argument("--draft-branches", type=int, help=BRANCHES_HELP)
     tu.add_argument("--heads", help="Medusa heads directory (default: the bundled heads)")
     tu.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     tu.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")

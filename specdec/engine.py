@@ -74,6 +74,12 @@ def draft_width(width, vocab_size: int) -> int:
     return whole_number(width, "draft_width (candidates per depth)", 1, vocab_size)
 
 
+def draft_branches(branches, vocab_size: int) -> int:
+    """``branches`` (chains below the root's likeliest children) as an int, or a clear error unless it
+    is in [1, vocab_size]."""
+    return whole_number(branches, "draft_branches (chains below the root's likeliest children)", 1, vocab_size)
+
+
 class View(NamedTuple):
     """What a proposer may read at the start of a step."""
 

@@ -12,10 +12,12 @@ import numpy as np
 
 METHOD_OPTIONS = {
     "autoregressive": ("block_width",),
-    "draft": ("draft", "k", "draft_width", "lookup", "lookup_width", "budget", "verification", "profile"),
+    "draft": ("draft", "k", "draft_width", "draft_branches", "lookup", "lookup_width", "budget", "verification",
+              "profile"),
     "prompt_lookup": ("k", "max_ngram", "min_ngram", "draft_width", "budget", "verification", "profile"),
     "medusa": ("heads", "tree", "head_vocab", "lookup", "lookup_width", "budget", "verification", "profile"),
-    "eagle": ("feature_draft", "k", "draft_width", "lookup", "lookup_width", "budget", "verification", "profile"),
+    "eagle": ("feature_draft", "k", "draft_width", "draft_branches", "lookup", "lookup_width", "budget", "verification",
+              "profile"),
     "early_exit": ("exit_layer", "k", "verification", "profile"),
     "skipdecode": ("target_speedup", "warmup_layers", "min_active", "max_active", "weights"),
     "superposed": ("num_drafts", "ngrams", "alpha", "tau", "n_token_sample", "ngram_weights", "reset_every"),
@@ -72,10 +74,15 @@ def _draft(target, options: dict) -> tuple[Any, Any]:
         draft = draft_for(target, draft)[0]  # the bundled draft, or one saved by `specdec train-draft`
     elif not isinstance(draft, LoadedModel):
         draft = load(draft, dtype=target.config.dtype)
-    width, (lookup, lookup_width) = _opt(options, "draft_width", 1), _lookup(options)
+    shape, (lookup, lookup_width) = _tree_shape(options), _lookup(options)
     return _by_load(_opt(options, "k", 4), lambda k: with_lookup(
-        draft_proposer(target.config, draft.config, draft.graphdef, k=k, width=width), draft.state, lookup,
+        draft_proposer(target.config, draft.config, draft.graphdef, k=k, **shape), draft.state, lookup,
         width=lookup_width), options.get("budget"))
+
+
+def _tree_shape(options: dict) -> dict:
+    """A draft tree's ``width`` and ``branches`` (options ``draft_width``, ``draft_branches``)."""
+    return dict(width=_opt(options, "draft_width", 1), branches=_opt(options, "draft_branches", 1))
 
 
 def _prompt_lookup(target, options: dict) -> tuple[Any, Any]:
@@ -129,9 +136,9 @@ def _eagle(target, options: dict) -> tuple[Any, Any]:
     draft = options.get("feature_draft")
     if not isinstance(draft, FeatureDraft):
         draft = feature_draft_for(target, draft)  # the bundled one, or one saved by `specdec train-feature-draft`
-    k, width, (lookup, lookup_width) = _opt(options, "k", 4), _opt(options, "draft_width", 1), _lookup(options)
+    k, shape, (lookup, lookup_width) = _opt(options, "k", 4), _tree_shape(options), _lookup(options)
     span = max(*_schedule(k).values(), lookup) + 1  # one state layout for every tree of a by-load schedule
-    return _by_load(k, lambda k: with_lookup(feature_draft_proposer(target, draft, k=k, width=width, span=span),
+    return _by_load(k, lambda k: with_lookup(feature_draft_proposer(target, draft, k=k, span=span, **shape),
                                              nnx.state(draft), lookup, width=lookup_width), options.get("budget"))
 
 

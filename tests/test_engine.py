@@ -29,17 +29,19 @@ def small_draft():
     return LoadedModel.from_module(init_model(tiny_config(n_layers=1), seed=7), name="tiny-draft")
 
 
-def _method(kind: str, k: int, width: int, tiny_lm, small_draft) -> dict:
+def _method(kind: str, k: int, width: int, tiny_lm, small_draft, branches: int = 1) -> dict:
     if kind == "prompt_lookup":
         return dict(method="prompt_lookup", k=k)
-    return dict(method="draft", draft=tiny_lm if kind == "self" else small_draft, k=k, draft_width=width)
+    return dict(method="draft", draft=tiny_lm if kind == "self" else small_draft, k=k, draft_width=width,
+                draft_branches=branches)
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["self", "draft", "prompt_lookup"]), k=st.integers(1, 5), width=st.integers(1, 3),
-       lens=st.lists(st.integers(1, 40), min_size=1, max_size=8), temperature=st.sampled_from([0.0, 0.9]),
-       data=st.data())
-def test_speculative_rows_equal_autoregressive(tiny_lm, small_draft, kind, k, width, lens, temperature, data):
+       branches=st.integers(1, 3), lens=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+       temperature=st.sampled_from([0.0, 0.9]), data=st.data())
+def test_speculative_rows_equal_autoregressive(tiny_lm, small_draft, kind, k, width, branches, lens, temperature,
+                                               data):
     """Greedy, and coupled sampling with per-row seeds: every row token-identical to autoregressive."""
     rng = np.random.default_rng(sum(lens) + k)
     prompts = [rng.integers(0, 97, n).tolist() for n in lens]
@@ -47,7 +49,7 @@ def test_speculative_rows_equal_autoregressive(tiny_lm, small_draft, kind, k, wi
     seeds = list(range(3, 3 + len(lens)))
     opts = dict(max_new_tokens=max_new, temperature=temperature, top_k=20 if temperature else 0, seed=seeds,
                 stop_tokens=[11])
-    report = check(tiny_lm, prompts, **_method(kind, k, width, tiny_lm, small_draft), **opts)
+    report = check(tiny_lm, prompts, **_method(kind, k, width, tiny_lm, small_draft, branches), **opts)
     assert report.counts["identical"] == len(prompts), report.table()
 
 

@@ -180,9 +180,9 @@ def test_every_proposal_is_the_draft_run_over_the_committed_features(tiny, tiny_
 def test_greedy_output_with_the_trained_draft_is_autoregressive(tiny_lm, trained):
     prompts = [[5, 17, 3], [40, 2, 77, 1], [9]]
     alone = specdec.generate(tiny_lm, prompts, max_new_tokens=[30, 12, 25], ignore_eos=True)
-    for k, width in ((4, 1), (2, 3)):
+    for k, width, branches in ((4, 1, 1), (2, 3, 1), (3, 1, 3)):
         out = specdec.generate(tiny_lm, prompts, max_new_tokens=[30, 12, 25], ignore_eos=True, method="eagle",
-                               feature_draft=trained[0], k=k, draft_width=width)
+                               feature_draft=trained[0], k=k, draft_width=width, draft_branches=branches)
         assert [g.tokens for g in out] == [g.tokens for g in alone]
         assert out[0].stats.target_forwards < 30  # it accepts drafts
 

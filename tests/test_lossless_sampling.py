@@ -87,11 +87,13 @@ def _method(kind: str, target, draft) -> dict:
         nnx.update(heads, jax.tree.map(lambda x: x + 0.7 * jax.random.normal(jax.random.key(1), x.shape),
                                        nnx.state(heads, nnx.Param)))
         return dict(method="medusa", heads=heads, tree=[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
-    if kind == "eagle-lookup":  # drawn feature-draft chain beside deterministic prompt-lookup tokens
+    if kind.startswith("eagle"):
         from heads.feature_draft import default_spec, new_feature_draft
 
         feature = new_feature_draft(target.module, default_spec(target.module, None), seed=3)
-        return dict(method="eagle", feature_draft=feature, k=2, lookup=2, lookup_width=2)
+        if kind == "eagle-lookup":  # drawn feature-draft chain beside deterministic prompt-lookup tokens
+            return dict(method="eagle", feature_draft=feature, k=2, lookup=2, lookup_width=2)
+        return dict(method="eagle", feature_draft=feature, k=3, draft_branches=3)  # chains below runner-up tokens
     if kind == "draft-lookup":  # a drawn draft-model chain beside prompt lookup (the draft re-feeds their path)
         return dict(method="draft", draft=draft, k=2, lookup=2)
     if kind == "early-exit":  # the target's first layer drafts; verification reuses its K/V
@@ -99,7 +101,8 @@ def _method(kind: str, target, draft) -> dict:
     return dict(method="draft", draft=draft, k=2, draft_width={"chain": 1, "tree": 3}[kind])
 
 
-@pytest.mark.parametrize("kind", ["chain", "tree", "medusa-tree", "eagle-lookup", "draft-lookup", "early-exit"])
+@pytest.mark.parametrize("kind", ["chain", "tree", "medusa-tree", "eagle-lookup", "eagle-branches", "draft-lookup",
+                                  "early-exit"])
 def test_rejection_sampling_matches_target_distribution(pair, kind):
     target, draft = pair
     p = chi_square_p(sample_counts(target, **_method(kind, target, draft)), exact_distribution(target), SAMPLES)
