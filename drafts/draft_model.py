@@ -168,13 +168,14 @@ class DraftModelProposer:
 
 
 def draft_proposer(target: LlamaConfig, draft_config: LlamaConfig, graphdef: nnx.GraphDef, *, k: int,
-                   width: int = 1, branches: int = 1) -> DraftModelProposer:
+                   width: int = 1, branches: int = 1, deepest: int | None = None) -> DraftModelProposer:
     """Check that the draft fits the target and build its proposer (``branches`` chains, see
-    :func:`draft_tree`)."""
+    :func:`draft_tree`); ``deepest``: the largest k of a by-load schedule sharing its cache (default k),
+    which a branched draft's refeed must reach."""
     if draft_config.vocab_size != target.vocab_size:
         raise ValueError(f"draft/target vocabulary mismatch: the draft has {draft_config.vocab_size} tokens, "
                          f"the target {target.vocab_size}; the draft must use the target's tokenizer")
     k = draft_length(k)
     branches = draft_branches(branches, target.vocab_size)
     return DraftModelProposer(graphdef=graphdef, k=k, width=draft_width(width, target.vocab_size),
-                              refeed=max(k, 1) if branches > 1 else 1, branches=branches)
+                              refeed=max(k, deepest or 0, 1) if branches > 1 else 1, branches=branches)

@@ -42,7 +42,8 @@ SETTINGS = {"autoregressive": None, "prompt_lookup k=1": ("prompt_lookup", dict(
             "eagle k=1 budget=2": ("eagle", dict(k=1, budget=2)), "eagle k=1 budget=4": ("eagle", dict(k=1, budget=4)),
             "eagle k=1 budget=6": ("eagle", dict(k=1, budget=6)), "eagle k=2 budget=4": ("eagle", dict(k=2, budget=4)),
             "eagle k=2 budget=8": ("eagle", dict(k=2, budget=8)),
-            "eagle k=1 width 2": ("eagle", dict(k=1, draft_width=2)), "eagle k=1 width 3": ("eagle", dict(k=1, draft_width=3)),
+            "eagle k=1 width 2": ("eagle", dict(k=1, draft_width=2)),
+            "eagle k=1 width 3": ("eagle", dict(k=1, draft_width=3)),
             "eagle k=2 width 2": ("eagle", dict(k=2, draft_width=2)),
             "eagle k=2 branches 2": ("eagle", dict(k=2, draft_branches=2))}
 

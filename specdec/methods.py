@@ -74,9 +74,10 @@ def _draft(target, options: dict) -> tuple[Any, Any]:
         draft = draft_for(target, draft)[0]  # the bundled draft, or one saved by `specdec train-draft`
     elif not isinstance(draft, LoadedModel):
         draft = load(draft, dtype=target.config.dtype)
-    shape, (lookup, lookup_width) = _tree_shape(options), _lookup(options)
-    return _by_load(_opt(options, "k", 4), lambda k: with_lookup(
-        draft_proposer(target.config, draft.config, draft.graphdef, k=k, **shape), draft.state, lookup,
+    k, shape, (lookup, lookup_width) = _opt(options, "k", 4), _tree_shape(options), _lookup(options)
+    deepest = max(_schedule(k).values())  # every proposer of a by-load schedule shares the draft's cache
+    return _by_load(k, lambda k: with_lookup(
+        draft_proposer(target.config, draft.config, draft.graphdef, k=k, deepest=deepest, **shape), draft.state, lookup,
         width=lookup_width), options.get("budget"))
 
 

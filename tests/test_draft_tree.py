@@ -64,7 +64,7 @@ def test_chains_follow_the_roots_likeliest_children(k, width, branches):
             assert nodes[i] in ranked[:max(width, branches)]
 
 
-def test_branches_keep_output_identical_and_accept_more(tiny_lm):
+def test_target_as_its_own_branching_draft_accepts_every_first_chain(tiny_lm):
     """The target as its own draft: every branch-0 chain is accepted, whatever the other branches."""
     prompts = [[1, 2, 3], list(range(20, 45))]
     plain = specdec.generate(tiny_lm, prompts, max_new_tokens=[30, 17], ignore_eos=True)
