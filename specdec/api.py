@@ -280,7 +280,7 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         deepest accepted path wins, whichever branch it is in (see ``specdec.union``; default 0);
         lookup_width: that many prompt-lookup chains of ``lookup`` tokens (default 1);
         feature_draft (method "eagle"): a ``FeatureDraft`` or a directory saved by ``specdec
-        train-feature-draft`` (default: the one bundled for the model); it takes k and draft_width;
+        train-feature-draft`` (default: the one bundled for the model); it takes k, draft_width and draft_branches;
         heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for
         the model); tree: a built-in tree name, a JSON file or a list of paths (default: the
         searched tree saved with the heads, else "tree-16"); head_vocab: the heads project onto

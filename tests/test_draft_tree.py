@@ -41,13 +41,13 @@ def test_chains_follow_the_roots_likeliest_children(k, width, branches):
 
     view = View(history=None, lengths=jnp.asarray([5, 9]), last=None, seeds=jnp.asarray([1, 2], jnp.uint32),
                 cache=None, active=None)
-    state, prop = draft_chain(step, jnp.zeros(2, jnp.int32), jnp.asarray(first), view, k, width, Sampling(),
+    state, prop = draft_chain(step, jnp.asarray([1000, 2000]), jnp.asarray(first), view, k, width, Sampling(),
                               "exact", branches)
     tree = draft_tree(k, width, branches)
     tokens = np.asarray(prop.tokens)
     assert tokens.shape == prop.confidence.shape == (2, tree.size - 1)
     for row in range(2):
-        want, fed = _ranked(first[row])[:max(width, branches)], 0
+        want, fed = _ranked(first[row])[:max(width, branches)], 1000 * (row + 1)  # each row's own state
         for j in range(branches if k > 1 else 0):
             token = _ranked(first[row])[j]
             for depth in range(2, k + 1):
@@ -55,8 +55,7 @@ def test_chains_follow_the_roots_likeliest_children(k, width, branches):
                 want += _ranked(table[token])[:width]
                 token = want[-width]
         assert tokens[row].tolist() == want, (row, tokens[row], want)
-        if k > 1:
-            assert int(state[row]) == fed
+        assert int(state[row]) == fed  # k 1: untouched
         nodes = [0] + tokens[row].tolist()  # every non-root node's parent drafted it or a sibling of it
         for i in range(1, tree.size):
             parent = tree.parents[i]
