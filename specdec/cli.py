@@ -25,9 +25,9 @@ def _method_options(args) -> dict:
         from specdec.tune import read_schedule
 
         tuned = read_schedule(args.schedule, args.method)
-        if clash := sorted(set(tuned) & set(options)):
-            raise ValueError(f"--schedule {args.schedule} sets {', '.join(clash)}; drop "
-                             f"{', '.join('--' + c for c in clash)} or the schedule")
+        if clash := sorted(name for name in set(tuned) & set(options) if tuned[name] != options[name]):
+            raise ValueError(f"--schedule {args.schedule} sets {', '.join(f'{c}={tuned[c]}' for c in clash)}; "
+                             f"drop {', '.join('--' + c.replace('_', '-') for c in clash)} or the schedule")
         options.update(tuned)
     return options
 

@@ -19,7 +19,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -40,7 +40,8 @@ DEFAULT_BUDGETS = (1, 2, 4)
 
 class Tuned(NamedTuple):
     """``options``: the schedule as generate options (e.g. ``{"k": {1: 0, 2: 2, 8: 1}, "budget": {1:
-    None, 8: 2}}``); ``rows``: one dict per (running rows, setting) measured."""
+    None, 8: 2}}``, with the numeric options it was measured with, e.g. ``"draft_width": 3``);
+    ``rows``: one dict per (running rows, setting) measured."""
 
     method: str
     options: dict
@@ -93,11 +94,12 @@ def step_rates(model, ids: Sequence[Sequence[int]], settings: dict[str, tuple[st
     return out
 
 
-def candidates(method: str, rows: int, choices: Sequence | None = None,
-               budgets: Sequence[int] | None = None) -> dict[str, dict]:
+def candidates(method: str, rows: int, choices: Sequence | None = None, budgets: Sequence[int] | None = None,
+               drafted: Callable[[Any], int] | None = None) -> dict[str, dict]:
     """The settings :func:`tune` tries at ``rows`` running rows: each choice of the method's main
     option (k or tree), alone and with each budget that can drop a draft token there (below ``rows``
-    x the tree's draft tokens); speculation off ("k=0", "tree=chain-0") takes no budget."""
+    x the choice's draft tokens per row: ``drafted(choice)``, by default k or the Medusa tree's
+    nodes); speculation off ("k=0", "tree=chain-0") takes no budget."""
     from heads.trees import load_spec
 
     if method not in MAIN_OPTION:
@@ -112,10 +114,10 @@ def candidates(method: str, rows: int, choices: Sequence | None = None,
         raise ValueError(f"budgets must be integers >= 1, got {list(budgets)}")
     out = {}
     for choice in choices:
-        drafted = rows * (len(load_spec(choice)) if option == "tree" else int(choice))
+        per_row = drafted(choice) if drafted else len(load_spec(choice)) if option == "tree" else int(choice)
         out[f"{option}={choice}"] = {option: choice}
         for b in sorted(set(budgets)):
-            if b < drafted:
+            if b < rows * per_row:
                 out[f"{option}={choice} budget={b}"] = {option: choice, "budget": b}
     return out
 
@@ -144,7 +146,9 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
       choices, budgets: candidate k values (or trees) and budgets (default: ``DEFAULT_CHOICES``,
         ``DEFAULT_BUDGETS``).
       steps, chunks: as in :func:`step_rates`.
-      options: the method's other options, the same in every setting (e.g. ``{"draft": ...}``).
+      options: the method's other options, the same in every setting (e.g. ``{"draft": ...}``); the
+        numeric ones (``draft_width``, ``lookup``, ...) shape what a step verifies, so the schedule
+        keeps them.
       progress: called with a line of text after each row count (e.g. ``print``).
 
     Every setting compiles its programs once per row count (minutes on a real model), and JAX's
@@ -160,10 +164,14 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
     option = MAIN_OPTION.get(method)
     if option in fixed or "budget" in fixed:
         raise ValueError(f"options must not set {option!r} or 'budget': those are what tune picks")
+
+    def drafted(choice) -> int:  # draft tokens per row, as the proposer builds its tree (width, branches, lookup)
+        return build_proposer(method, model, {**fixed, option: choice})[0].tree.size - 1
+
     table, best = [], {}
     for r in rows:
-        settings = {"autoregressive": None} | {name: (method, {**fixed, **o})
-                                               for name, o in candidates(method, r, choices, budgets).items()}
+        settings = {"autoregressive": None} | {
+            name: (method, {**fixed, **o}) for name, o in candidates(method, r, choices, budgets, drafted).items()}
         groups = [ids[i:i + r] for i in range(0, len(ids) // r * r, r)]
         measured = [step_rates(model, group, settings, steps=steps, chunks=chunks,
                                longest_prompt=max(len(i) for i in ids)) for group in groups]
@@ -184,7 +192,9 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
         fastest["chosen"] = True
         best[r] = settings[fastest["setting"]][1]
         jax.clear_caches()  # this row count's programs are done; hundreds at once exhaust a CPU process's maps
-    schedule = {option: _collapse({r: o[option] for r, o in best.items()})}
+    # the measured setting's numeric options (draft_width, lookup, ...) go with it; models and paths do not
+    schedule = {name: v for name, v in fixed.items() if isinstance(v, int)}
+    schedule[option] = _collapse({r: o[option] for r, o in best.items()})
     budget = _collapse({r: o.get("budget") for r, o in best.items()})
     if budget is not None:
         schedule["budget"] = budget

@@ -3,13 +3,14 @@ real (tiny-model) tuning run whose schedule decodes exactly like autoregressive 
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 import specdec
 from specdec import tune as tune_module
-from specdec.cli import main as cli_main
+from specdec.cli import _method_options, main as cli_main
 from specdec.tune import candidates, read_schedule, save_schedule, tune
 
 
@@ -22,6 +23,12 @@ def test_candidates_offer_only_budgets_that_can_drop_a_draft_token():
     medusa = candidates("medusa", 2, ("chain-0", "chain-1", "tree-8"), (2, 8))
     assert list(medusa) == ["tree=chain-0", "tree=chain-1", "tree=tree-8", "tree=tree-8 budget=2",
                             "tree=tree-8 budget=8"]  # 2 rows x 8 nodes: budget 16 would drop nothing
+
+
+def test_candidates_count_the_tokens_each_choice_really_drafts():
+    assert candidates("draft", 2, (0, 2), (4, 8)) == {"k=0": {"k": 0}, "k=2": {"k": 2}}  # 2 rows x k 2: 4 tokens
+    wide = candidates("draft", 2, (0, 2), (4, 8), drafted=lambda k: 3 * k)  # e.g. draft_width 3: 12 tokens
+    assert list(wide) == ["k=0", "k=2", "k=2 budget=4", "k=2 budget=8"]
 
 
 def test_candidates_reject_bad_input():
@@ -53,6 +60,27 @@ def test_tune_keeps_the_fastest_setting_at_each_load(monkeypatch, tiny_lm):
     assert all(t["x_vs_autoregressive"] == (2.0 if t.get("chosen") else 1.0) for t in tuned.rows)
     monkeypatch.setattr(tune_module, "step_rates", _fake_rates({1: "k=2", 2: "k=2"}))
     assert tune(tiny_lm, "prompt_lookup", [[1]] * 2, rows=(1, 2), choices=(0, 2), budgets=(1,)).options == {"k": 2}
+
+
+def test_tune_keeps_the_numeric_options_it_measured_with(monkeypatch, tiny_lm):
+    """Candidates with two prompt-lookup chains draft 2k tokens a row (budgets below that are tried), and
+    the schedule carries draft_width: decoding it without would not be the setting measured."""
+    monkeypatch.setattr(tune_module, "step_rates", _fake_rates({1: "k=2 budget=2"}))
+    tuned = tune(tiny_lm, "prompt_lookup", [[1, 2]], rows=(1,), choices=(0, 2), budgets=(2,),
+                 options={"draft_width": 2, "max_ngram": 2})
+    assert [t["setting"] for t in tuned.rows] == ["autoregressive", "k=0", "k=2", "k=2 budget=2"]
+    assert tuned.options == {"draft_width": 2, "max_ngram": 2, "k": 2, "budget": 2}
+    monkeypatch.setattr(tune_module, "step_rates", _fake_rates({1: "k=2"}))
+    assert tune(tiny_lm, "prompt_lookup", [[1, 2]], rows=(1,), choices=(0, 2), budgets=(2,)).options == {"k": 2}
+
+
+def test_a_schedule_and_the_command_line_must_agree(tmp_path):
+    path = tmp_path / "wide.json"
+    path.write_text(json.dumps({"method": "eagle", "options": {"draft_width": 3, "k": {"1": 2, "8": 1}}}))
+    args = argparse.Namespace(schedule=str(path), method="eagle", draft_width=3, lookup=4)
+    assert _method_options(args) == {"draft_width": 3, "lookup": 4, "k": {1: 2, 8: 1}}
+    with pytest.raises(ValueError, match="sets draft_width=3; drop --draft-width or the schedule"):
+        _method_options(argparse.Namespace(schedule=str(path), method="eagle", draft_width=2))
 
 
 def test_tune_rejects_bad_input(tiny_lm):
@@ -98,6 +126,6 @@ def test_saved_schedules_fail_clearly(tmp_path, capsys):
         read_schedule(tmp_path / "draft.json", "prompt_lookup")
     assert cli_main(["generate", "--prompt", "x", "--method", "draft", "--k", "2",
                      "--schedule", str(tmp_path / "draft.json")]) == 2
-    assert "sets k; drop --k or the schedule" in capsys.readouterr().err
+    assert "sets k={1: 0, 2: 1}; drop --k or the schedule" in capsys.readouterr().err
     assert cli_main(["tune", "--prompts-file", str(tmp_path / "missing.txt")]) == 2  # before the model loads
     assert "missing.txt does not exist" in capsys.readouterr().err
