@@ -1,5 +1,5 @@
 """The draft model and the feature draft (EAGLE style) for SmolLM2-135M-Instruct by k, next to prompt
-lookup and Medusa, vs autoregressive.
+lookup and Medusa (the heads' default tree, and each ``--medusa-trees``), vs autoregressive.
 
 One process, one method at a time (never concurrently), batch 1, greedy, up to
 ``--new-tokens`` tokens per prompt (EOS ends a row), on HumanEval chat prompts and
@@ -87,6 +87,9 @@ def main() -> None:
                         help="feature draft: prompt-lookup chains beside its tree (lookup_width=)")
     parser.add_argument("--feature-draft", nargs="+", default=[None],
                         help="saved feature-draft directories (several: rows for each, named after it)")
+    parser.add_argument("--medusa-trees", nargs="*", default=[],
+                        help="Medusa rows with these trees (built-in names such as tree-64, or JSON files) beside "
+                             "the row with the heads' default tree")
     parser.add_argument("--results-name", default="bench_draft", help="results file name (under results/<device>/)")
     args = parser.parse_args()
     pyplot()  # fail now, not after the run, without matplotlib
@@ -108,7 +111,8 @@ def main() -> None:
                    method="eagle", feature_draft=str(where), k=k, draft_width=args.eagle_width,
                    draft_branches=branches, lookup=args.eagle_lookup, lookup_width=args.eagle_lookup_width)
                   for where in feature_dirs for branches in args.eagle_branches for k in args.eagle_ks},
-               "prompt_lookup k=4": dict(method="prompt_lookup", k=4), "medusa": dict(method="medusa")}
+               "prompt_lookup k=4": dict(method="prompt_lookup", k=4), "medusa": dict(method="medusa"),
+               **{f"medusa tree={tree}": dict(method="medusa", tree=tree) for tree in args.medusa_trees}}
     tok = model.tokenizer
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
     ids = [tok.encode(tok.chat(p)) for p in prompts]
@@ -120,7 +124,7 @@ def main() -> None:
         k = None if options.get("lookup") else options.get("k")
         rate = (summary["accepted_per_forward"] - 1) / k if k else None
         kept = {o: v for o, v in options.items()
-                if o in ("method", "k", "draft_width", "draft_branches", "lookup", "lookup_width")}
+                if o in ("method", "k", "tree", "draft_width", "draft_branches", "lookup", "lookup_width")}
         rows.append({"method": name, "options": kept,
                      "acceptance_rate": rate, **summary,
                      "rows_identical": f"{summary['rows_identical']}/{len(ids)}"})
