@@ -165,8 +165,13 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
     if option in fixed or "budget" in fixed:
         raise ValueError(f"options must not set {option!r} or 'budget': those are what tune picks")
 
+    per_row: dict[str, int] = {}
+
     def drafted(choice) -> int:  # draft tokens per row, as the proposer builds its tree (width, branches, lookup)
-        return build_proposer(method, model, {**fixed, option: choice})[0].tree.size - 1
+        key = json.dumps(choice)  # a k, a tree's name or its paths; built once, not once per row count
+        if key not in per_row:
+            per_row[key] = build_proposer(method, model, {**fixed, option: choice})[0].tree.size - 1
+        return per_row[key]
 
     table, best = [], {}
     for r in rows:
