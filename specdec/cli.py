@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--lookup", type=int, help="--method medusa, eagle or draft: prompt-lookup tokens beside the "
                     "tree")
     tu.add_argument("--lookup-width", type=int, help="--lookup chains copied from distinct matches (default 1)")
-    tu.add_argument("--out", help="save the schedule and every measurement as JSON")
+    tu.add_argument("--out", help="save the schedule (with the numeric options it was tuned with, e.g. "
+                    "--draft-width) and every measurement as JSON")
     tu.set_defaults(func=_tune)
     fetch = sub.add_parser("fetch", help="download and verify registry models and data sets")
     fetch.add_argument("--models", nargs="*", default=["smollm2-135m"])
