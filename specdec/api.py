@@ -264,7 +264,7 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         k: draft tokens per step (default 4); draft_width: candidates per depth (default 1, a chain);
         draft_branches (methods "draft", "eagle"): a chain of k below each of the root's this many
         likeliest children, drafted side by side (default 1; see ``drafts.draft_model.draft_tree``);
-        k (and Medusa's tree) may also be a dict by load, ``{running rows: value}`` with a key 1,
+        k, draft_width (and Medusa's tree) may also be a dict by load, ``{running rows: value}`` with a key 1,
         picked at each chunk's start: e.g. ``k={1: 4, 8: 2}`` verifies fewer candidates once 8 rows
         run, where a batched target forward is compute-bound (with slots=, or chunk_steps=);
         k=0 (Medusa: tree "chain-0") turns speculation off, e.g. ``k={1: 4, 8: 0}``;

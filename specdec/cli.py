@@ -59,8 +59,9 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--schedule", help="k (or Medusa tree) and budget by load from a file written by "
                         "`specdec tune --out FILE` (measured on this device)")
     parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
-    parser.add_argument("--draft-width", type=int, help="candidates per depth for --method draft or eagle; "
-                        "chains copied from distinct matches for --method prompt_lookup (default 1)")
+    parser.add_argument("--draft-width", type=_by_load(int), help="candidates per depth for --method draft or "
+                        "eagle; chains copied from distinct matches for --method prompt_lookup (default 1); "
+                        "ROWS:WIDTH,... picks it by running rows (e.g. 1:3,4:1)")
     parser.add_argument("--draft-branches", type=int, help=BRANCHES_HELP)
     parser.add_argument("--feature-draft", help="feature draft directory for --method eagle (default: the bundled one)")
     parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
@@ -300,7 +301,7 @@ def _tune(args) -> int:
              if getattr(args, name) is not None and name in METHOD_OPTIONS[args.method]}
     choices = args.choices and [int(c) if MAIN_OPTION[args.method] == "k" else c for c in args.choices]
     tuned = tune(model, args.method, encode_prompts(model, prompts, True, None), rows=args.rows, choices=choices,
-                 budgets=args.budgets, steps=args.steps, chunks=args.chunks, options=fixed,
+                 budgets=args.budgets, widths=args.widths, steps=args.steps, chunks=args.chunks, options=fixed,
                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     for row in tuned.rows:
         print(f"{row['rows']:>4} rows  {row['setting']:<28} {row['tokens_per_s']:8.1f} tokens/s  "
@@ -422,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--choices", nargs="+", help="k values (draft, prompt_lookup) or trees (medusa) to try "
                     "(default: 0 1 2 4, or chain-0 chain-1 chain-2 tree-8 tree-16)")
     tu.add_argument("--budgets", type=int, nargs="+", help="budgets tried beside no cap (default 1 2 4)")
+    tu.add_argument("--widths", type=int, nargs="+", help="draft widths (candidates per depth) to try with each k "
+                    "and pick by load too (--method draft, eagle, prompt_lookup; default: not tuned)")
     _add_prompt_args(tu, 4)
     tu.add_argument("--steps", type=int, default=8, help="steps per timed chunk")
     tu.add_argument("--chunks", type=int, default=6, help="chunks per setting (the first compiles, untimed)")

@@ -41,23 +41,24 @@ def _schedule(value) -> dict:
     return {int(r): v for r, v in value.items()}
 
 
-def _by_load(value, build: Callable, budget=None) -> tuple[Any, Any]:
-    """``build(value) -> (proposer, params)``, each proposer verifying at most ``budget`` draft tokens
-    per step across the batch (None: all). Where ``value`` or ``budget`` is a ``{running rows: value}``
-    mapping, a :class:`specdec.engine.ByLoad` with one proposer per row count either names (they share
-    the first one's params)."""
+def _by_load(build: Callable, budget=None, **scheduled) -> tuple[Any, Any]:
+    """``build(**scheduled) -> (proposer, params)``, each proposer verifying at most ``budget`` draft
+    tokens per step across the batch (None: all). Where ``budget`` or a value of ``scheduled`` (k,
+    width, tree) is a ``{running rows: value}`` mapping, a :class:`specdec.engine.ByLoad` with one
+    proposer per row count any of them names (they share the first one's params)."""
     from specdec.budget import with_budget
 
-    if not isinstance(value, Mapping) and not isinstance(budget, Mapping):
-        return with_budget(build(value), budget)
+    if not any(isinstance(v, Mapping) for v in (budget, *scheduled.values())):
+        return with_budget(build(**scheduled), budget)
     from specdec.engine import ByLoad
 
-    values, budgets = _schedule(value), _schedule(budget)
+    schedules, budgets = {name: _schedule(v) for name, v in scheduled.items()}, _schedule(budget)
 
     def at(schedule: dict, rows: int):
         return schedule[max(r for r in schedule if r <= rows)]
 
-    built = [(r, with_budget(build(at(values, r)), at(budgets, r))) for r in sorted(set(values) | set(budgets))]
+    built = [(r, with_budget(build(**{name: at(v, r) for name, v in schedules.items()}), at(budgets, r)))
+             for r in sorted(set(budgets).union(*schedules.values()))]
     return ByLoad(tuple((r, proposer) for r, (proposer, _) in built)), built[0][1][1]
 
 
@@ -74,26 +75,32 @@ def _draft(target, options: dict) -> tuple[Any, Any]:
         draft = draft_for(target, draft)[0]  # the bundled draft, or one saved by `specdec train-draft`
     elif not isinstance(draft, LoadedModel):
         draft = load(draft, dtype=target.config.dtype)
-    k, shape, (lookup, lookup_width) = _opt(options, "k", 4), _tree_shape(options), _lookup(options)
+    k, (width, branches), (lookup, lookup_width) = _opt(options, "k", 4), _tree_shape(options), _lookup(options)
     deepest = max(_schedule(k).values())  # every proposer of a by-load schedule shares the draft's cache
-    return _by_load(k, lambda k: with_lookup(
-        draft_proposer(target.config, draft.config, draft.graphdef, k=k, deepest=deepest, **shape), draft.state, lookup,
-        width=lookup_width), options.get("budget"))
+    return _by_load(lambda k, width: with_lookup(
+        draft_proposer(target.config, draft.config, draft.graphdef, k=k, width=width, branches=branches,
+                       deepest=deepest), draft.state, lookup, width=lookup_width),
+        options.get("budget"), k=k, width=width)
 
 
-def _tree_shape(options: dict) -> dict:
-    """A draft tree's ``width`` and ``branches`` (options ``draft_width``, ``draft_branches``)."""
-    return dict(width=_opt(options, "draft_width", 1), branches=_opt(options, "draft_branches", 1))
+def _tree_shape(options: dict) -> tuple[Any, int]:
+    """A draft tree's ``draft_width`` (by load or one value) and ``draft_branches`` (one value: the
+    proposers of a by-load schedule share the draft's cache, which a branched step leaves holding only
+    its first chain)."""
+    branches = _opt(options, "draft_branches", 1)
+    if isinstance(branches, Mapping):
+        raise ValueError("draft_branches takes one value, not one by load (draft_width and k may vary by load)")
+    return _opt(options, "draft_width", 1), branches
 
 
 def _prompt_lookup(target, options: dict) -> tuple[Any, Any]:
     from drafts.prompt_lookup import PromptLookupProposer
     from specdec.engine import draft_width
 
-    ngrams = dict(max_ngram=_opt(options, "max_ngram", 3), min_ngram=_opt(options, "min_ngram", 1),
-                  width=draft_width(_opt(options, "draft_width", 1), target.config.vocab_size))
-    return _by_load(_opt(options, "k", 4), lambda k: (PromptLookupProposer(k=k, **ngrams), None),
-                    options.get("budget"))
+    ngrams = dict(max_ngram=_opt(options, "max_ngram", 3), min_ngram=_opt(options, "min_ngram", 1))
+    return _by_load(lambda k, width: (PromptLookupProposer(k=k, width=draft_width(width, target.config.vocab_size),
+                                                           **ngrams), None),
+                    options.get("budget"), k=_opt(options, "k", 4), width=_opt(options, "draft_width", 1))
 
 
 def _lookup(options: dict) -> tuple[int, int]:
@@ -123,8 +130,8 @@ def _medusa(target, options: dict) -> tuple[Any, Any]:
         tree = default_trees(heads_dir)
     vocab = head_vocab_ids(target, _opt(options, "head_vocab", default_head_vocab(heads_dir)), heads_dir)
     lookup, width = _lookup(options)
-    return _by_load(tree, lambda t: with_lookup(*medusa_proposer(target, heads, load_spec(t), vocab), lookup,
-                                                width=width), options.get("budget"))
+    return _by_load(lambda tree: with_lookup(*medusa_proposer(target, heads, load_spec(tree), vocab), lookup,
+                                             width=width), options.get("budget"), tree=tree)
 
 
 def _eagle(target, options: dict) -> tuple[Any, Any]:
@@ -137,18 +144,19 @@ def _eagle(target, options: dict) -> tuple[Any, Any]:
     draft = options.get("feature_draft")
     if not isinstance(draft, FeatureDraft):
         draft = feature_draft_for(target, draft)  # the bundled one, or one saved by `specdec train-feature-draft`
-    k, shape, (lookup, lookup_width) = _opt(options, "k", 4), _tree_shape(options), _lookup(options)
+    k, (width, branches), (lookup, lookup_width) = _opt(options, "k", 4), _tree_shape(options), _lookup(options)
     span = max(*_schedule(k).values(), lookup) + 1  # one state layout for every tree of a by-load schedule
-    return _by_load(k, lambda k: with_lookup(feature_draft_proposer(target, draft, k=k, span=span, **shape),
-                                             nnx.state(draft), lookup, width=lookup_width), options.get("budget"))
+    return _by_load(lambda k, width: with_lookup(
+        feature_draft_proposer(target, draft, k=k, width=width, branches=branches, span=span), nnx.state(draft),
+        lookup, width=lookup_width), options.get("budget"), k=k, width=width)
 
 
 def _early_exit(target, options: dict) -> tuple[Any, Any]:
     from drafts.early_exit import early_exit_proposer
 
     exit_layer = _opt(options, "exit_layer", target.config.n_layers // 2)
-    return _by_load(_opt(options, "k", 4), lambda k: (
-        early_exit_proposer(target.config, target.graphdef, exit_layer=exit_layer, k=k), target.state))
+    return _by_load(lambda k: (early_exit_proposer(target.config, target.graphdef, exit_layer=exit_layer, k=k),
+                               target.state), k=_opt(options, "k", 4))
 
 
 _BUILDERS: dict[str, Callable] = {"draft": _draft, "prompt_lookup": _prompt_lookup, "medusa": _medusa,

@@ -1,5 +1,5 @@
-"""By-load schedules measured on this device: the k (or Medusa tree) and budget that decode fastest
-at each number of running rows.
+"""By-load schedules measured on this device: the k (or Medusa tree), budget and, if asked, draft
+width that decode fastest at each number of running rows.
 
 What a speculative step costs depends on the machine (on a CPU a one-row forward is a matrix-vector
 product and any second token per row a slower matrix product; a batched forward turns compute-bound
@@ -36,6 +36,7 @@ MAIN_OPTION = {"prompt_lookup": "k", "draft": "k", "medusa": "tree", "eagle": "k
 DEFAULT_CHOICES = {"prompt_lookup": (0, 1, 2, 4), "draft": (0, 1, 2, 4), "eagle": (0, 1, 2, 4),
                    "medusa": ("chain-0", "chain-1", "chain-2", "tree-8", "tree-16")}
 DEFAULT_BUDGETS = (1, 2, 4)
+WIDTH_METHODS = ("prompt_lookup", "draft", "eagle")  # methods whose draft_width tune can pick by load
 
 
 class Tuned(NamedTuple):
@@ -95,11 +96,12 @@ def step_rates(model, ids: Sequence[Sequence[int]], settings: dict[str, tuple[st
 
 
 def candidates(method: str, rows: int, choices: Sequence | None = None, budgets: Sequence[int] | None = None,
-               drafted: Callable[[Any], int] | None = None) -> dict[str, dict]:
+               drafted: Callable[[dict], int] | None = None, widths: Sequence[int] | None = None) -> dict[str, dict]:
     """The settings :func:`tune` tries at ``rows`` running rows: each choice of the method's main
-    option (k or tree), alone and with each budget that can drop a draft token there (below ``rows``
-    x the choice's draft tokens per row: ``drafted(choice)``, by default k or the Medusa tree's
-    nodes); speculation off ("k=0", "tree=chain-0") takes no budget."""
+    option (k or tree), with each of ``widths`` (``draft_width``; None: not tuned), alone and with
+    each budget that can drop a draft token there (below ``rows`` x the setting's draft tokens per
+    row: ``drafted(setting)``, by default k x width or the Medusa tree's nodes); speculation off
+    ("k=0", "tree=chain-0") takes no budget and no width."""
     from heads.trees import load_spec
 
     if method not in MAIN_OPTION:
@@ -110,15 +112,23 @@ def candidates(method: str, rows: int, choices: Sequence | None = None, budgets:
     budgets = DEFAULT_BUDGETS if budgets is None else tuple(budgets)
     if not choices:
         raise ValueError(f"no candidate {option} values to tune over")
-    if any(isinstance(b, bool) or int(b) != b or b < 1 for b in budgets):
-        raise ValueError(f"budgets must be integers >= 1, got {list(budgets)}")
+    for name, values in (("budgets", budgets), ("widths", widths or ())):
+        if any(isinstance(v, bool) or int(v) != v or v < 1 for v in values):
+            raise ValueError(f"{name} must be integers >= 1, got {list(values)}")
+    if widths is not None and method not in WIDTH_METHODS:
+        raise ValueError(f"widths (draft_width) are tuned for methods {', '.join(WIDTH_METHODS)}, not {method!r}")
     out = {}
     for choice in choices:
-        per_row = drafted(choice) if drafted else len(load_spec(choice)) if option == "tree" else int(choice)
-        out[f"{option}={choice}"] = {option: choice}
-        for b in sorted(set(budgets)):
-            if b < rows * per_row:
-                out[f"{option}={choice} budget={b}"] = {option: choice, "budget": b}
+        off = choice in (0, "chain-0")
+        for width in [None] if widths is None or off else sorted(set(widths)):
+            setting = {option: choice} | ({} if width is None else {"draft_width": width})
+            name = f"{option}={choice}" + ("" if width is None else f" width={width}")
+            per_row = (drafted(setting) if drafted else len(load_spec(choice)) if option == "tree"
+                       else int(choice) * (width or 1))
+            out[name] = setting
+            for b in sorted(set(budgets)):
+                if b < rows * per_row:
+                    out[f"{name} budget={b}"] = setting | {"budget": b}
     return out
 
 
@@ -132,8 +142,8 @@ def _collapse(by_rows: dict[int, Any]) -> Any:
 
 
 def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int] = (1, 2, 4, 8),
-         choices: Sequence | None = None, budgets: Sequence[int] | None = None, steps: int = 8,
-         chunks: int = 6, options: dict | None = None, progress=None) -> Tuned:
+         choices: Sequence | None = None, budgets: Sequence[int] | None = None, widths: Sequence[int] | None = None,
+         steps: int = 8, chunks: int = 6, options: dict | None = None, progress=None) -> Tuned:
     """Measure every candidate setting (:func:`candidates`) at each count of running rows and keep
     the fastest: a by-load schedule for ``method``.
 
@@ -145,6 +155,8 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
       rows: running-row counts to tune for, from 1 (a larger load uses the largest tuned below it).
       choices, budgets: candidate k values (or trees) and budgets (default: ``DEFAULT_CHOICES``,
         ``DEFAULT_BUDGETS``).
+      widths: candidate ``draft_width`` values, picked by load too (methods in ``WIDTH_METHODS``;
+        default: not tuned).
       steps, chunks: as in :func:`step_rates`.
       options: the method's other options, the same in every setting (e.g. ``{"draft": ...}``); the
         numeric ones (``draft_width``, ``lookup``, ...) shape what a step verifies, so the schedule
@@ -162,21 +174,22 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
         raise ValueError(f"tuning for {rows[-1]} rows needs at least {rows[-1]} prompts, got {len(ids)}")
     fixed = dict(options or {})
     option = MAIN_OPTION.get(method)
-    if option in fixed or "budget" in fixed:
-        raise ValueError(f"options must not set {option!r} or 'budget': those are what tune picks")
+    picked = [option, "budget"] + ([] if widths is None else ["draft_width"])
+    if set(picked) & set(fixed):
+        raise ValueError(f"options must not set {' or '.join(map(repr, picked))}: those are what tune picks")
 
     per_row: dict[str, int] = {}
 
-    def drafted(choice) -> int:  # draft tokens per row, as the proposer builds its tree (width, branches, lookup)
-        key = json.dumps(choice)  # a k, a tree's name or its paths; built once, not once per row count
+    def drafted(setting: dict) -> int:  # draft tokens per row, as the proposer builds its tree (branches, lookup)
+        key = json.dumps(setting)  # k or a tree (name or paths), width; built once, not once per row count
         if key not in per_row:
-            per_row[key] = build_proposer(method, model, {**fixed, option: choice})[0].tree.size - 1
+            per_row[key] = build_proposer(method, model, {**fixed, **setting})[0].tree.size - 1
         return per_row[key]
 
     table, best = [], {}
     for r in rows:
-        settings = {"autoregressive": None} | {
-            name: (method, {**fixed, **o}) for name, o in candidates(method, r, choices, budgets, drafted).items()}
+        tried = candidates(method, r, choices, budgets, drafted, widths)
+        settings = {"autoregressive": None} | {name: (method, {**fixed, **o}) for name, o in tried.items()}
         groups = [ids[i:i + r] for i in range(0, len(ids) // r * r, r)]
         measured = [step_rates(model, group, settings, steps=steps, chunks=chunks,
                                longest_prompt=max(len(i) for i in ids)) for group in groups]
@@ -200,6 +213,8 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
     # the measured setting's numeric options (draft_width, lookup, ...) go with it; models and paths do not
     schedule = {name: v for name, v in fixed.items() if isinstance(v, int)}
     schedule[option] = _collapse({r: o[option] for r, o in best.items()})
+    if widths is not None:
+        schedule["draft_width"] = _collapse({r: o.get("draft_width", 1) for r, o in best.items()})
     budget = _collapse({r: o.get("budget") for r, o in best.items()})
     if budget is not None:
         schedule["budget"] = budget

@@ -104,9 +104,12 @@ def test_pool_reports_work_and_rejects_bad_slots(tiny_lm, methods):
         specdec.generate(tiny_lm, prompts, slots=0)
 
 
-BY_LOAD = {"draft": {"k": {1: 3, 2: 1, 3: 0}}, "prompt_lookup": {"k": {1: 4, 2: 0, 4: 2}},
-           "medusa": {"tree": {1: "tree-8", 2: "chain-0", 3: "chain-2"}}, "eagle": {"k": {1: 3, 2: 0, 3: 1}}}
-"""Each schedule turns speculation off (k 0, tree "chain-0") at some load and back on below it."""
+BY_LOAD = {"draft": {"k": {1: 3, 2: 1, 3: 0}, "draft_width": {1: 2, 2: 1}},
+           "prompt_lookup": {"k": {1: 4, 2: 0, 4: 2}, "draft_width": {1: 1, 4: 2}},
+           "medusa": {"tree": {1: "tree-8", 2: "chain-0", 3: "chain-2"}},
+           "eagle": {"k": {1: 3, 2: 0, 3: 1}, "draft_width": {1: 2, 3: 3}}}
+"""Each schedule turns speculation off (k 0, tree "chain-0") at some load and back on below it; the
+draft width varies by load as well."""
 
 
 @pytest.mark.parametrize("proposer", PROPOSERS)
@@ -146,6 +149,18 @@ def test_by_load_schedule_picks_by_running_rows_and_rejects_bad_schedules(tiny_l
         _by_load(int)("1:4,8")
     with pytest.raises(ValueError, match="distinct ascending"):
         ByLoad(((1, sched.pick(1)), (1, sched.pick(8))))
+
+
+def test_draft_width_by_load_combines_with_k_by_load(tiny_lm, methods):
+    sched, _ = build_proposer("prompt_lookup", tiny_lm, {"k": {1: 4, 4: 1}, "draft_width": {1: 2, 2: 1}})
+    assert [r for r, _ in sched.steps] == [1, 2, 4]
+    assert [(sched.pick(r).k, sched.pick(r).width) for r in (1, 2, 4, 8)] == [(4, 2), (4, 1), (1, 1), (1, 1)]
+    eagle = {**methods["eagle"], "k": 2, "draft_width": {1: 3, 8: 1}}
+    sched, _ = build_proposer("eagle", tiny_lm, {o: v for o, v in eagle.items() if o != "method"})
+    assert [sched.pick(r).tree.size for r in (1, 7, 8)] == [7, 7, 3]  # root + 3 + 3, then a chain of 2
+    with pytest.raises(ValueError, match="draft_branches takes one value"):
+        build_proposer("eagle", tiny_lm, {**{o: v for o, v in eagle.items() if o != "method"},
+                                          "draft_branches": {1: 2, 8: 1}})
 
 
 def test_row_scatter_and_gather_move_whole_rows(tiny_lm):

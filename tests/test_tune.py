@@ -27,8 +27,19 @@ def test_candidates_offer_only_budgets_that_can_drop_a_draft_token():
 
 def test_candidates_count_the_tokens_each_choice_really_drafts():
     assert candidates("draft", 2, (0, 2), (4, 8)) == {"k=0": {"k": 0}, "k=2": {"k": 2}}  # 2 rows x k 2: 4 tokens
-    wide = candidates("draft", 2, (0, 2), (4, 8), drafted=lambda k: 3 * k)  # e.g. draft_width 3: 12 tokens
+    wide = candidates("draft", 2, (0, 2), (4, 8), drafted=lambda s: 3 * s["k"])  # e.g. branches: 12 tokens
     assert list(wide) == ["k=0", "k=2", "k=2 budget=4", "k=2 budget=8"]
+
+
+def test_candidates_cross_k_with_draft_widths():
+    tried = candidates("eagle", 1, (0, 2), (4,), widths=(3, 1))
+    assert tried == {"k=0": {"k": 0}, "k=2 width=1": {"k": 2, "draft_width": 1},
+                     "k=2 width=3": {"k": 2, "draft_width": 3},
+                     "k=2 width=3 budget=4": {"k": 2, "draft_width": 3, "budget": 4}}  # 2 x 3 tokens: 4 drops some
+    with pytest.raises(ValueError, match="widths must be integers >= 1"):
+        candidates("eagle", 1, (1,), widths=(0,))
+    with pytest.raises(ValueError, match="tuned for methods prompt_lookup, draft, eagle, not 'medusa'"):
+        candidates("medusa", 1, widths=(2,))
 
 
 def test_candidates_reject_bad_input():
@@ -72,6 +83,14 @@ def test_tune_keeps_the_numeric_options_it_measured_with(monkeypatch, tiny_lm):
     assert tuned.options == {"draft_width": 2, "max_ngram": 2, "k": 2, "budget": 2}
     monkeypatch.setattr(tune_module, "step_rates", _fake_rates({1: "k=2"}))
     assert tune(tiny_lm, "prompt_lookup", [[1, 2]], rows=(1,), choices=(0, 2), budgets=(2,)).options == {"k": 2}
+
+
+def test_tune_picks_the_draft_width_by_load(monkeypatch, tiny_lm):
+    monkeypatch.setattr(tune_module, "step_rates", _fake_rates({1: "k=2 width=3", 2: "k=1 width=1 budget=1"}))
+    tuned = tune(tiny_lm, "prompt_lookup", [[1, 2]] * 2, rows=(1, 2), choices=(1, 2), budgets=(1,), widths=(1, 3))
+    assert tuned.options == {"k": {1: 2, 2: 1}, "draft_width": {1: 3, 2: 1}, "budget": {1: None, 2: 1}}
+    with pytest.raises(ValueError, match="'draft_width': those are what tune picks"):
+        tune(tiny_lm, "prompt_lookup", [[1]], rows=(1,), widths=(1, 2), options={"draft_width": 2})
 
 
 def test_a_schedule_and_the_command_line_must_agree(tmp_path):
