@@ -42,7 +42,7 @@ from specdec.bench import equivalence_summary, pyplot, save_plot, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from heads.bundled import default_tree, default_trees, heads_for
 from heads.trees import BUILTIN_TREES, load_spec
-from specdec.tune import tune
+from specdec.tune import MAIN_OPTION, WIDTH_METHODS, tune
 
 # By-load schedules (k 0 / "chain-0": speculation off), from bench_step_cost on the 2-core AVX2 CPU
 # (results/cpu/bench_step_cost.md): there one row decodes with matrix-vector products, which any
@@ -100,8 +100,10 @@ def tune_all(model, args, draft: dict) -> dict:
     out = {}
     for name in args.methods:
         start = time.perf_counter()
-        out[name] = tune(model, name, ids, rows=tune_rows(args), options=draft if name == "draft" else None,
-                         progress=print)
+        widths = args.tune_widths if args.tune_widths and name in WIDTH_METHODS else None
+        choices = args.tune_choices if MAIN_OPTION[name] == "k" else None
+        out[name] = tune(model, name, ids, rows=tune_rows(args), choices=choices, widths=widths,
+                         options=draft if name == "draft" else None, progress=print)
         print(f"{name} tuned in {time.perf_counter() - start:.0f} s: {out[name].options}", flush=True)
     return out
 
@@ -124,6 +126,11 @@ def main() -> None:
                              "schedule specdec.tune measures on this machine at the start (tuned)")
     parser.add_argument("--tune-prompts", type=int, default=4,
                         help="tuned: HumanEval and as many ShareGPT prompts to tune on (after the benchmark's)")
+    parser.add_argument("--tune-choices", type=int, nargs="+",
+                        help="tuned: k values to try (proposers with a k; default: specdec.tune's)")
+    parser.add_argument("--tune-widths", type=int, nargs="+",
+                        help="tuned: draft widths to try with each k and pick by load (draft, eagle, prompt_lookup; "
+                             "default: not tuned)")
     parser.add_argument("--medusa-lookup", type=int, nargs="+", default=[0],
                         help="Medusa with this many prompt-lookup tokens beside its tree (0: none), one variant each")
     parser.add_argument("--head-vocab", type=int, nargs="+", default=[None],
@@ -190,13 +197,15 @@ def main() -> None:
         same = equivalence_summary(model, ids, res, alone)
         s = res[0].stats
         choice = method.get("k", method.get("tree"))
-        budget = method.get("budget")
+        budget, width = method.get("budget"), method.get("draft_width")
         rows.append({"method": label, "k_or_tree": "" if choice is None else schedule_label(choice, searched),
+                     "width": "" if width is None else schedule_label(width, searched),
                      "budget": "" if budget is None else schedule_label(budget, searched),
                      "options": {"slots": slots, "method": method.get("method", "autoregressive"),
                                  **({} if choice is None else {"k" if "k" in method else "tree": choice}),
                                  **({} if budget is None else {"budget": budget}),
-                                 **{o: method[o] for o in ("lookup", "head_vocab") if method.get(o) is not None}},
+                                 **{o: method[o] for o in ("draft_width", "lookup", "head_vocab")
+                                    if method.get(o) is not None}},
                      "slots": slots, "tokens_per_s": s.new_tokens / float(np.median(wall)),
                      "per_round_tokens_per_s": [s.new_tokens / w for w in wall],
                      "accepted_per_forward": s.accepted_per_forward, "target_forwards": s.target_forwards,
@@ -220,9 +229,10 @@ def main() -> None:
              "chunk's start from the rows running then; `k={1: 4, 4: 2}` in the API)",
              "budget: draft tokens verified per step, all rows together (the proposer's likeliest; "
              "specdec.budget), by load like k; blank: no cap",
+             "width: draft_width (candidates per depth), by load like k; blank: 1",
              "x_vs_1_slot of a by-load or tuned row: over its base method at 1 slot (the same proposer there); "
              "blank without a 1-slot run",
-             *(["tuned: k / tree and budget by load measured fastest on this machine at the start of the run "
+             *(["tuned: k / tree, width and budget by load measured fastest on this machine at the start of the run "
                 f"(specdec.tune, rows {tune_rows(args)}, on {args.tune_prompts} + {args.tune_prompts} other "
                 "prompts); the measurements are under 'tuning' in the JSON"] if tuned else []),
              f"equivalence: against autoregressive at {min(args.slots)} slot(s)"
@@ -236,9 +246,9 @@ def main() -> None:
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, greedy, "
                    f"through the request pool", "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
         "tuning": {name: {"options": t.options, "measurements": t.rows} for name, t in tuned.items()},
-    }, ["method", "k_or_tree", "budget", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive", "x_vs_ar_range",
-        "accepted_per_forward",
-        "target_forwards", "slot_utilisation", "equivalence", "worst_gap", "rows_identical"])
+    }, ["method", "k_or_tree", "width", "budget", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive",
+        "x_vs_ar_range", "accepted_per_forward", "target_forwards", "slot_utilisation", "equivalence", "worst_gap",
+        "rows_identical"])
     series = {label: ([r["slots"] for r in rows if r["method"] == label],
                       [r["tokens_per_s"] for r in rows if r["method"] == label]) for label, _, _ in methods}
     save_plot(args.results_name, series, xlabel="batch slots", ylabel="tokens/s (all requests)",
