@@ -56,7 +56,7 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--budget", type=_by_load(int), help="draft tokens verified per step, all rows together: "
                         "those the proposer rates likeliest to be accepted (draft, prompt_lookup, medusa, eagle; "
                         "default: all); ROWS:BUDGET,... picks it by running rows (e.g. 1:4,8:2)")
-    parser.add_argument("--schedule", help="k (or Medusa tree) and budget by load from a file written by "
+    parser.add_argument("--schedule", help="k (or Medusa tree), budget and draft width by load from a file written by "
                         "`specdec tune --out FILE` (measured on this device)")
     parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
     parser.add_argument("--draft-width", type=_by_load(int), help="candidates per depth for --method draft or "

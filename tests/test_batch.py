@@ -155,12 +155,11 @@ def test_draft_width_by_load_combines_with_k_by_load(tiny_lm, methods):
     sched, _ = build_proposer("prompt_lookup", tiny_lm, {"k": {1: 4, 4: 1}, "draft_width": {1: 2, 2: 1}})
     assert [r for r, _ in sched.steps] == [1, 2, 4]
     assert [(sched.pick(r).k, sched.pick(r).width) for r in (1, 2, 4, 8)] == [(4, 2), (4, 1), (1, 1), (1, 1)]
-    eagle = {**methods["eagle"], "k": 2, "draft_width": {1: 3, 8: 1}}
-    sched, _ = build_proposer("eagle", tiny_lm, {o: v for o, v in eagle.items() if o != "method"})
+    eagle = {o: v for o, v in methods["eagle"].items() if o != "method"} | {"k": 2, "draft_width": {1: 3, 8: 1}}
+    sched, _ = build_proposer("eagle", tiny_lm, eagle)
     assert [sched.pick(r).tree.size for r in (1, 7, 8)] == [7, 7, 3]  # root + 3 + 3, then a chain of 2
     with pytest.raises(ValueError, match="draft_branches takes one value"):
-        build_proposer("eagle", tiny_lm, {**{o: v for o, v in eagle.items() if o != "method"},
-                                          "draft_branches": {1: 2, 8: 1}})
+        build_proposer("eagle", tiny_lm, eagle | {"draft_branches": {1: 2, 8: 1}})
 
 
 def test_row_scatter_and_gather_move_whole_rows(tiny_lm):
