@@ -1,5 +1,6 @@
 """The draft model and the feature draft (EAGLE style) for SmolLM2-135M-Instruct by k, next to prompt
-lookup and Medusa (the heads' default tree, and each ``--medusa-trees``), vs autoregressive.
+lookup and Medusa (the heads' default tree, and each ``--medusa-trees``), vs autoregressive; the
+feature draft also with trees of draft ranks (``--eagle-trees``).
 
 One process, one method at a time (never concurrently), batch 1, greedy, up to
 ``--new-tokens`` tokens per prompt (EOS ends a row), on HumanEval chat prompts and
@@ -85,6 +86,9 @@ def main() -> None:
                         help="feature draft: prompt-lookup tokens proposed beside its tree (lookup=)")
     parser.add_argument("--eagle-lookup-width", type=int, default=1,
                         help="feature draft: prompt-lookup chains beside its tree (lookup_width=)")
+    parser.add_argument("--eagle-trees", nargs="*", default=[],
+                        help="feature-draft rows with these trees of draft ranks (JSON files, e.g. from "
+                             "`specdec draft-tree`) instead of a chain of k")
     parser.add_argument("--feature-draft", nargs="+", default=[None],
                         help="saved feature-draft directories (several: rows for each, named after it)")
     parser.add_argument("--medusa-trees", nargs="*", default=[],
@@ -96,7 +100,8 @@ def main() -> None:
 
     model = specdec.load("smollm2-135m")
     drafts = dict(draft_for(model, path)[::-1] for path in args.draft)  # directory -> loaded draft
-    feature_dirs = [feature_draft_dir(model, path) for path in args.feature_draft] if args.eagle_ks else []
+    feature_dirs = [feature_draft_dir(model, path) for path in args.feature_draft]
+    feature_dirs = feature_dirs if args.eagle_ks or args.eagle_trees else []
     named, fd_named = labelled(parser, "--draft", list(drafts)), labelled(parser, "--feature-draft", feature_dirs)
     methods = {"autoregressive": {},
                **{f"draft k={k}" + shape_label(args.draft_width, args.draft_branches)
@@ -111,6 +116,11 @@ def main() -> None:
                    method="eagle", feature_draft=str(where), k=k, draft_width=args.eagle_width,
                    draft_branches=branches, lookup=args.eagle_lookup, lookup_width=args.eagle_lookup_width)
                   for where in feature_dirs for branches in args.eagle_branches for k in args.eagle_ks},
+               **{f"eagle tree={Path(tree).stem}" + lookup_label(args.eagle_lookup, args.eagle_lookup_width)
+                  + (f" [{where.name}]" if fd_named else ""): dict(
+                   method="eagle", feature_draft=str(where), tree=tree, lookup=args.eagle_lookup,
+                   lookup_width=args.eagle_lookup_width)
+                  for where in feature_dirs for tree in args.eagle_trees},
                "prompt_lookup k=4": dict(method="prompt_lookup", k=4), "medusa": dict(method="medusa"),
                **{f"medusa tree={tree}": dict(method="medusa", tree=tree) for tree in args.medusa_trees}}
     tok = model.tokenizer
@@ -145,14 +155,14 @@ def main() -> None:
     write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; "
                  + ("bundled draft" if args.draft == [None] else "drafts below")
-                 + (", feature draft" if args.eagle_ks else "") + ", Medusa heads",
+                 + (", feature draft" if feature_dirs else "") + ", Medusa heads",
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
         "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
     }, ["method", "acceptance_rate", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive",
         "equivalence", "rows_identical"])
     series: dict[str, tuple[list, list]] = {}
     for r in rows:  # one line per draft kind (its name without the k), against k
-        if r["options"].get("method") in ("draft", "eagle"):
+        if r["options"].get("method") in ("draft", "eagle") and "k" in r["options"]:
             for label, key in (("accepted tokens per forward", "accepted_per_forward"),
                                ("speedup vs autoregressive", "speedup_vs_autoregressive")):
                 ks, values = series.setdefault(f"{re.sub(r' k=[0-9]+', '', r['method'])}: {label}", ([], []))

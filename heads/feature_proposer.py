@@ -15,6 +15,8 @@ No extra target forward is run.
 schedule can switch it back on. ``width > 1`` adds leaf siblings at every depth,
 ``branches > 1`` a chain below each of the root's likeliest children, drafted as
 extra rows over a copy of the draft's cache (see :func:`drafts.draft_model.draft_tree`).
+A spec of rank paths (``paths``) drafts any tree instead, one depth per draft forward
+(:mod:`heads.feature_tree`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from drafts.draft_model import draft_chain, draft_tree
+from heads.feature_tree import draft_ranked_tree
+from heads.trees import load_spec
 from specdec.cache import KVCache, init_cache
 from specdec.engine import Commit, View, draft_branches, draft_length, draft_width, no_proposal
 from specdec.sampling import Sampling
@@ -50,10 +54,11 @@ class FeatureDraftProposer:
     width: int = 1
     span: int = 0
     branches: int = 1
+    paths: tuple[tuple[int, ...], ...] = ()  # a tree of draft ranks (a heads.trees spec) instead of a chain
 
     @property
     def tree(self) -> Tree:
-        return draft_tree(self.k, self.width, self.branches)
+        return Tree.from_paths(self.paths) if self.paths else draft_tree(self.k, self.width, self.branches)
 
     def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, slots: int,
                 hidden: jax.Array) -> FeatureState:
@@ -75,6 +80,9 @@ class FeatureDraftProposer:
         cache = res.cache.with_lengths(length)
         if self.k == 0:
             return FeatureState(cache, state.pending), no_proposal(length.shape[0])
+        if self.paths:
+            return FeatureState(cache, state.pending), draft_ranked_tree(
+                draft, cache, res.hidden[:, 0], res.logits[:, 0], view, self.paths, sampling, rule)
 
         def step(carry, token, position):  # enter (guessed feature, drafted token) at the entry before it
             cache, guess = carry
@@ -92,11 +100,19 @@ class FeatureDraftProposer:
         return state._replace(pending=jnp.where(commit.active[:, None, None], pending, state.pending))
 
 
-def feature_draft_proposer(target, draft, *, k, width: int = 1, span: int | None = None,
-                           branches: int = 1) -> FeatureDraftProposer:
-    """Check that the feature draft fits ``target`` (a ``LoadedModel``) and build its proposer
-    (``branches`` chains, see :func:`drafts.draft_model.draft_tree`)."""
-    k = draft_length(k)
+def feature_draft_proposer(target, draft, *, k=None, width: int = 1, span: int | None = None,
+                           branches: int = 1, tree=None) -> FeatureDraftProposer:
+    """Check that the feature draft fits ``target`` (a ``LoadedModel``) and build its proposer: a chain
+    of ``k`` (with ``width`` candidates per depth and ``branches`` chains, see
+    :func:`drafts.draft_model.draft_tree`), or ``tree``, a spec of draft ranks (:func:`heads.trees.load_spec`)."""
+    paths = ()
+    if tree is not None:
+        if k is not None or width != 1 or branches != 1:
+            raise ValueError("give the feature draft either a tree (of draft ranks) or k / draft_width / "
+                             "draft_branches, not both")
+        paths = tuple(load_spec(tree))
+        k = max((len(p) for p in paths), default=0)
+    k = draft_length(4 if k is None else k)
     if draft.config.d_model != target.config.d_model or draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"this feature draft reads features of width {draft.config.d_model} over "
                          f"{draft.config.vocab_size} tokens; the target has {target.config.d_model} and "
@@ -106,4 +122,4 @@ def feature_draft_proposer(target, draft, *, k, width: int = 1, span: int | None
     if span < k + 1:
         raise ValueError(f"span must be >= k + 1 = {k + 1}, got {span}")
     return FeatureDraftProposer(graphdef=nnx.split(draft)[0], k=k, width=width, span=span,
-                                branches=draft_branches(branches, target.config.vocab_size))
+                                branches=draft_branches(branches, target.config.vocab_size), paths=paths)

@@ -79,6 +79,14 @@ def grow_tree(rank_acc: np.ndarray, nodes: int) -> Spec:
     return canonical_paths(spec)
 
 
+def frequent_tree(path_share: Mapping[tuple[int, ...], float], nodes: int) -> Spec:
+    """The ``nodes``-node spec of the most frequent paths (``{path: share of steps whose right tokens
+    start with it}``, measured jointly, e.g. :func:`training.feature_draft.rank_paths`). A path is never
+    more frequent than its prefix, so the spec is prefix-closed and the best tree of its size."""
+    ranked = sorted(path_share, key=lambda p: (-path_share[p], len(p), p))
+    return canonical_paths(ranked[:nodes])
+
+
 def rank_accuracy(topk_acc: Sequence[Sequence[float]]) -> np.ndarray:
     """Cumulative top-k accuracies ``[n_heads, K]`` (top-1, top-2, ...) -> per-rank accuracies."""
     cum = np.maximum.accumulate(np.asarray(topk_acc, np.float64), axis=1)
@@ -139,6 +147,6 @@ def load_spec(tree: str | Sequence[Sequence[int]]) -> Spec:
     path = Path(tree)
     if not path.is_file():
         raise ValueError(f"unknown tree {tree!r}: not a built-in ({', '.join(BUILTIN_TREES)}) and no such file")
-    data = read_config(path.parent, path.name, what="Medusa tree",
+    data = read_config(path.parent, path.name, what="tree of paths",
                        fix="give a JSON list of paths, or a tree.json written by `specdec search-tree --save`")
     return canonical_paths(data["paths"] if isinstance(data, dict) else data)

@@ -1,5 +1,6 @@
 """Command line: ``specdec generate``, ``batch``, ``check``, ``train-heads``, ``train-draft``,
-``train-feature-draft``, ``train-skipdecode``, ``build-ngrams``, ``search-tree``, ``tune`` and ``fetch``."""
+``train-feature-draft``, ``train-skipdecode``, ``build-ngrams``, ``search-tree``, ``draft-tree``, ``tune`` and
+``fetch``."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
     parser.add_argument("--tree", type=_by_load(str), help="Medusa tree: a built-in name (chain-0..4, "
                         "tree-8/16/32/64) or a JSON file of paths (default: the searched tree saved with the heads); "
-                        "ROWS:TREE,ROWS:TREE,... picks the tree by running rows (chain-0: speculation off)")
+                        "ROWS:TREE,ROWS:TREE,... picks the tree by running rows (chain-0: speculation off); "
+                        "--method eagle: a tree of draft ranks instead of --k (e.g. from `specdec draft-tree`)")
     parser.add_argument("--head-vocab", type=int, help="--method medusa: the heads propose only the N tokens they "
                         "were most often trained on (a cheaper projection; lossless; 0: every token; default: "
                         "the one the heads' tree was searched with)")
@@ -268,6 +270,20 @@ def _build_ngrams(args) -> int:
     return 0
 
 
+def _draft_tree(args) -> int:
+    from heads.feature_draft import feature_draft_dir
+    from training.rank_trees import write_draft_trees
+
+    lm = load_once(args.model)
+    for row in write_draft_trees(lm, feature_draft_dir(lm, args.feature_draft), args.nodes, args.out,
+                                 depth=args.depth, max_rank=args.max_rank):
+        print(f"tree-{row['nodes']}.json: depth {row['depth']}, {row['decoded_tokens_per_forward']:.3f} tokens per "
+              f"target forward decoding {row['heldout_replies']} held-out replies ({row['heldout_tokens']} tokens; "
+              f"{row['all_roots_tokens_per_forward']:.3f} averaged over every token as a root)")
+    print(f"written under {args.out} (use with --method eagle --tree FILE)", file=sys.stderr)
+    return 0
+
+
 def _search_tree(args) -> int:
     from heads.bundled import heads_for
     from heads.search import describe, saved_accuracies, search_for_heads
@@ -414,6 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "most often trained on: accuracies and costs measured so; with --save, the heads' default")
     ts.add_argument("--save", action="store_true", help="write tree.json beside the heads (their default tree)")
     ts.set_defaults(func=_search_tree)
+    dt = sub.add_parser("draft-tree", help="trees of draft ranks for a feature draft (--method eagle --tree): the "
+                                           "rank paths most often right on its held-out text")
+    dt.add_argument("--model", default="smollm2-135m")
+    dt.add_argument("--feature-draft", default=None, help="feature draft directory (default: the bundled one)")
+    dt.add_argument("--nodes", type=int, nargs="+", required=True, help="tree sizes (nodes besides the root)")
+    dt.add_argument("--out", required=True, help="directory for tree-<nodes>.json")
+    dt.add_argument("--depth", type=int, default=8, help="deepest path measured")
+    dt.add_argument("--max-rank", type=int, default=8, help="ranks measured per depth (0 .. max-rank - 1)")
+    dt.set_defaults(func=_draft_tree)
     tu = sub.add_parser("tune", help="measure which k (or Medusa tree) and budget decode fastest on this device at "
                                      "each number of running rows: a by-load schedule (for --schedule)")
     tu.add_argument("--model", default="smollm2-135m")

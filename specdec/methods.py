@@ -16,8 +16,8 @@ METHOD_OPTIONS = {
               "profile"),
     "prompt_lookup": ("k", "max_ngram", "min_ngram", "draft_width", "budget", "verification", "profile"),
     "medusa": ("heads", "tree", "head_vocab", "lookup", "lookup_width", "budget", "verification", "profile"),
-    "eagle": ("feature_draft", "k", "draft_width", "draft_branches", "lookup", "lookup_width", "budget", "verification",
-              "profile"),
+    "eagle": ("feature_draft", "k", "draft_width", "draft_branches", "tree", "lookup", "lookup_width", "budget",
+              "verification", "profile"),
     "early_exit": ("exit_layer", "k", "verification", "profile"),
     "skipdecode": ("target_speedup", "warmup_layers", "min_active", "max_active", "weights"),
     "superposed": ("num_drafts", "ngrams", "alpha", "tau", "n_token_sample", "ngram_weights", "reset_every"),
@@ -144,7 +144,19 @@ def _eagle(target, options: dict) -> tuple[Any, Any]:
     draft = options.get("feature_draft")
     if not isinstance(draft, FeatureDraft):
         draft = feature_draft_for(target, draft)  # the bundled one, or one saved by `specdec train-feature-draft`
-    k, (width, branches), (lookup, lookup_width) = _opt(options, "k", 4), _tree_shape(options), _lookup(options)
+    lookup, lookup_width = _lookup(options)
+    tree = options.get("tree")
+    if tree is not None:  # a tree of draft ranks, by load or one
+        if any(options.get(name) is not None for name in ("k", "draft_width", "draft_branches")):
+            raise ValueError("method 'eagle' takes a tree (of draft ranks) or k / draft_width / draft_branches, "
+                             "not both: drop one")
+        from heads.trees import load_spec
+
+        depth = max(max((len(p) for p in load_spec(t)), default=0) for t in _schedule(tree).values())
+        return _by_load(lambda tree: with_lookup(
+            feature_draft_proposer(target, draft, tree=tree, span=max(depth, lookup) + 1), nnx.state(draft),
+            lookup, width=lookup_width), options.get("budget"), tree=tree)
+    k, (width, branches) = _opt(options, "k", 4), _tree_shape(options)
     span = max(*_schedule(k).values(), lookup) + 1  # one state layout for every tree of a by-load schedule
     return _by_load(lambda k, width: with_lookup(
         feature_draft_proposer(target, draft, k=k, width=width, branches=branches, span=span), nnx.state(draft),

@@ -93,6 +93,8 @@ def _method(kind: str, target, draft) -> dict:
         feature = new_feature_draft(target.module, default_spec(target.module, None), seed=3)
         if kind == "eagle-lookup":  # drawn feature-draft chain beside deterministic prompt-lookup tokens
             return dict(method="eagle", feature_draft=feature, k=2, lookup=2, lookup_width=2)
+        if kind == "eagle-tree":  # a tree of draft ranks: each rank 0 drawn, the runners-up point masses
+            return dict(method="eagle", feature_draft=feature, tree=[(0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1)])
         return dict(method="eagle", feature_draft=feature, k=3, draft_branches=3)  # chains below runner-up tokens
     if kind == "draft-lookup":  # a drawn draft-model chain beside prompt lookup (the draft re-feeds their path)
         return dict(method="draft", draft=draft, k=2, lookup=2)
@@ -101,8 +103,8 @@ def _method(kind: str, target, draft) -> dict:
     return dict(method="draft", draft=draft, k=2, draft_width={"chain": 1, "tree": 3}[kind])
 
 
-@pytest.mark.parametrize("kind", ["chain", "tree", "medusa-tree", "eagle-lookup", "eagle-branches", "draft-lookup",
-                                  "early-exit"])
+@pytest.mark.parametrize("kind", ["chain", "tree", "medusa-tree", "eagle-lookup", "eagle-branches", "eagle-tree",
+                                  "draft-lookup", "early-exit"])
 def test_rejection_sampling_matches_target_distribution(pair, kind):
     target, draft = pair
     p = chi_square_p(sample_counts(target, **_method(kind, target, draft)), exact_distribution(target), SAMPLES)

@@ -251,6 +251,47 @@ def evaluate(draft: FeatureDraft, data: FeatureRows, unroll: int = 4, batch_size
             "feature": (sums["feature"] / valid).round(4).tolist(), "positions": int(n)}
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "depth", "max_rank"))
+def _label_ranks(graphdef, state, batch: dict, depth: int, max_rank: int) -> jax.Array:
+    """[B, T, depth] rank of each entry's label among the draft's logits at each drafting depth
+    (``max_rank`` where it ranks lower or is outside the draft's vocabulary)."""
+    draft = nnx.merge(graphdef, state)
+    given = batch["features"][:, :-1].astype(jnp.float32)
+    seg, labels = batch["segments"], batch["labels"]
+    continues = jnp.concatenate([jnp.zeros((seg.shape[0], 1), bool), seg[:, 1:] == seg[:, :-1]], axis=1)
+    inputs, out = given, []
+    for _ in range(depth):
+        res = draft.run(init_cache(draft.config, *seg.shape), inputs, batch["tokens"], batch["positions"],
+                        block_mask=segment_mask(seg), compute_logits=False)
+        logits = draft.body.draft_logits(res.hidden)
+        label = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)
+        out.append(jnp.where(labels >= 0, jnp.minimum(jnp.sum(logits > label, axis=-1), max_rank), max_rank))
+        guess = res.hidden.astype(jnp.float32)
+        inputs = jnp.where(continues[..., None], jnp.concatenate([given[:, :1], guess[:, :-1]], axis=1), given)
+    return jnp.stack(out, axis=-1)
+
+
+def reply_ranks(draft: FeatureDraft, data: FeatureRows, depth: int = 8, max_rank: int = 8,
+                batch_size: int = 8) -> list[np.ndarray]:
+    """Where the target's next tokens rank among the draft's candidates, reply by reply of ``data``.
+
+    One ``[n, depth]`` int array per run of ``n`` consecutive scored entries (a reply): row ``j``,
+    column ``d`` is the rank of the target's greedy token at depth ``d + 1`` from entry ``j - d`` as the
+    root, after the target's tokens of the depths before it (entered with the draft's own guessed
+    features, as drafting does); ``max_rank`` where it ranks lower or is outside the draft's vocabulary.
+    """
+    graphdef, state = nnx.split(draft)
+    vocab_map, vocab = _vocab_map(draft), draft.config.vocab_size
+    replies = []
+    for start in tqdm(range(0, len(data.tokens), batch_size), desc="draft ranks", leave=False):
+        batch = batch_arrays(data, slice(start, start + batch_size), vocab_map, vocab)
+        ranks, valid = np.asarray(_label_ranks(graphdef, state, batch, depth, max_rank)), batch["valid"]
+        for row in range(len(valid)):
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], valid[row].astype(np.int8), [0]])))
+            replies += [ranks[row, a:b] for a, b in zip(edges[::2], edges[1::2])]
+    return replies
+
+
 def prepare_data(lm, cfg: FeatureDraftTrainConfig, split: str) -> FeatureRows:
     """Packed rows with the target's features for ``split`` ("train"/"heldout"), cached."""
     mode = cfg.heldout_data or cfg.data if split == "heldout" else cfg.data

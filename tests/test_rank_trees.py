@@ -1,0 +1,39 @@
+"""Trees of draft ranks for a feature draft: rank paths, the most frequent tree, the replay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from heads.trees import frequent_tree
+from training.rank_trees import decoded_tokens_per_forward, path_shares, root_paths
+
+R = 4  # max_rank: "ranked lower"
+
+# one reply of 5 entries, depth 3: row j, column d is the rank at depth d + 1 from root j - d
+REPLY = np.array([[0, 9, 9],
+                  [1, 0, 9],
+                  [0, 2, 1],
+                  [R, 0, 0],
+                  [0, R, 0]])
+
+
+def test_root_paths_follow_the_diagonal_and_stop_at_a_miss():
+    assert list(root_paths(REPLY, 0, R)) == [(0,), (0, 0), (0, 0, 1)]  # ranks[0,0], ranks[1,1], ranks[2,2]
+    assert list(root_paths(REPLY, 1, R)) == [(1,), (1, 2), (1, 2, 0)]
+    assert list(root_paths(REPLY, 3, R)) == []  # its own depth-1 token ranked lower
+    assert list(root_paths(REPLY, 4, R)) == [(0,)]  # the reply ends
+
+
+def test_shares_pick_prefix_closed_trees_and_the_replay_counts_steps():
+    share = path_shares([REPLY], R)
+    assert share[(0,)] == pytest.approx(3 / 5) and share[(1, 2, 0)] == pytest.approx(1 / 5)
+    assert all(share[p[:-1]] >= share[p] for p in share if len(p) > 1)
+    tree = frequent_tree(share, 3)
+    assert tree[0] == (0,) and all(p[:-1] in tree or len(p) == 1 for p in tree)
+    # a chain of 3 rank-0 tokens over the reply's 4 tokens after the first: root 0 accepts 2 (3 tokens),
+    # root 3 accepts none (1 token): 4 tokens in 2 forwards
+    assert decoded_tokens_per_forward([REPLY], [(0,), (0, 0), (0, 0, 0)], R) == pytest.approx(4 / 2)
+    # with (0, 0, 1) root 0 accepts 3: all 4 tokens in 1 forward
+    assert decoded_tokens_per_forward([REPLY], [(0,), (0, 0), (0, 0, 0), (0, 0, 1)], R) == pytest.approx(4 / 1)
+    assert decoded_tokens_per_forward([REPLY], [], R) == 1.0

@@ -1,0 +1,101 @@
+"""Trees of draft ranks for a feature draft, chosen from where the target's tokens ranked on held-out text.
+
+:func:`training.feature_draft.reply_ranks` gives, for every held-out reply, the
+rank of each next token among the draft's candidates at each depth. A tree of
+``n`` nodes is then the ``n`` rank paths that most often start a root's ranks
+(:func:`path_shares`, :func:`heads.trees.frequent_tree`), and
+:func:`decoded_tokens_per_forward` replays greedy decoding of the replies with
+it: each step accepts the deepest tree path the ranks follow, and the next root
+is the token after. That replay, not the average over every root, is what a
+decode measures: the roots it visits follow a miss, where the text is harder.
+
+``specdec draft-tree`` runs :func:`write_draft_trees`, which writes
+``tree-<nodes>.json`` for ``method="eagle", tree=...`` (``--tree`` on the command line).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from heads.trees import frequent_tree
+
+
+def root_paths(ranks: np.ndarray, root: int, max_rank: int) -> Iterator[tuple[int, ...]]:
+    """The rank paths that hold from ``root`` in a reply's ``ranks: [n, depth]``, shortest first."""
+    path: tuple[int, ...] = ()
+    for d in range(min(ranks.shape[1], len(ranks) - root)):
+        if ranks[root + d, d] >= max_rank:
+            return
+        path += (int(ranks[root + d, d]),)
+        yield path
+
+
+def path_shares(replies: Sequence[np.ndarray], max_rank: int) -> dict[tuple[int, ...], float]:
+    """``{path: share of roots (every entry of every reply) from which it holds}``."""
+    counts: dict[tuple[int, ...], int] = {}
+    roots = sum(len(r) for r in replies)
+    for ranks in replies:
+        for root in range(len(ranks)):
+            for path in root_paths(ranks, root, max_rank):
+                counts[path] = counts.get(path, 0) + 1
+    return {p: c / max(roots, 1) for p, c in counts.items()}
+
+
+def decoded_tokens_per_forward(replies: Sequence[np.ndarray], paths: Sequence[Sequence[int]],
+                               max_rank: int) -> float:
+    """Tokens per target forward of greedy decoding with the tree of ``paths``, replayed over ``replies``
+    from each one's first token to its last: a step accepts the deepest path that holds and is in the
+    tree, and adds the target's own token after it."""
+    tree = {tuple(p) for p in paths}
+    tokens = forwards = 0
+    for ranks in replies:  # entry j's token is the reply's (j + 1)-th; the first comes from the prefill
+        root = 0
+        while root < len(ranks) - 1:
+            accepted = 0
+            for path in root_paths(ranks, root, max_rank):
+                if path not in tree:
+                    break
+                accepted = len(path)
+            tokens, forwards = tokens + min(accepted + 1, len(ranks) - 1 - root), forwards + 1
+            root += accepted + 1
+    return tokens / max(forwards, 1)
+
+
+def write_draft_trees(lm, draft_dir: str | Path, nodes: Sequence[int], out: str | Path, *, depth: int = 8,
+                      max_rank: int = 8) -> list[dict]:
+    """Measure the ranks of the feature draft at ``draft_dir`` (for ``lm``, a ``LoadedModel``) on its
+    held-out split and write ``out/tree-<n>.json`` for each ``n`` of ``nodes``. Returns one summary per
+    tree: nodes, depth, ``decoded_tokens_per_forward`` (the replay) and ``all_roots_tokens_per_forward``
+    (1 + the summed shares of its paths)."""
+    from drafts.saved import read_metadata
+    from heads.feature_draft import CONFIG_FILE, load_feature_draft
+    from training.feature_draft import FeatureDraftTrainConfig, prepare_data, reply_ranks
+
+    if not nodes or min(nodes) < 1:
+        raise ValueError(f"give tree sizes of at least 1 node, got {list(nodes)}")
+    recorded = read_metadata(draft_dir, CONFIG_FILE).get("training", {}).get("config")
+    if not recorded:
+        raise ValueError(f"the feature draft at {draft_dir} records no training config, so its held-out split "
+                         "is unknown: train it with `specdec train-feature-draft`")
+    cfg = FeatureDraftTrainConfig(**{f.name: recorded[f.name] for f in fields(FeatureDraftTrainConfig)
+                                     if f.name in recorded})
+    replies = reply_ranks(load_feature_draft(draft_dir, lm), prepare_data(lm, cfg, "heldout"), depth, max_rank)
+    share = path_shares(replies, max_rank)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in nodes:
+        paths = frequent_tree(share, n)
+        row = {"nodes": len(paths), "depth": max(len(p) for p in paths),
+               "decoded_tokens_per_forward": round(decoded_tokens_per_forward(replies, paths, max_rank), 4),
+               "all_roots_tokens_per_forward": round(1 + sum(share[p] for p in paths), 4),
+               "heldout_replies": len(replies), "heldout_tokens": int(sum(len(r) for r in replies)),
+               "feature_draft": Path(draft_dir).name, "paths": [list(p) for p in paths]}
+        (out / f"tree-{n}.json").write_text(json.dumps(row, indent=1) + "\n")
+        rows.append(row)
+    return rows
