@@ -143,36 +143,43 @@ def batch_arrays(data: FeatureRows, rows, vocab_map: np.ndarray | None, vocab_si
             "valid": (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0) & data.mask[rows][:, 1:]}
 
 
-def depth_terms(draft: FeatureDraft, batch: dict, unroll: int, soft: bool = False) -> dict:
-    """Per-depth sums ``[unroll]`` of CE, SmoothL1, greedy hits and the count of scored entries; with
-    ``soft`` also ``soft``: the CE of the target's distribution ``softmax(head(f_{j+1}))`` over the
-    draft's vocabulary, at the same scored entries (whose greedy token is in that vocabulary)."""
-    feats = batch["features"].astype(jnp.float32)
-    given, wanted = feats[:, :-1], feats[:, 1:]
+def _unrolled(draft: FeatureDraft, batch: dict, unroll: int):
+    """Yield the draft's ``(guess [B, T, d] float32, logits [B, T, N])`` at drafting depths 1 .. ``unroll``:
+    the first pass reads the target's features; pass ``s`` feeds entry j the guess pass ``s - 1`` made
+    for f_j (the first entry of a segment: f_j)."""
+    given = batch["features"][:, :-1].astype(jnp.float32)
     seg = batch["segments"]
     b, t = seg.shape
     mask = segment_mask(seg)
     continues = jnp.concatenate([jnp.zeros((b, 1), bool), seg[:, 1:] == seg[:, :-1]], axis=1)
-    valid, labels = batch["valid"], batch["labels"]
-    scored = valid & (labels >= 0)
-    inputs, out = given, {"ce": [], "feature": [], "hits": []} | ({"soft": []} if soft else {})
-    if soft:  # the target's next-token distribution at j + 1, restricted to the draft's vocabulary
-        target_p = jax.nn.softmax(draft.body.draft_logits(wanted.astype(draft.config.jnp_dtype)), axis=-1)
+    inputs = given
     for _ in range(unroll):
         res = draft.run(init_cache(draft.config, b, t), inputs, batch["tokens"], batch["positions"],
                         block_mask=mask, compute_logits=False)
-        logits = draft.body.draft_logits(res.hidden)
+        guess = res.hidden.astype(jnp.float32)
+        yield guess, draft.body.draft_logits(res.hidden)
+        inputs = jnp.where(continues[..., None], jnp.concatenate([given[:, :1], guess[:, :-1]], axis=1), given)
+
+
+def depth_terms(draft: FeatureDraft, batch: dict, unroll: int, soft: bool = False) -> dict:
+    """Per-depth sums ``[unroll]`` of CE, SmoothL1, greedy hits and the count of scored entries; with
+    ``soft`` also ``soft``: the CE of the target's distribution ``softmax(head(f_{j+1}))`` over the
+    draft's vocabulary, at the same scored entries (whose greedy token is in that vocabulary)."""
+    wanted = batch["features"][:, 1:].astype(jnp.float32)
+    valid, labels = batch["valid"], batch["labels"]
+    scored = valid & (labels >= 0)
+    out = {"ce": [], "feature": [], "hits": []} | ({"soft": []} if soft else {})
+    if soft:  # the target's next-token distribution at j + 1, restricted to the draft's vocabulary
+        target_p = jax.nn.softmax(draft.body.draft_logits(wanted.astype(draft.config.jnp_dtype)), axis=-1)
+    for guess, logits in _unrolled(draft, batch, unroll):
         logp = jax.nn.log_softmax(logits, axis=-1)
         ce = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-        guess = res.hidden.astype(jnp.float32)
         l1 = jnp.mean(optax.huber_loss(guess, wanted), axis=-1)
         out["ce"].append(jnp.sum(jnp.where(scored, ce, 0.0)))
         out["feature"].append(jnp.sum(jnp.where(valid, l1, 0.0)))
         out["hits"].append(jnp.sum(scored & (argmax(logits) == labels)))
         if soft:
             out["soft"].append(jnp.sum(jnp.where(scored, -jnp.sum(target_p * logp, axis=-1), 0.0)))
-        # the next depth: entry j reads the guess entry j - 1 made for f_j (the first of a segment: f_j)
-        inputs = jnp.where(continues[..., None], jnp.concatenate([given[:, :1], guess[:, :-1]], axis=1), given)
     terms = {k: jnp.stack(v).astype(jnp.float32) for k, v in out.items()}
     terms["count"] = jnp.sum(scored).astype(jnp.float32)
     terms["valid"] = jnp.sum(valid).astype(jnp.float32)
@@ -255,19 +262,10 @@ def evaluate(draft: FeatureDraft, data: FeatureRows, unroll: int = 4, batch_size
 def _label_ranks(graphdef, state, batch: dict, depth: int, max_rank: int) -> jax.Array:
     """[B, T, depth] rank of each entry's label among the draft's logits at each drafting depth
     (``max_rank`` where it ranks lower or is outside the draft's vocabulary)."""
-    draft = nnx.merge(graphdef, state)
-    given = batch["features"][:, :-1].astype(jnp.float32)
-    seg, labels = batch["segments"], batch["labels"]
-    continues = jnp.concatenate([jnp.zeros((seg.shape[0], 1), bool), seg[:, 1:] == seg[:, :-1]], axis=1)
-    inputs, out = given, []
-    for _ in range(depth):
-        res = draft.run(init_cache(draft.config, *seg.shape), inputs, batch["tokens"], batch["positions"],
-                        block_mask=segment_mask(seg), compute_logits=False)
-        logits = draft.body.draft_logits(res.hidden)
+    labels, out = batch["labels"], []
+    for _, logits in _unrolled(nnx.merge(graphdef, state), batch, depth):
         label = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)
         out.append(jnp.where(labels >= 0, jnp.minimum(jnp.sum(logits > label, axis=-1), max_rank), max_rank))
-        guess = res.hidden.astype(jnp.float32)
-        inputs = jnp.where(continues[..., None], jnp.concatenate([given[:, :1], guess[:, :-1]], axis=1), given)
     return jnp.stack(out, axis=-1)
 
 
