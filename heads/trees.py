@@ -81,7 +81,7 @@ def grow_tree(rank_acc: np.ndarray, nodes: int) -> Spec:
 
 def frequent_tree(path_share: Mapping[tuple[int, ...], float], nodes: int) -> Spec:
     """The ``nodes``-node spec of the most frequent paths (``{path: share of steps whose right tokens
-    start with it}``, measured jointly, e.g. :func:`training.feature_draft.rank_paths`). A path is never
+    start with it}``, measured jointly, e.g. :func:`training.rank_trees.path_shares`). A path is never
     more frequent than its prefix, so the spec is prefix-closed and the best tree of its size."""
     ranked = sorted(path_share, key=lambda p: (-path_share[p], len(p), p))
     return canonical_paths(ranked[:nodes])
