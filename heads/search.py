@@ -56,7 +56,12 @@ def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None, vocab=None)
 
     meta = read_metadata(heads_dir) if heads_dir is not None else {}
     cfg = HeadsTrainConfig(**meta.get("training", {}).get("config", {"model": lm.name}))
-    return evaluate(heads, head_table(lm.module), prepare_features(lm, cfg, "heldout"), vocab=vocab)["topk"]
+    try:
+        data = prepare_features(lm, cfg, "heldout")
+    except FileNotFoundError as e:  # rows_from: another run's cache, absent on this machine
+        raise FileNotFoundError(f"{e}; or reuse the accuracies saved with the heads: "
+                                f"--accuracy-from {Path(heads_dir) / TREE_FILE}") from None
+    return evaluate(heads, head_table(lm.module), data, vocab=vocab)["topk"]
 
 
 def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_nodes: int = 64,

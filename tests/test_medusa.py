@@ -23,8 +23,12 @@ from specdec.config import tiny_config
 from specdec.equivalence import check
 from specdec.methods import build_proposer
 from specdec.model import init_model
-from training.features import Features
-from training.medusa import HeadsTrainConfig, evaluate, fit, label_counts
+from conftest import greedy_rows
+from specdec.loading import LoadedModel
+from training.data import head_labels
+from training.feature_draft import target_rows
+from training.features import Features, backbone_features
+from training.medusa import HeadsTrainConfig, evaluate, fit, label_counts, prepare_features, rows_features
 
 
 def random_heads(model, seed: int, scale: float, **kw):
@@ -360,3 +364,31 @@ def test_evaluate_within_a_head_vocabulary(tiny):
     inside = np.isin(data.labels, few)
     got = np.asarray(evaluate(heads, table, data, vocab=few)["topk"])
     np.testing.assert_allclose(got[:, -1], inside.sum(0) / (data.labels >= 0).sum(0), atol=1e-4)
+
+
+def test_heads_train_on_the_rows_of_a_feature_draft_run(tiny_lm, tmp_path):
+    """``rows_from``: hidden states and head targets read from a feature-draft run's cached rows equal
+    what the heads' own pipeline computes from the same packed rows; rows made with another model and
+    a directory without the split are clear errors."""
+    packed = greedy_rows(tiny_lm, 6, 0)
+    np.savez(tmp_path / "features-train.npz", **target_rows(tiny_lm, packed)._asdict())
+    got = prepare_features(tiny_lm, HeadsTrainConfig(rows_from=str(tmp_path)), "train")
+    want = backbone_features(tiny_lm, packed, head_labels(packed, 4))
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_allclose(got.hidden, want.hidden, rtol=2e-3, atol=2e-3)  # cached in float16
+    other = LoadedModel.from_module(init_model(tiny_config(), seed=1), name="other")
+    with pytest.raises(ValueError, match="not made with this model"):
+        rows_features(other, tmp_path, "train", 4)
+    with pytest.raises(FileNotFoundError, match="feature-draft work directory"):
+        rows_features(tiny_lm, tmp_path, "heldout", 4)
+
+
+def test_search_for_heads_trained_on_rows_no_longer_here(tiny_lm, tiny, tmp_path):
+    """Heads trained with ``rows_from`` on another machine: measuring their accuracies there is a clear
+    error that names the fix (reuse the accuracies saved with them)."""
+    from heads.search import search_for_heads
+
+    save_heads(new_heads(tiny, base_name="tiny"), tmp_path,
+               {"training": {"config": {"model": "tiny", "rows_from": str(tmp_path / "gone")}}})
+    with pytest.raises(FileNotFoundError, match="feature-draft work directory.*--accuracy-from .*tree.json"):
+        search_for_heads(tiny_lm, load_heads(tmp_path, tiny), tmp_path, max_nodes=4)

@@ -26,8 +26,8 @@ from flax import nnx
 from drafts.model import token_frequencies
 from heads.medusa import MedusaHeads, new_heads, save_heads
 from specdec.model import head_table
-from training.data import head_labels, pack, split_examples
-from training.features import Features, backbone_features
+from training.data import Packed, head_labels, pack, split_examples
+from training.features import Features, backbone_features, packed_hidden
 from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
 
 KIND = "train-heads"  # work directories under the cache
@@ -48,6 +48,7 @@ class HeadsTrainConfig:
     dtype: str = "float32"  # heads' parameters and compute while training: float32 or bfloat16
     save_dtype: str = "bfloat16"  # dtype of the saved heads
     data: str = "self-distill"  # "sharegpt" (the dataset's replies) or "self-distill" (the backbone's own)
+    rows_from: str = ""  # a feature-draft work directory: train on its cached rows instead (data fields unused)
     conversations: int = 1000  # training conversations
     heldout_conversations: int = 100  # held-out conversations for evaluation
     seq_len: int = 512  # packed row length
@@ -73,7 +74,7 @@ class HeadsTrainConfig:
     def data_key(self) -> str:
         """A digest of the fields that decide the training data (names the feature cache)."""
         fields = ("model", "n_heads", "data", "conversations", "heldout_conversations", "seq_len",
-                  "max_prompt_tokens", "max_new_tokens", "seed")
+                  "max_prompt_tokens", "max_new_tokens", "seed", "rows_from")
         return hashlib.sha256(json.dumps([getattr(self, f) for f in fields]).encode()).hexdigest()[:12]
 
 
@@ -163,8 +164,40 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
     return log
 
 
+def _same_hidden(lm, rows) -> bool:
+    """Whether ``lm``'s hidden states on the first of ``rows`` (a FeatureRows) match the cached ones."""
+    if rows.features.shape[-1] != lm.config.d_model or rows.tokens.max(initial=0) >= lm.config.vocab_size:
+        return False
+    own = np.asarray(packed_hidden(lm.graphdef, lm.state, *(jnp.asarray(a[:1]) for a in rows[:3])))
+    return bool(np.allclose(own, rows.features[:1].astype(np.float32), rtol=0.02, atol=0.05))
+
+
+def rows_features(lm, rows_dir: str | Path, split: str, n_heads: int) -> Features:
+    """Features for ``split`` from the packed rows a feature-draft run cached in ``rows_dir``
+    (``features-<split>.npz``: the same final-normed hidden states, kept in float16); its first row
+    is recomputed to check that the rows were made with ``lm``."""
+    from training.feature_draft import FeatureRows
+
+    path = Path(rows_dir) / f"features-{split}.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: rows_from must be a feature-draft work directory "
+                                "(<cache>/train-feature-draft/<data key>, written by specdec train-feature-draft)")
+    with np.load(path) as f:
+        rows = FeatureRows(*(f[name] for name in FeatureRows._fields))
+    if len(rows.tokens) and not _same_hidden(lm, rows):
+        raise ValueError(f"the rows in {path} were not made with this model (their hidden states differ from "
+                         "its own on the first row): give the work directory of a run on this model")
+    labels = head_labels(Packed(rows.tokens, rows.segments, rows.positions, rows.mask), n_heads)
+    keep = (labels >= 0).any(axis=-1)
+    return Features(hidden=rows.features[keep].astype(np.float32), labels=labels[keep])
+
+
 def prepare_features(lm, cfg: HeadsTrainConfig, split: str) -> Features:
-    """Features for ``split`` ("train" or "heldout"), cached in the work directory."""
+    """Features for ``split`` ("train" or "heldout"), cached in the work directory (or read from
+    ``cfg.rows_from``, see :func:`rows_features`)."""
+    if cfg.rows_from:
+        return rows_features(lm, cfg.rows_from, split, cfg.n_heads)
+
     def build() -> Features:
         packed = pack(split_examples(lm, cfg, split), cfg.seq_len)
         return backbone_features(lm, packed, head_labels(packed, cfg.n_heads))
