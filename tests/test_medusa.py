@@ -368,8 +368,8 @@ def test_evaluate_within_a_head_vocabulary(tiny):
 
 def test_heads_train_on_the_rows_of_a_feature_draft_run(tiny_lm, tmp_path):
     """``rows_from``: hidden states and head targets read from a feature-draft run's cached rows equal
-    what the heads' own pipeline computes from the same packed rows; rows made with another model and
-    a directory without the split are clear errors."""
+    what the heads' own pipeline computes from the same packed rows; rows made with another model, a
+    directory without the split and data settings that the rows would override are clear errors."""
     packed = greedy_rows(tiny_lm, 6, 0)
     np.savez(tmp_path / "features-train.npz", **target_rows(tiny_lm, packed)._asdict())
     got = prepare_features(tiny_lm, HeadsTrainConfig(rows_from=str(tmp_path)), "train")
@@ -381,6 +381,8 @@ def test_heads_train_on_the_rows_of_a_feature_draft_run(tiny_lm, tmp_path):
         rows_features(other, tmp_path, "train", 4)
     with pytest.raises(FileNotFoundError, match="feature-draft work directory"):
         rows_features(tiny_lm, tmp_path, "heldout", 4)
+    with pytest.raises(ValueError, match="--conversations, --seq-len would be ignored"):
+        HeadsTrainConfig(rows_from=str(tmp_path), conversations=5, seq_len=64)
 
 
 def test_search_for_heads_trained_on_rows_no_longer_here(tiny_lm, tiny, tmp_path):

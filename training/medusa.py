@@ -14,7 +14,7 @@ import functools
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import jax
@@ -33,6 +33,9 @@ from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
 KIND = "train-heads"  # work directories under the cache
 
 DATA_MODES = ("sharegpt", "self-distill")
+# the fields that making training data reads; rows_from (rows made before) replaces them
+DATA_FIELDS = ("data", "conversations", "heldout_conversations", "seq_len", "max_prompt_tokens", "max_new_tokens",
+               "gen_batch")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +73,11 @@ class HeadsTrainConfig:
             raise ValueError(f"data must be one of {DATA_MODES}, got {self.data!r}")
         if self.batch_size < 1 or self.epochs <= 0:
             raise ValueError(f"batch_size must be >= 1 and epochs > 0, got {self.batch_size} and {self.epochs}")
+        unused = [f.name for f in fields(self) if f.name in DATA_FIELDS and getattr(self, f.name) != f.default]
+        if self.rows_from and unused:
+            flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+            raise ValueError(f"rows_from trains on rows made before, so {flags} would be ignored: drop "
+                             f"{'it' if len(unused) == 1 else 'them'} or drop rows_from")
 
     def data_key(self) -> str:
         """A digest of the fields that decide the training data (names the feature cache)."""
