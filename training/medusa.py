@@ -27,6 +27,7 @@ from drafts.model import token_frequencies
 from heads.medusa import MedusaHeads, new_heads, save_heads
 from specdec.model import head_table
 from training.data import Packed, head_labels, pack, split_examples
+from training.feature_draft import FeatureRows
 from training.features import Features, backbone_features, packed_hidden
 from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
 
@@ -184,8 +185,6 @@ def rows_features(lm, rows_dir: str | Path, split: str, n_heads: int) -> Feature
     """Features for ``split`` from the packed rows a feature-draft run cached in ``rows_dir``
     (``features-<split>.npz``: the same final-normed hidden states, kept in float16); its first row
     is recomputed to check that the rows were made with ``lm``."""
-    from training.feature_draft import FeatureRows
-
     path = Path(rows_dir) / f"features-{split}.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: rows_from must be a feature-draft work directory "
