@@ -44,11 +44,16 @@ def run_dir_of(cfg, work_dir: str | Path) -> Path:
     return Path(work_dir) / f"run-{hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:12]}"
 
 
+def load_arrays(path: Path, kind: type[Arrays]) -> Arrays:
+    """The NamedTuple of arrays ``kind`` saved at ``path`` (.npz, one array per field)."""
+    with np.load(path) as f:
+        return kind(*(f[name] for name in kind._fields))
+
+
 def cached_arrays(path: Path, kind: type[Arrays], build: Callable[[], Arrays]) -> Arrays:
     """The NamedTuple of arrays ``kind`` saved at ``path`` (.npz), or ``build()`` saved there first."""
     if path.exists():
-        with np.load(path) as f:
-            return kind(*(f[name] for name in kind._fields))
+        return load_arrays(path, kind)
     data = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **data._asdict())

@@ -29,7 +29,7 @@ from specdec.model import head_table
 from training.data import Packed, head_labels, pack, split_examples
 from training.feature_draft import FeatureRows
 from training.features import Features, backbone_features, packed_hidden
-from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
+from training.loop import cached_arrays, load_arrays, make_optimizer, train_loop, work_dir_of
 
 KIND = "train-heads"  # work directories under the cache
 
@@ -177,7 +177,8 @@ def _same_hidden(lm, rows) -> bool:
     """Whether ``lm``'s hidden states on the first of ``rows`` (a FeatureRows) match the cached ones."""
     if rows.features.shape[-1] != lm.config.d_model or rows.tokens.max(initial=0) >= lm.config.vocab_size:
         return False
-    own = np.asarray(packed_hidden(lm.graphdef, lm.state, *(jnp.asarray(a[:1]) for a in rows[:3])))
+    first = (jnp.asarray(a[:1]) for a in (rows.tokens, rows.segments, rows.positions))
+    own = np.asarray(packed_hidden(lm.graphdef, lm.state, *first))
     return bool(np.allclose(own, rows.features[:1].astype(np.float32), rtol=0.02, atol=0.05))
 
 
@@ -189,8 +190,7 @@ def rows_features(lm, rows_dir: str | Path, split: str, n_heads: int) -> Feature
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: rows_from must be a feature-draft work directory "
                                 "(<cache>/train-feature-draft/<data key>, written by specdec train-feature-draft)")
-    with np.load(path) as f:
-        rows = FeatureRows(*(f[name] for name in FeatureRows._fields))
+    rows = load_arrays(path, FeatureRows)
     if len(rows.tokens) and not _same_hidden(lm, rows):
         raise ValueError(f"the rows in {path} were not made with this model (their hidden states differ from "
                          "its own on the first row): give the work directory of a run on this model")
