@@ -18,10 +18,10 @@ pytestmark = pytest.mark.real
 NEW_TOKENS = 10
 
 
-def _in_bucket(lm, prompts: list[str], n: int, bucket: int = 128) -> list[str]:
-    """The first ``n`` prompts whose chat-templated length pads to ``bucket`` tokens (65-128): the rows
+def _in_bucket(lm, prompts: list[str], n: int, bucket: int = 160) -> list[str]:
+    """The first ``n`` prompts whose chat-templated length pads to ``bucket`` tokens (129-160): the rows
     still differ in length, but each batch size compiles one prefill program (a compile of the
-    30-layer model costs 5-9 s on a 2-core CPU; five buckets cost four times as many)."""
+    30-layer model costs 5-9 s on a 2-core CPU; ten buckets cost nine times as many)."""
     ids = encode_prompts(lm, prompts, chat=True, system=None)  # as generate encodes them
     return [p for p, x in zip(prompts, ids) if prompt_bucket(len(x)) == bucket][:n]
 
@@ -30,7 +30,7 @@ def _in_bucket(lm, prompts: list[str], n: int, bucket: int = 128) -> list[str]:
 def prompts(smollm2) -> list[str]:
     """16 HumanEval + 16 held-out ShareGPT prompts of one length bucket."""
     chosen = (_in_bucket(smollm2, humaneval_chat_prompts(60), 16)
-              + _in_bucket(smollm2, sharegpt_prompts(120, max_chars=600), 16))
+              + _in_bucket(smollm2, sharegpt_prompts(300, max_chars=600), 16))
     assert len(chosen) == 32
     return chosen
 
