@@ -31,9 +31,9 @@ def test_long_prompts_pad_by_at_most_a_quarter_and_decode_as_unpadded(tiny, tiny
     assert [prompt_bucket(n) for n in (1, 16, 17, 64, 65, 81, 129, 161, 340, 513)] == [
         16, 16, 32, 64, 80, 96, 160, 192, 384, 640]
     assert all(n <= prompt_bucket(n) <= max(64, n + n // 4) for n in range(1, 5000))
-    prompts = [[(7 * i) % 90 + 1 for i in range(n)] for n in (70, 150)]  # buckets 80 and 160, rows batched at 160
-    for prompt, res in zip(prompts, specdec.generate(tiny_lm, prompts, max_new_tokens=5)):
-        assert res.tokens == sampling_reference(tiny, prompt, 5)
+    for n in (70, 150):  # buckets 80 and 160
+        prompt = [(7 * i) % 90 + 1 for i in range(n)]
+        assert specdec.generate(tiny_lm, prompt, max_new_tokens=5).tokens == sampling_reference(tiny, prompt, 5)
 
 
 def test_sampling_matches_uncached_reference_and_batch_layout(tiny, tiny_lm):
