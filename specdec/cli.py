@@ -1,6 +1,6 @@
 """Command line: ``specdec generate``, ``batch``, ``check``, ``train-heads``, ``train-draft``,
-``train-feature-draft``, ``train-skipdecode``, ``build-ngrams``, ``search-tree``, ``draft-tree``, ``tune`` and
-``fetch``."""
+``train-feature-draft``, ``train-skipdecode``, ``build-ngrams``, ``search-tree``, ``draft-tree``, ``heads-tree``,
+``tune`` and ``fetch``."""
 
 from __future__ import annotations
 
@@ -275,12 +275,27 @@ def _draft_tree(args) -> int:
     from training.rank_trees import write_draft_trees
 
     lm = load_once(args.model)
-    for row in write_draft_trees(lm, feature_draft_dir(lm, args.feature_draft), args.nodes, args.out,
-                                 depth=args.depth, max_rank=args.max_rank):
-        print(f"tree-{row['nodes']}.json: depth {row['depth']}, {row['decoded_tokens_per_forward']:.3f} tokens per "
-              f"target forward decoding {row['heldout_replies']} held-out replies ({row['heldout_tokens']} tokens; "
-              f"{row['all_roots_tokens_per_forward']:.3f} averaged over every token as a root)")
-    print(f"written under {args.out} (use with --method eagle --tree FILE)", file=sys.stderr)
+    rows = write_draft_trees(lm, feature_draft_dir(lm, args.feature_draft), args.nodes, args.out, depth=args.depth,
+                             max_rank=args.max_rank)
+    return _print_trees(rows, args.out, "eagle")
+
+
+def _heads_tree(args) -> int:
+    from training.rank_trees import write_heads_trees
+
+    lm = load_once(args.model)
+    rows = write_heads_trees(lm, args.heads, args.nodes, args.out, max_rank=args.max_rank, head_vocab=args.head_vocab)
+    return _print_trees(rows, args.out, "medusa")
+
+
+def _print_trees(rows: list[dict], out: str, method: str) -> int:
+    for row in rows:
+        print(f"{row['file']}: {row['nodes']} nodes, depth {row['depth']}, "
+              f"{row['decoded_tokens_per_forward']:.3f} tokens per target forward decoding {row['heldout_replies']} "
+              f"held-out replies ({row['heldout_tokens']} tokens), {row['cross_tokens_per_forward']:.3f} on halves "
+              f"the tree was not chosen on, {row['all_roots_tokens_per_forward']:.3f} averaged over every token as a "
+              "root")
+    print(f"written under {out} (use with --method {method} --tree FILE)", file=sys.stderr)
     return 0
 
 
@@ -439,6 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--depth", type=int, default=8, help="deepest path measured")
     dt.add_argument("--max-rank", type=int, default=8, help="ranks measured per depth (0 .. max-rank - 1)")
     dt.set_defaults(func=_draft_tree)
+    ht = sub.add_parser("heads-tree", help="Medusa trees of head ranks (--method medusa --tree): the rank paths "
+                                           "most often right on the heads' held-out text")
+    ht.add_argument("--model", default="smollm2-135m")
+    ht.add_argument("--heads", default=None, help="heads directory (default: the bundled heads for the model)")
+    ht.add_argument("--nodes", type=int, nargs="+", required=True, help="tree sizes (nodes besides the root)")
+    ht.add_argument("--out", required=True, help="directory for tree-<nodes>.json")
+    ht.add_argument("--max-rank", type=int, default=16, help="ranks measured per head (0 .. max-rank - 1)")
+    ht.add_argument("--head-vocab", type=int, default=None, help="heads ranking only the N tokens they were most "
+                    "often trained on (default: as their saved tree.json; 0: every token)")
+    ht.set_defaults(func=_heads_tree)
     tu = sub.add_parser("tune", help="measure which k (or Medusa tree) and budget decode fastest on this device at "
                                      "each number of running rows: a by-load schedule (for --schedule)")
     tu.add_argument("--model", default="smollm2-135m")

@@ -25,10 +25,12 @@ from specdec.methods import build_proposer
 from specdec.model import init_model
 from conftest import greedy_rows
 from specdec.loading import LoadedModel
-from training.data import head_labels
+from training.data import Example, head_labels, pack
 from training.feature_draft import target_rows
 from training.features import Features, backbone_features
-from training.medusa import HeadsTrainConfig, evaluate, fit, label_counts, prepare_features, rows_features
+from training.medusa import HeadsTrainConfig, evaluate, fit, heads_reply_ranks, label_counts, prepare_features, \
+    rows_features
+from training.rank_trees import replay_counts, write_heads_trees
 
 
 def random_heads(model, seed: int, scale: float, **kw):
@@ -394,3 +396,38 @@ def test_search_for_heads_trained_on_rows_no_longer_here(tiny_lm, tiny, tmp_path
                {"training": {"config": {"model": "tiny", "rows_from": str(tmp_path / "gone")}}})
     with pytest.raises(FileNotFoundError, match="feature-draft work directory.*--accuracy-from .*tree.json"):
         search_for_heads(tiny_lm, load_heads(tmp_path, tiny), tmp_path, max_nodes=4)
+
+
+def test_head_ranks_replay_exactly_what_medusa_decoding_does(tiny_lm, tiny):
+    """The heads' ranks of the target's own greedy replies, replayed with a tree, take as many target
+    forwards per row as Medusa decoding with that tree took to write those replies."""
+    heads = random_heads(tiny, 5, 0.1)
+    tree = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (3, 5, 7, 4, 6)]
+    outs = specdec.generate(tiny_lm, prompts, method="medusa", heads=heads, tree=tree, max_new_tokens=24,
+                            ignore_eos=True)
+    examples = [Example(p + o.tokens, [0] * len(p) + [1] * len(o.tokens)) for p, o in zip(prompts, outs)]
+    replies = heads_reply_ranks(heads, head_table(tiny), target_rows(tiny_lm, pack(examples, 64)), max_rank=8)
+    assert [len(r) for r in replies] == [24] * len(prompts)
+    assert [replay_counts([r], tree, 8) for r in replies] == [(23, o.target_forwards) for o in outs]
+    assert sum(o.target_forwards for o in outs) < 23 * len(prompts)  # some steps accepted drafts
+
+
+def test_heads_trees_from_the_held_out_split(tiny_lm, tiny, tmp_path):
+    """``specdec heads-tree``: trees of the heads' ranks on the held-out rows of their training run, usable as
+    Medusa trees; heads without a recorded training run are a clear error."""
+    np.savez(tmp_path / "features-heldout.npz", **target_rows(tiny_lm, greedy_rows(tiny_lm, 6, 2))._asdict())
+    heads_dir = tmp_path / "heads"
+    save_heads(random_heads(tiny, 5, 0.1), heads_dir, {"training": {"config": {"rows_from": str(tmp_path)}}})
+    rows = write_heads_trees(tiny_lm, heads_dir, [1, 6], tmp_path / "trees", max_rank=4, head_vocab=0)
+    assert [(r["file"], r["nodes"]) for r in rows] == [("tree-1.json", 1), ("tree-6.json", 6)]
+    assert rows[0]["paths"] == [[0]] and rows[1]["decoded_tokens_per_forward"] >= rows[0]["decoded_tokens_per_forward"]
+    out = specdec.generate(tiny_lm, [3, 4, 5], method="medusa", heads=load_heads(heads_dir, tiny),
+                           tree=str(tmp_path / "trees" / "tree-6.json"), max_new_tokens=8)
+    assert len(out.tokens) == 8
+    save_heads(new_heads(tiny, base_name="tiny"), tmp_path / "untrained")
+    with pytest.raises(ValueError, match="record no training config"):
+        write_heads_trees(tiny_lm, tmp_path / "untrained", [4], tmp_path / "trees")
+    with pytest.raises(ValueError, match="at least 1 node"):
+        write_heads_trees(tiny_lm, heads_dir, [0], tmp_path / "trees")

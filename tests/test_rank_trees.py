@@ -1,4 +1,4 @@
-"""Trees of draft ranks for a feature draft: rank paths, the most frequent tree, the replay."""
+"""Trees of draft ranks: rank paths, the most frequent tree, the replay (on its own replies and on others)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from heads.trees import frequent_tree
-from training.rank_trees import decoded_tokens_per_forward, path_shares, root_paths
+from training.rank_trees import cross_tokens_per_forward, decoded_tokens_per_forward, path_shares, replay_counts, \
+    root_paths
 
 R = 4  # max_rank: "ranked lower"
 
@@ -37,3 +38,12 @@ def test_shares_pick_prefix_closed_trees_and_the_replay_counts_steps():
     # with (0, 0, 1) root 0 accepts 3: all 4 tokens in 1 forward
     assert decoded_tokens_per_forward([REPLY], [(0,), (0, 0), (0, 0, 0), (0, 0, 1)], R) == pytest.approx(4 / 1)
     assert decoded_tokens_per_forward([REPLY], [], R) == 1.0
+
+
+def test_cross_replay_scores_trees_on_replies_they_were_not_chosen_on():
+    """Each half's 1-node tree is its own rank 0 or 1 path, which the other half never follows."""
+    zeros, ones = np.zeros((4, 1), int), np.ones((4, 1), int)
+    assert replay_counts([zeros], [(0,)], R) == (3, 2)  # root 0 accepts 1 (2 tokens), root 2 the last one
+    assert decoded_tokens_per_forward([zeros, ones], frequent_tree(path_shares([zeros, ones], R), 2), R) == 1.5
+    assert cross_tokens_per_forward([zeros, ones], 1, R) == 1.0  # 3 tokens in 3 forwards on each half
+    assert cross_tokens_per_forward([zeros, zeros], 1, R) == 1.5

@@ -27,7 +27,7 @@ from drafts.model import token_frequencies
 from heads.medusa import MedusaHeads, new_heads, save_heads
 from specdec.model import head_table
 from training.data import Packed, head_labels, pack, split_examples
-from training.feature_draft import FeatureRows
+from training.feature_draft import FeatureRows, target_rows
 from training.features import Features, backbone_features, packed_hidden
 from training.loop import cached_arrays, load_arrays, make_optimizer, train_loop, work_dir_of
 
@@ -182,10 +182,10 @@ def _same_hidden(lm, rows) -> bool:
     return bool(np.allclose(own, rows.features[:1].astype(np.float32), rtol=0.02, atol=0.05))
 
 
-def rows_features(lm, rows_dir: str | Path, split: str, n_heads: int) -> Features:
-    """Features for ``split`` from the packed rows a feature-draft run cached in ``rows_dir``
-    (``features-<split>.npz``: the same final-normed hidden states, kept in float16); its first row
-    is recomputed to check that the rows were made with ``lm``."""
+def cached_rows(lm, rows_dir: str | Path, split: str) -> FeatureRows:
+    """The packed rows of ``split`` a feature-draft run cached in ``rows_dir`` (``features-<split>.npz``:
+    the same final-normed hidden states, kept in float16); its first row is recomputed to check that
+    the rows were made with ``lm``."""
     path = Path(rows_dir) / f"features-{split}.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: rows_from must be a feature-draft work directory "
@@ -194,6 +194,13 @@ def rows_features(lm, rows_dir: str | Path, split: str, n_heads: int) -> Feature
     if len(rows.tokens) and not _same_hidden(lm, rows):
         raise ValueError(f"the rows in {path} were not made with this model (their hidden states differ from "
                          "its own on the first row): give the work directory of a run on this model")
+    return rows
+
+
+def rows_features(lm, rows_dir: str | Path, split: str, n_heads: int) -> Features:
+    """Features for ``split`` from the packed rows a feature-draft run cached in ``rows_dir`` (see
+    :func:`cached_rows`)."""
+    rows = cached_rows(lm, rows_dir, split)
     labels = head_labels(Packed(rows.tokens, rows.segments, rows.positions, rows.mask), n_heads)
     keep = (labels >= 0).any(axis=-1)
     return Features(hidden=rows.features[keep].astype(np.float32), labels=labels[keep])
@@ -242,3 +249,56 @@ def label_counts(data: Features, vocab_size: int) -> np.ndarray:
     ``head_vocab=N`` ranks, see :func:`heads.medusa.head_vocabulary`)."""
     first = data.labels[:, 0]
     return token_frequencies([first[first >= 0]], vocab_size)
+
+
+def heldout_rows(lm, cfg: HeadsTrainConfig) -> FeatureRows:
+    """The held-out split of the heads' training run as packed rows with the target's features and greedy
+    tokens: read from ``cfg.rows_from``, else made again (self-distilled replies are generated again)."""
+    if cfg.rows_from:
+        return cached_rows(lm, cfg.rows_from, "heldout")
+    return target_rows(lm, pack(split_examples(lm, cfg, "heldout"), cfg.seq_len))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_rank"))
+def _label_ranks(graphdef, params, table, hidden, labels, allowed, max_rank: int):
+    """``hidden: [L, d]``, ``labels: [L, n]`` -> ``[L, n]``: how many of head k's allowed tokens score above
+    its label, ``max_rank`` where that is more, the label is not allowed or there is none (-1)."""
+    logits = nnx.merge(graphdef, params).logits(hidden, table)
+    logits = logits if allowed is None else jnp.where(allowed, logits, -jnp.inf)
+    at = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)
+    rank = jnp.sum(logits > at, axis=-1)
+    return jnp.where((labels >= 0) & jnp.isfinite(at[..., 0]), jnp.minimum(rank, max_rank), max_rank)
+
+
+def heads_reply_ranks(heads: MedusaHeads, table: jax.Array, rows: FeatureRows, max_rank: int = 16,
+                      vocab: np.ndarray | None = None) -> list[np.ndarray]:
+    """Where the target's greedy tokens rank among the heads' candidates, reply by reply of ``rows``.
+
+    One ``[n, n_heads]`` int array per reply of ``n`` tokens, as :mod:`training.rank_trees` reads it: row
+    ``j``, column ``d`` is the rank, in head ``d``'s scores at the root entry ``j - d``, of the target's
+    greedy token ``d + 1`` past the root's own token. Entry ``j`` is the step whose root token (the
+    target's, from the step before) is the reply's ``j``-th; the heads read the hidden state of the
+    position before it, as decoding does. ``max_rank`` where it ranks lower, falls outside ``vocab``
+    (``head_vocab`` ids) or past the reply. On self-distilled rows (the target's own greedy text) this is
+    exactly what greedy decoding meets; on other text the path follows that text.
+    """
+    graphdef, params = nnx.split(heads)
+    n = heads.config.n_heads
+    allowed = None if vocab is None else jnp.zeros(heads.config.vocab_size, bool).at[jnp.asarray(vocab)].set(True)
+    replies = []
+    for r in range(len(rows.tokens)):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], rows.mask[r].astype(np.int8), [0]])))
+        runs = [(max(a, 1), b) for a, b in zip(edges[::2], edges[1::2]) if b > max(a, 1)]
+        labels = np.full((rows.tokens.shape[1], n), -1, np.int32)
+        for a, b in runs:  # reply tokens a .. b - 1: roots a - 1 .. b - 2; greedy[q] is the token at q + 1
+            roots = np.arange(a - 1, b - 1)[:, None]
+            ahead = roots + 1 + np.arange(n)[None]
+            labels[a - 1:b - 1] = np.where(ahead + 1 < b, rows.greedy[r][np.minimum(ahead, b - 1)], -1)
+        ranks = np.asarray(_label_ranks(graphdef, params, table, jnp.asarray(rows.features[r], jnp.float32),
+                                        jnp.asarray(labels), allowed, max_rank))
+        for a, b in runs:
+            reply = np.full((b - a, n), max_rank, ranks.dtype)
+            for d in range(min(n, b - a)):
+                reply[d:, d] = ranks[a - 1:b - 1 - d, d]
+            replies.append(reply)
+    return replies

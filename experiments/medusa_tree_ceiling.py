@@ -1,0 +1,92 @@
+"""How many tokens per target forward Medusa trees of any size reach with the bundled SmolLM2 heads.
+
+The heads' ranks of the target's greedy tokens on the held-out replies of their
+training run (:func:`training.medusa.heads_reply_ranks`; the heads rank their
+default head vocabulary) give, for each tree size N (drafts besides the root):
+
+- frequent: the N rank paths that held most often on those replies
+  (:func:`heads.trees.frequent_tree`), the best N-node tree for them;
+- replay_own: greedy decoding of those replies replayed with it
+  (:func:`training.rank_trees.decoded_tokens_per_forward`): optimistic for large
+  trees, which keep paths seen once;
+- replay_cross: trees chosen on every other reply, replayed on the rest
+  (:func:`training.rank_trees.cross_tokens_per_forward`): what the tree does on
+  replies it was not chosen on;
+- grown_replay: the tree ``bench_medusa.py --trees grown-<N+1>`` decodes with
+  (grown from the per-head top-1..10 accuracies in the heads' ``tree.json``,
+  heads taken as independent), replayed on all the replies.
+
+With ``--max-rank 4096`` every rank the heads can propose counts, so the
+largest sizes keep every path ever seen: replay_cross there bounds what any
+tree reaches with these heads on these replies. Needs the held-out rows of the
+heads' training run (``rows_from`` in their ``medusa_config.json``, made again
+with ``specdec train-feature-draft --data self-distill --conversations 4000
+--max-steps 0`` when absent). No timing: the figures do not depend on the machine.
+
+    .venv/bin/python experiments/medusa_tree_ceiling.py [--max-rank 16 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import specdec
+from heads.bundled import TREE_FILE, default_head_vocab, heads_for
+from heads.medusa import head_vocab_ids, read_metadata
+from heads.search import saved_accuracies
+from heads.trees import frequent_tree, grow_tree, rank_accuracy
+from specdec.bench import write_results
+from specdec.model import head_table
+from training.medusa import HeadsTrainConfig, heads_reply_ranks, heldout_rows
+from training.rank_trees import cross_tokens_per_forward, decoded_tokens_per_forward, path_shares
+
+SIZES = (1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 4095, 1_000_000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-rank", type=int, nargs="+", default=[16, 4096],
+                        help="ranks counted per head (0 .. max-rank - 1), one table part each")
+    parser.add_argument("--results-name", default="medusa_tree_ceiling",
+                        help="file name of the results (.json, .md) under experiments/results/<device>/")
+    args = parser.parse_args()
+    lm = specdec.load("smollm2-135m")
+    heads, heads_dir = heads_for(lm, None)
+    cfg = HeadsTrainConfig(**read_metadata(heads_dir)["training"]["config"])
+    size = default_head_vocab(heads_dir)
+    rows_in = heldout_rows(lm, cfg)
+    accuracy, _ = saved_accuracies(heads_dir / TREE_FILE, fix="run `specdec search-tree --save`")
+    rows = []
+    vocab = head_vocab_ids(lm, size, heads_dir)
+    for max_rank in args.max_rank:
+        replies = heads_reply_ranks(heads, head_table(lm.module), rows_in, max_rank, vocab)
+        share = path_shares(replies, max_rank)
+        for n in SIZES:
+            paths = frequent_tree(share, n)
+            grown = grow_tree(rank_accuracy(accuracy), n) if n < 4096 else None
+            rows.append({"max_rank": max_rank, "nodes": len(paths),
+                         "replay_own": round(decoded_tokens_per_forward(replies, paths, max_rank), 3),
+                         "replay_cross": round(cross_tokens_per_forward(replies, n, max_rank), 3),
+                         "all_roots": round(1 + sum(share[p] for p in paths), 3),
+                         "grown_replay": None if grown is None else
+                         round(decoded_tokens_per_forward(replies, grown, max_rank), 3)})
+            print(rows[-1], flush=True)
+            if len(paths) < n:
+                break
+    write_results(args.results_name, {
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled Medusa heads (bfloat16), "
+                 f"head vocabulary {size}",
+        "prompts": f"the heads' held-out replies: {len(replies)} self-distilled greedy replies "
+                   f"({sum(len(r) for r in replies)} tokens), the target's own text",
+        "rows": rows,
+        "notes": ["nodes: drafts besides the root (a tree of N + 1 nodes); the last size of each max_rank keeps "
+                  "every rank path seen at least once",
+                  "replay_own: the tree replayed on the replies it was chosen on; replay_cross: chosen on every "
+                  "other reply, replayed on the rest (both ways); all_roots: 1 + the summed path shares (every "
+                  "token as a root); grown_replay: the grown-(N+1) tree of bench_medusa.py replayed on all replies",
+                  "tokens per target forward of greedy decoding (the target's own token included)"],
+    }, ["max_rank", "nodes", "replay_own", "replay_cross", "all_roots", "grown_replay"])
+
+
+if __name__ == "__main__":
+    main()
