@@ -17,11 +17,14 @@ default head vocabulary) give, for each tree size N (drafts besides the root):
   heads taken as independent), replayed on all the replies.
 
 With ``--max-rank 4096`` every rank the heads can propose counts, so the
-largest sizes keep every path ever seen: replay_cross there bounds what any
-tree reaches with these heads on these replies. Needs the held-out rows of the
-heads' training run (``rows_from`` in their ``medusa_config.json``, made again
-with ``specdec train-feature-draft --data self-distill --conversations 4000
---max-steps 0`` when absent). No timing: the figures do not depend on the machine.
+largest sizes keep every path ever seen, and replay_cross there estimates (one
+two-fold split) how far trees of any size go with these heads on replies they
+were not chosen on. Needs the held-out rows of the heads' training run
+(``rows_from`` in their ``medusa_config.json``: ``features-heldout.npz`` of the
+bundled feature draft's self-distilled data, made again by
+``training.feature_draft.prepare_data(lm, cfg, "heldout")`` with the draft's
+recorded config, 110 s on a 2-core Xeon). No timing: the figures do not depend
+on the machine.
 
     .venv/bin/python experiments/medusa_tree_ceiling.py [--max-rank 16 4096]
 """
@@ -30,15 +33,14 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 import specdec
-from heads.bundled import TREE_FILE, default_head_vocab, heads_for
-from heads.medusa import head_vocab_ids, read_metadata
+from heads.bundled import TREE_FILE, heads_for
 from heads.search import saved_accuracies
 from heads.trees import frequent_tree, grow_tree, rank_accuracy
 from specdec.bench import write_results
-from specdec.model import head_table
-from training.medusa import HeadsTrainConfig, heads_reply_ranks, heldout_rows
-from training.rank_trees import cross_tokens_per_forward, decoded_tokens_per_forward, path_shares
+from training.rank_trees import cross_tokens_per_forward, decoded_tokens_per_forward, heads_heldout_ranks, path_shares
 
 SIZES = (1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 4095, 1_000_000)
 
@@ -51,19 +53,16 @@ def main() -> None:
                         help="file name of the results (.json, .md) under experiments/results/<device>/")
     args = parser.parse_args()
     lm = specdec.load("smollm2-135m")
-    heads, heads_dir = heads_for(lm, None)
-    cfg = HeadsTrainConfig(**read_metadata(heads_dir)["training"]["config"])
-    size = default_head_vocab(heads_dir)
-    rows_in = heldout_rows(lm, cfg)
+    _, heads_dir = heads_for(lm, None)
     accuracy, _ = saved_accuracies(heads_dir / TREE_FILE, fix="run `specdec search-tree --save`")
+    measured, about = heads_heldout_ranks(lm, heads_dir, max(args.max_rank))
     rows = []
-    vocab = head_vocab_ids(lm, size, heads_dir)
     for max_rank in args.max_rank:
-        replies = heads_reply_ranks(heads, head_table(lm.module), rows_in, max_rank, vocab)
+        replies = [np.minimum(r, max_rank) for r in measured]
         share = path_shares(replies, max_rank)
         for n in SIZES:
             paths = frequent_tree(share, n)
-            grown = grow_tree(rank_accuracy(accuracy), n) if n < 4096 else None
+            grown = grow_tree(rank_accuracy(accuracy), len(paths)) if len(paths) < 4096 else None
             rows.append({"max_rank": max_rank, "nodes": len(paths),
                          "replay_own": round(decoded_tokens_per_forward(replies, paths, max_rank), 3),
                          "replay_cross": round(cross_tokens_per_forward(replies, n, max_rank), 3),
@@ -75,15 +74,16 @@ def main() -> None:
                 break
     write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled Medusa heads (bfloat16), "
-                 f"head vocabulary {size}",
-        "prompts": f"the heads' held-out replies: {len(replies)} self-distilled greedy replies "
-                   f"({sum(len(r) for r in replies)} tokens), the target's own text",
+                 f"head vocabulary {about['head_vocab']}",
+        "prompts": f"the heads' held-out replies: {len(measured)} self-distilled greedy replies "
+                   f"({sum(len(r) for r in measured)} tokens), the target's own text",
         "rows": rows,
         "notes": ["nodes: drafts besides the root (a tree of N + 1 nodes); the last size of each max_rank keeps "
                   "every rank path seen at least once",
                   "replay_own: the tree replayed on the replies it was chosen on; replay_cross: chosen on every "
                   "other reply, replayed on the rest (both ways); all_roots: 1 + the summed path shares (every "
-                  "token as a root); grown_replay: the grown-(N+1) tree of bench_medusa.py replayed on all replies",
+                  "token as a root); grown_replay: the grown tree of as many nodes (bench_medusa.py --trees "
+                  "grown-<nodes + 1>) replayed on all replies",
                   "tokens per target forward of greedy decoding (the target's own token included)"],
     }, ["max_rank", "nodes", "replay_own", "replay_cross", "all_roots", "grown_replay"])
 

@@ -290,11 +290,12 @@ def _heads_tree(args) -> int:
 
 def _print_trees(rows: list[dict], out: str, method: str) -> int:
     for row in rows:
+        cross = row["cross_tokens_per_forward"]
         print(f"{row['file']}: {row['nodes']} nodes, depth {row['depth']}, "
               f"{row['decoded_tokens_per_forward']:.3f} tokens per target forward decoding {row['heldout_replies']} "
-              f"held-out replies ({row['heldout_tokens']} tokens), {row['cross_tokens_per_forward']:.3f} on halves "
-              f"the tree was not chosen on, {row['all_roots_tokens_per_forward']:.3f} averaged over every token as a "
-              "root")
+              f"held-out replies ({row['heldout_tokens']} tokens), "
+              + ("" if cross is None else f"{cross:.3f} on halves the tree was not chosen on, ")
+              + f"{row['all_roots_tokens_per_forward']:.3f} averaged over every token as a root")
     print(f"written under {out} (use with --method {method} --tree FILE)", file=sys.stderr)
     return 0
 

@@ -29,7 +29,7 @@ from training.data import Example, head_labels, pack
 from training.feature_draft import target_rows
 from training.features import Features, backbone_features
 from training.medusa import HeadsTrainConfig, evaluate, fit, heads_reply_ranks, label_counts, prepare_features, \
-    rows_features
+    reply_runs, rows_features
 from training.rank_trees import replay_counts, write_heads_trees
 
 
@@ -422,7 +422,8 @@ def test_heads_trees_from_the_held_out_split(tiny_lm, tiny, tmp_path):
     save_heads(random_heads(tiny, 5, 0.1), heads_dir, {"training": {"config": {"rows_from": str(tmp_path)}}})
     rows = write_heads_trees(tiny_lm, heads_dir, [1, 6], tmp_path / "trees", max_rank=4, head_vocab=0)
     assert [(r["file"], r["nodes"]) for r in rows] == [("tree-1.json", 1), ("tree-6.json", 6)]
-    assert rows[0]["paths"] == [[0]] and rows[1]["decoded_tokens_per_forward"] >= rows[0]["decoded_tokens_per_forward"]
+    assert rows[0]["paths"] == [[0]] and rows[1]["max_rank"] == 4 and rows[1]["cross_tokens_per_forward"] > 1.0
+    assert rows[1]["decoded_tokens_per_forward"] >= rows[0]["decoded_tokens_per_forward"] > 1.0
     out = specdec.generate(tiny_lm, [3, 4, 5], method="medusa", heads=load_heads(heads_dir, tiny),
                            tree=str(tmp_path / "trees" / "tree-6.json"), max_new_tokens=8)
     assert len(out.tokens) == 8
@@ -431,3 +432,29 @@ def test_heads_trees_from_the_held_out_split(tiny_lm, tiny, tmp_path):
         write_heads_trees(tiny_lm, tmp_path / "untrained", [4], tmp_path / "trees")
     with pytest.raises(ValueError, match="at least 1 node"):
         write_heads_trees(tiny_lm, heads_dir, [0], tmp_path / "trees")
+    with pytest.raises(ValueError, match="max_rank must be at least 1"):
+        write_heads_trees(tiny_lm, heads_dir, [4], tmp_path / "trees", max_rank=0)
+
+
+def test_reply_runs_stay_inside_one_example():
+    """A run starts after its example's first token (the first step's root) and ends at a segment change."""
+    mask = np.array([1, 1, 0, 1, 1, 1, 1, 1, 1, 0], bool)
+    segments = np.array([1, 1, 1, 1, 1, 2, 2, 3, 0, 0])
+    assert reply_runs(mask, segments) == [(1, 2), (3, 5), (6, 7)]  # 8: padding (segment 0)
+    assert reply_runs(np.zeros(4, bool), np.ones(4, int)) == []
+
+
+def test_head_ranks_within_a_head_vocabulary(tiny_lm, tiny):
+    """Ranking within ``vocab`` projects onto its rows only: every token in any order ranks as with no
+    vocabulary; without the first label's token that label is out (max_rank), and no rank rises."""
+    heads, table = random_heads(tiny, 5, 0.1), head_table(tiny)
+    rows = target_rows(tiny_lm, greedy_rows(tiny_lm, 4, 3))
+    full = np.concatenate(heads_reply_ranks(heads, table, rows, max_rank=8))
+    order = np.random.default_rng(0).permutation(tiny.config.vocab_size)
+    np.testing.assert_array_equal(np.concatenate(heads_reply_ranks(heads, table, rows, 8, vocab=order)), full)
+    a, _ = reply_runs(rows.mask[0], rows.segments[0])[0]
+    cut = np.concatenate(heads_reply_ranks(heads, table, rows, 8, vocab=order[order != rows.greedy[0][a]]))
+    assert cut[0, 0] == 8 and full[0, 0] < 8
+    assert np.all((cut <= full) | (cut == 8))
+    with pytest.raises(ValueError, match="share the base LM head"):
+        heads_reply_ranks(new_heads(tiny, base_name="tiny", shared_lm_head=False), table, rows, 8, vocab=order)

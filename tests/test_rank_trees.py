@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from heads.trees import frequent_tree
 from training.rank_trees import cross_tokens_per_forward, decoded_tokens_per_forward, path_shares, replay_counts, \
-    root_paths
+    root_paths, write_trees
 
 R = 4  # max_rank: "ranked lower"
 
@@ -47,3 +49,19 @@ def test_cross_replay_scores_trees_on_replies_they_were_not_chosen_on():
     assert decoded_tokens_per_forward([zeros, ones], frequent_tree(path_shares([zeros, ones], R), 2), R) == 1.5
     assert cross_tokens_per_forward([zeros, ones], 1, R) == 1.0  # 3 tokens in 3 forwards on each half
     assert cross_tokens_per_forward([zeros, zeros], 1, R) == 1.5
+    assert cross_tokens_per_forward([zeros], 1, R) is None  # no half to replay on
+
+
+def test_write_trees_records_each_tree_and_rejects_bad_sizes(tmp_path):
+    rows = write_trees([REPLY, REPLY], [2, 100], tmp_path, R, {"heads": "toy"})
+    assert [(r["file"], r["max_rank"], r["heads"]) for r in rows] == [("tree-2.json", R, "toy"),
+                                                                       ("tree-100.json", R, "toy")]
+    assert rows[1]["nodes"] == len(path_shares([REPLY], R)) < 100  # every path that ever held
+    assert json.loads((tmp_path / "tree-2.json").read_text())["paths"] == rows[0]["paths"]
+    for bad, match in (([], "at least 1 node"), ([0], "at least 1 node")):
+        with pytest.raises(ValueError, match=match):
+            write_trees([REPLY], bad, tmp_path, R, {})
+    with pytest.raises(ValueError, match="max_rank must be at least 1"):
+        write_trees([REPLY], [2], tmp_path, 0, {})
+    with pytest.raises(ValueError, match="no held-out replies"):
+        write_trees([], [2], tmp_path, R, {})

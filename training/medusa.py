@@ -253,49 +253,65 @@ def label_counts(data: Features, vocab_size: int) -> np.ndarray:
 
 def heldout_rows(lm, cfg: HeadsTrainConfig) -> FeatureRows:
     """The held-out split of the heads' training run as packed rows with the target's features and greedy
-    tokens: read from ``cfg.rows_from``, else made again (self-distilled replies are generated again)."""
+    tokens: read from ``cfg.rows_from``, else made as the run made them (for ``data="self-distill"`` the
+    replies are generated again) and cached in its work directory."""
     if cfg.rows_from:
         return cached_rows(lm, cfg.rows_from, "heldout")
-    return target_rows(lm, pack(split_examples(lm, cfg, "heldout"), cfg.seq_len))
+    return cached_arrays(work_dir_of(cfg, KIND) / "rows-heldout.npz", FeatureRows,
+                         lambda: target_rows(lm, pack(split_examples(lm, cfg, "heldout"), cfg.seq_len)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_rank"))
-def _label_ranks(graphdef, params, table, hidden, labels, allowed, max_rank: int):
-    """``hidden: [L, d]``, ``labels: [L, n]`` -> ``[L, n]``: how many of head k's allowed tokens score above
-    its label, ``max_rank`` where that is more, the label is not allowed or there is none (-1)."""
+def _label_ranks(graphdef, params, table, hidden, labels, max_rank: int):
+    """``hidden: [L, d]``, ``labels: [L, n]`` (indices into the heads' logits) -> ``[L, n]``: how many tokens
+    head k scores above its label, ``max_rank`` where that is more or there is no label (-1)."""
     logits = nnx.merge(graphdef, params).logits(hidden, table)
-    logits = logits if allowed is None else jnp.where(allowed, logits, -jnp.inf)
     at = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)
-    rank = jnp.sum(logits > at, axis=-1)
-    return jnp.where((labels >= 0) & jnp.isfinite(at[..., 0]), jnp.minimum(rank, max_rank), max_rank)
+    return jnp.where(labels >= 0, jnp.minimum(jnp.sum(logits > at, axis=-1), max_rank), max_rank)
+
+
+def reply_runs(mask: np.ndarray, segments: np.ndarray) -> list[tuple[int, int]]:
+    """``[a, b)`` runs of reply tokens in one packed row (``mask, segments: [L]``), each inside one example
+    (segment > 0) and after at least one of its tokens: the root of the first reply token's step."""
+    inside = np.zeros(len(mask) + 1, bool)
+    inside[1:-1] = mask[1:] & (segments[1:] > 0) & (segments[1:] == segments[:-1])
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], inside.astype(np.int8)])))
+    return list(zip(edges[::2], edges[1::2]))
 
 
 def heads_reply_ranks(heads: MedusaHeads, table: jax.Array, rows: FeatureRows, max_rank: int = 16,
                       vocab: np.ndarray | None = None) -> list[np.ndarray]:
     """Where the target's greedy tokens rank among the heads' candidates, reply by reply of ``rows``.
 
-    One ``[n, n_heads]`` int array per reply of ``n`` tokens, as :mod:`training.rank_trees` reads it: row
-    ``j``, column ``d`` is the rank, in head ``d``'s scores at the root entry ``j - d``, of the target's
-    greedy token ``d + 1`` past the root's own token. Entry ``j`` is the step whose root token (the
-    target's, from the step before) is the reply's ``j``-th; the heads read the hidden state of the
-    position before it, as decoding does. ``max_rank`` where it ranks lower, falls outside ``vocab``
-    (``head_vocab`` ids) or past the reply. On self-distilled rows (the target's own greedy text) this is
-    exactly what greedy decoding meets; on other text the path follows that text.
+    One ``[n, n_heads]`` int array per reply of ``n`` tokens (:func:`reply_runs`), as
+    :mod:`training.rank_trees` reads it: row ``j``, column ``d`` is the rank, in head ``d``'s scores at the
+    root entry ``j - d``, of the target's greedy token ``d + 1`` past the root's own token. Entry ``j`` is
+    the step whose root token (the target's, from the step before) is the reply's ``j``-th; the heads read
+    the hidden state of the position before it, as decoding does. ``max_rank`` where it ranks lower, falls
+    outside ``vocab`` (``head_vocab`` ids: the heads project onto those rows of ``table`` only, as decoding
+    does) or past the reply. A tie counts as the better rank. On self-distilled rows (the target's own
+    greedy text) this is what greedy decoding meets, up to the float16 rounding of the cached hidden
+    states; on other text the path follows that text.
     """
-    graphdef, params = nnx.split(heads)
     n = heads.config.n_heads
-    allowed = None if vocab is None else jnp.zeros(heads.config.vocab_size, bool).at[jnp.asarray(vocab)].set(True)
+    index = np.arange(heads.config.vocab_size, dtype=np.int32)
+    if vocab is not None:
+        if not heads.config.shared_lm_head:
+            raise ValueError("head_vocab needs heads that share the base LM head; these heads have their own "
+                             "vocabulary projections: pass head_vocab=0")
+        index = np.full(heads.config.vocab_size, -1, np.int32)
+        index[np.asarray(vocab)] = np.arange(len(vocab))
+        table = table[jnp.asarray(vocab)]
+    graphdef, params = nnx.split(heads)
     replies = []
     for r in range(len(rows.tokens)):
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], rows.mask[r].astype(np.int8), [0]])))
-        runs = [(max(a, 1), b) for a, b in zip(edges[::2], edges[1::2]) if b > max(a, 1)]
+        runs = reply_runs(rows.mask[r], rows.segments[r])
         labels = np.full((rows.tokens.shape[1], n), -1, np.int32)
         for a, b in runs:  # reply tokens a .. b - 1: roots a - 1 .. b - 2; greedy[q] is the token at q + 1
-            roots = np.arange(a - 1, b - 1)[:, None]
-            ahead = roots + 1 + np.arange(n)[None]
-            labels[a - 1:b - 1] = np.where(ahead + 1 < b, rows.greedy[r][np.minimum(ahead, b - 1)], -1)
+            ahead = np.arange(a - 1, b - 1)[:, None] + 1 + np.arange(n)[None]
+            labels[a - 1:b - 1] = np.where(ahead + 1 < b, index[rows.greedy[r][np.minimum(ahead, b - 1)]], -1)
         ranks = np.asarray(_label_ranks(graphdef, params, table, jnp.asarray(rows.features[r], jnp.float32),
-                                        jnp.asarray(labels), allowed, max_rank))
+                                        jnp.asarray(labels), max_rank))
         for a, b in runs:
             reply = np.full((b - a, n), max_rank, ranks.dtype)
             for d in range(min(n, b - a)):

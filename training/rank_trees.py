@@ -77,10 +77,13 @@ def decoded_tokens_per_forward(replies: Sequence[np.ndarray], paths: Sequence[Se
     return tokens / max(forwards, 1)
 
 
-def cross_tokens_per_forward(replies: Sequence[np.ndarray], nodes: int, max_rank: int) -> float:
+def cross_tokens_per_forward(replies: Sequence[np.ndarray], nodes: int, max_rank: int) -> float | None:
     """Tokens per target forward of ``nodes``-node trees replayed on replies they were not chosen on: the
-    tree of every other reply's most frequent paths over the rest, and the other way round. Unlike the
-    replay on the replies that chose the tree, it does not rise with paths seen once."""
+    tree of every other reply's most frequent paths over the rest, and the other way round (None with
+    fewer than two replies). Unlike the replay on the replies that chose the tree, it does not rise with
+    paths seen once."""
+    if len(replies) < 2:
+        return None
     tokens = forwards = 0
     halves = (replies[::2], replies[1::2])
     for chosen_on, replayed in (halves, halves[::-1]):
@@ -97,7 +100,7 @@ def write_draft_trees(lm, draft_dir: str | Path, nodes: Sequence[int], out: str 
     from heads.feature_draft import CONFIG_FILE, load_feature_draft
     from training.feature_draft import FeatureDraftTrainConfig, prepare_data, reply_ranks
 
-    check_nodes(nodes)
+    _check_sizes(nodes, max_rank)
     recorded = read_metadata(draft_dir, CONFIG_FILE).get("training", {}).get("config")
     if not recorded:
         raise ValueError(f"the feature draft at {draft_dir} records no training config, so its held-out split "
@@ -110,15 +113,24 @@ def write_draft_trees(lm, draft_dir: str | Path, nodes: Sequence[int], out: str 
 
 def write_heads_trees(lm, heads_dir: str | Path, nodes: Sequence[int], out: str | Path, *, max_rank: int = 16,
                       head_vocab: int | None = None) -> list[dict]:
-    """As :func:`write_draft_trees`, for the Medusa heads at ``heads_dir`` (for ``lm``) on the held-out split
-    of their training run, the heads ranking only their ``head_vocab`` most trained-on tokens (None: the
-    saved search's, 0: every token). The trees are Medusa tree specs (``method="medusa", tree=FILE``)."""
+    """As :func:`write_draft_trees`, for the Medusa heads at ``heads_dir`` (see :func:`heads_heldout_ranks`).
+    The trees are Medusa tree specs (``method="medusa", tree=FILE``)."""
+    _check_sizes(nodes, max_rank)
+    replies, about = heads_heldout_ranks(lm, heads_dir, max_rank, head_vocab)
+    return write_trees(replies, nodes, out, max_rank, about)
+
+
+def heads_heldout_ranks(lm, heads_dir: str | Path | None, max_rank: int,
+                        head_vocab: int | None = None) -> tuple[list[np.ndarray], dict]:
+    """:func:`training.medusa.heads_reply_ranks` of the Medusa heads at ``heads_dir`` (None: the bundled
+    ones for ``lm``) on the held-out split of their training run, the heads ranking only their
+    ``head_vocab`` most trained-on tokens (None: as their saved search, 0: every token). Returns the
+    replies' ranks and what ranked them (heads, head_vocab)."""
     from heads.bundled import default_head_vocab, heads_for
     from heads.medusa import head_vocab_ids, read_metadata
     from specdec.model import head_table
     from training.medusa import HeadsTrainConfig, heads_reply_ranks, heldout_rows
 
-    check_nodes(nodes)
     heads, heads_dir = heads_for(lm, heads_dir)
     recorded = read_metadata(heads_dir).get("training", {}).get("config")
     if not recorded:
@@ -128,12 +140,15 @@ def write_heads_trees(lm, heads_dir: str | Path, nodes: Sequence[int], out: str 
     size = default_head_vocab(heads_dir) if head_vocab is None else head_vocab
     replies = heads_reply_ranks(heads, head_table(lm.module), heldout_rows(lm, cfg), max_rank,
                                 head_vocab_ids(lm, size, heads_dir))
-    return write_trees(replies, nodes, out, max_rank, {"heads": Path(heads_dir).name, "head_vocab": size or 0})
+    return replies, {"heads": Path(heads_dir).name, "head_vocab": size or 0}
 
 
-def check_nodes(nodes: Sequence[int]) -> None:
+def _check_sizes(nodes: Sequence[int], max_rank: int) -> None:
+    """A clear error unless ``nodes`` lists tree sizes of at least 1 and ``max_rank`` is at least 1."""
     if not nodes or min(nodes) < 1:
         raise ValueError(f"give tree sizes of at least 1 node, got {list(nodes)}")
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be at least 1 (ranks 0 .. max_rank - 1 are measured), got {max_rank}")
 
 
 def write_trees(replies: Sequence[np.ndarray], nodes: Sequence[int], out: str | Path, max_rank: int,
@@ -141,18 +156,23 @@ def write_trees(replies: Sequence[np.ndarray], nodes: Sequence[int], out: str | 
     """Write ``out/tree-<n>.json`` for each ``n`` of ``nodes``: the most frequent rank paths of ``replies``
     with the held-out replay of each tree and ``about`` (what ranked). Returns one summary per tree: file,
     nodes (fewer than ``n`` when fewer paths ever held), depth, ``decoded_tokens_per_forward`` (the
-    replay), ``cross_tokens_per_forward`` (:func:`cross_tokens_per_forward`) and
+    replay), max_rank, ``cross_tokens_per_forward`` (:func:`cross_tokens_per_forward`) and
     ``all_roots_tokens_per_forward`` (1 + the summed shares of its paths)."""
+    _check_sizes(nodes, max_rank)
+    if not replies:
+        raise ValueError("no held-out replies to choose trees from: the held-out split has no reply tokens")
     share = path_shares(replies, max_rank)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in nodes:
         paths = frequent_tree(share, n)
+        cross = cross_tokens_per_forward(replies, n, max_rank)
         row = {"file": f"tree-{n}.json", "nodes": len(paths), "depth": max((len(p) for p in paths), default=0),
+               "max_rank": max_rank,
                "decoded_tokens_per_forward": round(decoded_tokens_per_forward(replies, paths, max_rank), 4),
                "all_roots_tokens_per_forward": round(1 + sum(share[p] for p in paths), 4),
-               "cross_tokens_per_forward": round(cross_tokens_per_forward(replies, n, max_rank), 4),
+               "cross_tokens_per_forward": None if cross is None else round(cross, 4),
                "heldout_replies": len(replies), "heldout_tokens": int(sum(len(r) for r in replies)),
                **about, "paths": [list(p) for p in paths]}
         (out / row["file"]).write_text(json.dumps(row, indent=1) + "\n")
