@@ -300,6 +300,16 @@ def _print_trees(rows: list[dict], out: str, method: str) -> int:
     return 0
 
 
+def _rank_tree_parser(sub, name: str, help_text: str, max_rank: int):
+    """A subcommand that writes trees of ranks (``draft-tree``, ``heads-tree``): its shared flags."""
+    parser = sub.add_parser(name, help=help_text)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--nodes", type=int, nargs="+", required=True, help="tree sizes (nodes besides the root)")
+    parser.add_argument("--out", required=True, help="directory for tree-<nodes>.json")
+    parser.add_argument("--max-rank", type=int, default=max_rank, help="ranks measured per depth (0 .. max-rank - 1)")
+    return parser
+
+
 def _search_tree(args) -> int:
     from heads.bundled import heads_for
     from heads.search import describe, saved_accuracies, search_for_heads
@@ -446,22 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "most often trained on: accuracies and costs measured so; with --save, the heads' default")
     ts.add_argument("--save", action="store_true", help="write tree.json beside the heads (their default tree)")
     ts.set_defaults(func=_search_tree)
-    dt = sub.add_parser("draft-tree", help="trees of draft ranks for a feature draft (--method eagle --tree): the "
-                                           "rank paths most often right on its held-out text")
-    dt.add_argument("--model", default="smollm2-135m")
+    dt = _rank_tree_parser(sub, "draft-tree", "trees of draft ranks for a feature draft (--method eagle --tree): the "
+                           "rank paths most often right on its held-out text", max_rank=8)
     dt.add_argument("--feature-draft", default=None, help="feature draft directory (default: the bundled one)")
-    dt.add_argument("--nodes", type=int, nargs="+", required=True, help="tree sizes (nodes besides the root)")
-    dt.add_argument("--out", required=True, help="directory for tree-<nodes>.json")
     dt.add_argument("--depth", type=int, default=8, help="deepest path measured")
-    dt.add_argument("--max-rank", type=int, default=8, help="ranks measured per depth (0 .. max-rank - 1)")
     dt.set_defaults(func=_draft_tree)
-    ht = sub.add_parser("heads-tree", help="Medusa trees of head ranks (--method medusa --tree): the rank paths "
-                                           "most often right on the heads' held-out text")
-    ht.add_argument("--model", default="smollm2-135m")
+    ht = _rank_tree_parser(sub, "heads-tree", "Medusa trees of head ranks (--method medusa --tree): the rank paths "
+                           "most often right on the heads' held-out text", max_rank=16)
     ht.add_argument("--heads", default=None, help="heads directory (default: the bundled heads for the model)")
-    ht.add_argument("--nodes", type=int, nargs="+", required=True, help="tree sizes (nodes besides the root)")
-    ht.add_argument("--out", required=True, help="directory for tree-<nodes>.json")
-    ht.add_argument("--max-rank", type=int, default=16, help="ranks measured per head (0 .. max-rank - 1)")
     ht.add_argument("--head-vocab", type=int, default=None, help="heads ranking only the N tokens they were most "
                     "often trained on (default: as their saved tree.json; 0: every token)")
     ht.set_defaults(func=_heads_tree)
