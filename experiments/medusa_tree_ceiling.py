@@ -9,6 +9,7 @@ default head vocabulary) give, for each tree size N (drafts besides the root):
 - replay_own: greedy decoding of those replies replayed with it
   (:func:`training.rank_trees.decoded_tokens_per_forward`): optimistic for large
   trees, which keep paths seen once;
+- all_roots: 1 + the summed shares of its paths (every token as a root);
 - replay_cross: trees chosen on every other reply, replayed on the rest
   (:func:`training.rank_trees.cross_tokens_per_forward`): what the tree does on
   replies it was not chosen on;
@@ -37,6 +38,7 @@ import numpy as np
 
 import specdec
 from heads.bundled import TREE_FILE, heads_for
+from heads.medusa import read_metadata
 from heads.search import saved_accuracies
 from heads.trees import frequent_tree, grow_tree, rank_accuracy
 from specdec.bench import write_results
@@ -55,7 +57,10 @@ def main() -> None:
     lm = specdec.load("smollm2-135m")
     _, heads_dir = heads_for(lm, None)
     accuracy, _ = saved_accuracies(heads_dir / TREE_FILE, fix="run `specdec search-tree --save`")
+    if min(args.max_rank) < 1:
+        raise SystemExit(f"--max-rank must be at least 1, got {min(args.max_rank)}")
     measured, about = heads_heldout_ranks(lm, heads_dir, max(args.max_rank))
+    cfg_rows = read_metadata(heads_dir)["training"]["config"].get("rows_from") or "made again from their config"
     rows = []
     for max_rank in args.max_rank:
         replies = [np.minimum(r, max_rank) for r in measured]
@@ -63,9 +68,10 @@ def main() -> None:
         for n in SIZES:
             paths = frequent_tree(share, n)
             grown = grow_tree(rank_accuracy(accuracy), len(paths)) if len(paths) < 4096 else None
+            cross = cross_tokens_per_forward(replies, n, max_rank)
             rows.append({"max_rank": max_rank, "nodes": len(paths),
                          "replay_own": round(decoded_tokens_per_forward(replies, paths, max_rank), 3),
-                         "replay_cross": round(cross_tokens_per_forward(replies, n, max_rank), 3),
+                         "replay_cross": None if cross is None else round(cross, 3),
                          "all_roots": round(1 + sum(share[p] for p in paths), 3),
                          "grown_replay": None if grown is None else
                          round(decoded_tokens_per_forward(replies, grown, max_rank), 3)})
@@ -84,7 +90,9 @@ def main() -> None:
                   "other reply, replayed on the rest (both ways); all_roots: 1 + the summed path shares (every "
                   "token as a root); grown_replay: the grown tree of as many nodes (bench_medusa.py --trees "
                   "grown-<nodes + 1>) replayed on all replies",
-                  "tokens per target forward of greedy decoding (the target's own token included)"],
+                  "tokens per target forward of greedy decoding (the target's own token included); grown_replay "
+                  "blank: no tree grown past 4095 nodes",
+                  f"held-out rows: read from the heads' rows_from ({cfg_rows}); no figure here depends on timing"],
     }, ["max_rank", "nodes", "replay_own", "replay_cross", "all_roots", "grown_replay"])
 
 

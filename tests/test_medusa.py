@@ -441,20 +441,26 @@ def test_reply_runs_stay_inside_one_example():
     mask = np.array([1, 1, 0, 1, 1, 1, 1, 1, 1, 0], bool)
     segments = np.array([1, 1, 1, 1, 1, 2, 2, 3, 0, 0])
     assert reply_runs(mask, segments) == [(1, 2), (3, 5), (6, 7)]  # 8: padding (segment 0)
+    assert reply_runs(np.array([0, 1, 1], bool), np.ones(3, int)) == [(1, 3)]  # to the row's end
     assert reply_runs(np.zeros(4, bool), np.ones(4, int)) == []
 
 
 def test_head_ranks_within_a_head_vocabulary(tiny_lm, tiny):
-    """Ranking within ``vocab`` projects onto its rows only: every token in any order ranks as with no
-    vocabulary; without the first label's token that label is out (max_rank), and no rank rises."""
+    """Ranking within ``vocab``: every token in any order ranks as with no vocabulary; without the token of
+    a label that ranked, that label is out (max_rank), and no rank rises; bad vocabularies are clear errors."""
     heads, table = random_heads(tiny, 5, 0.1), head_table(tiny)
     rows = target_rows(tiny_lm, greedy_rows(tiny_lm, 4, 3))
-    full = np.concatenate(heads_reply_ranks(heads, table, rows, max_rank=8))
+    full = heads_reply_ranks(heads, table, rows, max_rank=8)
     order = np.random.default_rng(0).permutation(tiny.config.vocab_size)
-    np.testing.assert_array_equal(np.concatenate(heads_reply_ranks(heads, table, rows, 8, vocab=order)), full)
+    np.testing.assert_array_equal(np.concatenate(heads_reply_ranks(heads, table, rows, 8, vocab=order)),
+                                  np.concatenate(full))
     a, _ = reply_runs(rows.mask[0], rows.segments[0])[0]
-    cut = np.concatenate(heads_reply_ranks(heads, table, rows, 8, vocab=order[order != rows.greedy[0][a]]))
-    assert cut[0, 0] == 8 and full[0, 0] < 8
-    assert np.all((cut <= full) | (cut == 8))
+    j = int(np.flatnonzero(full[0][:, 0] < 8)[0])  # entry j's head-0 label is the target's token at a + j
+    cut = heads_reply_ranks(heads, table, rows, 8, vocab=order[order != rows.greedy[0][a + j]])
+    assert cut[0][j, 0] == 8
+    assert np.all((np.concatenate(cut) <= np.concatenate(full)) | (np.concatenate(cut) == 8))
     with pytest.raises(ValueError, match="share the base LM head"):
         heads_reply_ranks(new_heads(tiny, base_name="tiny", shared_lm_head=False), table, rows, 8, vocab=order)
+    for bad in ([1, 1, 2], [0, tiny.config.vocab_size]):
+        with pytest.raises(ValueError, match="distinct token ids below"):
+            heads_reply_ranks(heads, table, rows, 8, vocab=bad)

@@ -296,9 +296,12 @@ def heads_reply_ranks(heads: MedusaHeads, table: jax.Array, rows: FeatureRows, m
     n = heads.config.n_heads
     index = np.arange(heads.config.vocab_size, dtype=np.int32)
     if vocab is not None:
+        vocab = np.asarray(vocab)
         if not heads.config.shared_lm_head:
-            raise ValueError("head_vocab needs heads that share the base LM head; these heads have their own "
-                             "vocabulary projections: pass head_vocab=0")
+            raise ValueError("a head vocabulary needs heads that share the base LM head; these heads have their own "
+                             "vocabulary projections: rank every token (no vocab, head_vocab=0)")
+        if vocab.ndim != 1 or len(np.unique(vocab)) != len(vocab) or not np.all((vocab >= 0) & (vocab < len(index))):
+            raise ValueError(f"vocab must list distinct token ids below {len(index)}, got shape {vocab.shape}")
         index = np.full(heads.config.vocab_size, -1, np.int32)
         index[np.asarray(vocab)] = np.arange(len(vocab))
         table = table[jnp.asarray(vocab)]
