@@ -172,6 +172,21 @@ def load_heads(path: str | Path, base: Llama) -> MedusaHeads:
     return heads
 
 
+def checked_vocab(vocab, cfg) -> jax.Array:
+    """``vocab`` as ``[N]`` int32 after checking it suits heads of config ``cfg``."""
+    if not cfg.shared_lm_head:
+        raise ValueError("head_vocab needs heads that share the base LM head (shared_lm_head=True); these heads "
+                         "have their own vocabulary projections: drop head_vocab")
+    ids = np.asarray(vocab)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"head_vocab must be a non-empty list of token ids, got an array of shape {ids.shape} "
+                         f"and dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size or len(np.unique(ids)) != ids.size:
+        raise ValueError(f"head_vocab must hold distinct token ids in [0, {cfg.vocab_size}), got "
+                         f"{ids.size} ids in [{ids.min()}, {ids.max()}] ({ids.size - len(np.unique(ids))} repeated)")
+    return jnp.asarray(ids, jnp.int32)
+
+
 def head_vocab_ids(target, value, heads_dir: str | Path | None):
     """The ``head_vocab`` option for heads at ``heads_dir`` on ``target`` (a ``LoadedModel``) as token ids
     (None: every token): a count N picks :func:`head_vocabulary` (the target's EOS ids kept; 0: every

@@ -16,9 +16,9 @@ from functools import cached_property
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from heads.medusa import checked_vocab
 from heads.trees import TreeBuffers, candidate_tokens, tree_buffers
 from specdec.engine import Commit, Proposal, View, no_proposal
 from specdec.sampling import Sampling
@@ -84,25 +84,10 @@ def medusa_proposer(target, heads, spec, vocab=None) -> tuple[MedusaProposer, di
     graphdef, state = nnx.split(heads)
     table = head_table(base) if cfg.shared_lm_head else None
     if vocab is not None:
-        vocab = _checked_vocab(vocab, cfg)
+        vocab = checked_vocab(vocab, cfg)
         if len(vocab) < buffers.top_k:
             raise ValueError(f"the tree takes each head's top {buffers.top_k} tokens but head_vocab has only "
                              f"{len(vocab)}: pass a larger head_vocab or a narrower tree")
         table = table[vocab]
     spec = tuple(tuple(p) for p in spec)
     return MedusaProposer(graphdef=graphdef, spec=spec), {"heads": state, "table": table, "vocab": vocab}
-
-
-def _checked_vocab(vocab, cfg) -> jax.Array:
-    """``vocab`` as ``[N]`` int32 after checking it suits heads of config ``cfg``."""
-    if not cfg.shared_lm_head:
-        raise ValueError("head_vocab needs heads that share the base LM head (shared_lm_head=True); these heads "
-                         "have their own vocabulary projections: drop head_vocab")
-    ids = np.asarray(vocab)
-    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"head_vocab must be a non-empty list of token ids, got an array of shape {ids.shape} "
-                         f"and dtype {ids.dtype}")
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size or len(np.unique(ids)) != ids.size:
-        raise ValueError(f"head_vocab must hold distinct token ids in [0, {cfg.vocab_size}), got "
-                         f"{ids.size} ids in [{ids.min()}, {ids.max()}] ({ids.size - len(np.unique(ids))} repeated)")
-    return jnp.asarray(ids, jnp.int32)

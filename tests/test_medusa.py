@@ -428,7 +428,7 @@ def test_heads_trees_from_the_held_out_split(tiny_lm, tiny, tmp_path):
                            tree=str(tmp_path / "trees" / "tree-6.json"), max_new_tokens=8)
     assert len(out.tokens) == 8
     save_heads(new_heads(tiny, base_name="tiny"), tmp_path / "untrained")
-    with pytest.raises(ValueError, match="record no training config"):
+    with pytest.raises(ValueError, match="records no training config"):
         write_heads_trees(tiny_lm, tmp_path / "untrained", [4], tmp_path / "trees")
     with pytest.raises(ValueError, match="at least 1 node"):
         write_heads_trees(tiny_lm, heads_dir, [0], tmp_path / "trees")
@@ -462,5 +462,5 @@ def test_head_ranks_within_a_head_vocabulary(tiny_lm, tiny):
     with pytest.raises(ValueError, match="share the base LM head"):
         heads_reply_ranks(new_heads(tiny, base_name="tiny", shared_lm_head=False), table, rows, 8, vocab=order)
     for bad in ([1, 1, 2], [0, tiny.config.vocab_size]):
-        with pytest.raises(ValueError, match="distinct token ids below"):
+        with pytest.raises(ValueError, match="distinct token ids in"):
             heads_reply_ranks(heads, table, rows, 8, vocab=bad)

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from drafts.model import token_frequencies
-from heads.medusa import MedusaHeads, new_heads, save_heads
+from heads.medusa import MedusaHeads, checked_vocab, new_heads, save_heads
 from specdec.model import head_table
 from training.data import Packed, head_labels, pack, split_examples
 from training.feature_draft import FeatureRows, target_rows
@@ -296,15 +296,10 @@ def heads_reply_ranks(heads: MedusaHeads, table: jax.Array, rows: FeatureRows, m
     n = heads.config.n_heads
     index = np.arange(heads.config.vocab_size, dtype=np.int32)
     if vocab is not None:
-        vocab = np.asarray(vocab)
-        if not heads.config.shared_lm_head:
-            raise ValueError("a head vocabulary needs heads that share the base LM head; these heads have their own "
-                             "vocabulary projections: rank every token (no vocab, head_vocab=0)")
-        if vocab.ndim != 1 or len(np.unique(vocab)) != len(vocab) or not np.all((vocab >= 0) & (vocab < len(index))):
-            raise ValueError(f"vocab must list distinct token ids below {len(index)}, got shape {vocab.shape}")
+        vocab = checked_vocab(vocab, heads.config)
         index = np.full(heads.config.vocab_size, -1, np.int32)
         index[np.asarray(vocab)] = np.arange(len(vocab))
-        table = table[jnp.asarray(vocab)]
+        table = table[vocab]
     graphdef, params = nnx.split(heads)
     replies = []
     for r in range(len(rows.tokens)):

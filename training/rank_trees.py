@@ -101,12 +101,8 @@ def write_draft_trees(lm, draft_dir: str | Path, nodes: Sequence[int], out: str 
     from training.feature_draft import FeatureDraftTrainConfig, prepare_data, reply_ranks
 
     _check_sizes(nodes, max_rank)
-    recorded = read_metadata(draft_dir, CONFIG_FILE).get("training", {}).get("config")
-    if not recorded:
-        raise ValueError(f"the feature draft at {draft_dir} records no training config, so its held-out split "
-                         "is unknown: train it with `specdec train-feature-draft`")
-    cfg = FeatureDraftTrainConfig(**{f.name: recorded[f.name] for f in fields(FeatureDraftTrainConfig)
-                                     if f.name in recorded})
+    cfg = _recorded_config(FeatureDraftTrainConfig, read_metadata(draft_dir, CONFIG_FILE),
+                           f"the feature draft at {draft_dir}", "train it with `specdec train-feature-draft`")
     replies = reply_ranks(load_feature_draft(draft_dir, lm), prepare_data(lm, cfg, "heldout"), depth, max_rank)
     return write_trees(replies, nodes, out, max_rank, {"feature_draft": Path(draft_dir).name})
 
@@ -132,15 +128,21 @@ def heads_heldout_ranks(lm, heads_dir: str | Path | None, max_rank: int,
     from training.medusa import HeadsTrainConfig, heads_reply_ranks, heldout_rows
 
     heads, heads_dir = heads_for(lm, heads_dir)
-    recorded = read_metadata(heads_dir).get("training", {}).get("config")
-    if not recorded:
-        raise ValueError(f"the Medusa heads at {heads_dir} record no training config, so their held-out split is "
-                         "unknown: train them with `specdec train-heads`")
-    cfg = HeadsTrainConfig(**{f.name: recorded[f.name] for f in fields(HeadsTrainConfig) if f.name in recorded})
+    cfg = _recorded_config(HeadsTrainConfig, read_metadata(heads_dir),
+                           f"the metadata of the Medusa heads at {heads_dir}", "train them with `specdec train-heads`")
     size = default_head_vocab(heads_dir) if head_vocab is None else head_vocab
     replies = heads_reply_ranks(heads, head_table(lm.module), heldout_rows(lm, cfg), max_rank,
                                 head_vocab_ids(lm, size, heads_dir))
     return replies, {"heads": Path(heads_dir).name, "head_vocab": size or 0}
+
+
+def _recorded_config(config_type, metadata: dict, what: str, fix: str):
+    """The training config (a ``config_type`` dataclass) recorded in saved ``metadata``: it names the
+    held-out split. A clear error naming ``what`` and ending in ``fix`` when there is none."""
+    recorded = metadata.get("training", {}).get("config")
+    if not recorded:
+        raise ValueError(f"{what} records no training config, so its held-out split is unknown: {fix}")
+    return config_type(**{f.name: recorded[f.name] for f in fields(config_type) if f.name in recorded})
 
 
 def _check_sizes(nodes: Sequence[int], max_rank: int) -> None:
