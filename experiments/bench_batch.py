@@ -23,6 +23,9 @@ drift in the machine's speed reaches every configuration alike. Figures:
   of those forwards in which a slot held a running request;
 - x_vs_1_slot: tokens/s over the same method at 1 slot; x_vs_autoregressive: over
   autoregressive at the same slots; each the median over the rounds of the ratio within a round;
+- prefill_share: the prompts' prefills' share of the wall time (``stats.prefill_s``);
+  decode_x_vs_1_slot: x_vs_1_slot with the prefills' time left out of both runs (every prompt is
+  prefilled alone at any slot count but the first rows, so this is the decode loop's scaling);
 - equivalence: the checker's worst verdict over the requests against autoregressive decoding of
   each prompt alone (the autoregressive run at 1 slot decodes each prompt alone); worst_gap: the
   largest logit gap at a divergence (a tie is under the checker's 1e-3, a bug far over it).
@@ -78,9 +81,10 @@ def medusa_variant(lookup: int, vocab: int | None) -> str:
     return (f" + lookup {lookup}" if lookup else "") + ("" if vocab is None else f", head vocab {vocab or 'all'}")
 
 
-def round_ratios(row: dict, base: dict) -> np.ndarray:
-    """``[rounds]``: ``row``'s tokens/s over ``base``'s within each timing round."""
-    return np.divide(row["per_round_tokens_per_s"], base["per_round_tokens_per_s"])
+def round_ratios(row: dict, base: dict, kind: str = "") -> np.ndarray:
+    """``[rounds]``: ``row``'s tokens/s over ``base``'s within each timing round (``kind="decode_"``:
+    with the prefills' time left out)."""
+    return np.divide(row[f"per_round_{kind}tokens_per_s"], base[f"per_round_{kind}tokens_per_s"])
 
 
 def tune_rows(args) -> list[int]:
@@ -183,17 +187,18 @@ def main() -> None:
         out = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
         if label == "autoregressive" and slots == min(args.slots):  # at 1 slot: each prompt alone
             alone = out
-    walls, outputs = [[] for _ in configs], [None] * len(configs)
+    walls, prefills, outputs = [[] for _ in configs], [[] for _ in configs], [None] * len(configs)
     for round_ in range(args.repeats):  # configurations in turn, from a rotating start: drift hits all alike
         for i in np.roll(np.arange(len(configs)), -round_):
             label, method, slots = configs[i]
             start = time.perf_counter()
             res = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
             walls[i].append(time.perf_counter() - start)
+            prefills[i].append(res[0].stats.prefill_s)
             outputs[i] = res
             print(f"round {round_ + 1}/{args.repeats}: {label} at {slots} slots, {walls[i][-1]:.1f} s", flush=True)
     rows = []
-    for (label, method, slots), res, wall in zip(configs, outputs, walls):
+    for (label, method, slots), res, wall, prefill in zip(configs, outputs, walls, prefills):
         same = equivalence_summary(model, ids, res, alone)
         s = res[0].stats
         choice = method.get("k", method.get("tree"))
@@ -208,6 +213,8 @@ def main() -> None:
                                     if method.get(o) is not None}},
                      "slots": slots, "tokens_per_s": s.new_tokens / float(np.median(wall)),
                      "per_round_tokens_per_s": [s.new_tokens / w for w in wall],
+                     "prefill_s": prefill, "prefill_share": float(np.median(np.divide(prefill, wall))),
+                     "per_round_decode_tokens_per_s": [s.new_tokens / (w - p) for w, p in zip(wall, prefill)],
                      "accepted_per_forward": s.accepted_per_forward, "target_forwards": s.target_forwards,
                      "slot_utilisation": float(np.mean(s.slot_utilisation)), "new_tokens": s.new_tokens,
                      "wall_s": wall, "equivalence": same["equivalence"], "worst_gap": same["worst_gap"],
@@ -217,6 +224,7 @@ def main() -> None:
         one = next((r for r in rows if r["method"] == base and r["slots"] == 1), None)
         ar = next(r for r in rows if r["method"] == "autoregressive" and r["slots"] == row["slots"])
         row["x_vs_1_slot"] = "" if one is None else float(np.median(round_ratios(row, one)))
+        row["decode_x_vs_1_slot"] = "" if one is None else float(np.median(round_ratios(row, one, "decode_")))
         vs_ar = round_ratios(row, ar)
         row["x_vs_autoregressive"] = float(np.median(vs_ar))
         row["x_vs_ar_range"] = f"{vs_ar.min():.3g}-{vs_ar.max():.3g}"
@@ -225,6 +233,9 @@ def main() -> None:
              f"{args.repeats} timed round(s), prefills included",
              "x_vs_1_slot, x_vs_autoregressive: median over the rounds of the ratio within a round (configurations "
              "are timed in turn within each round); x_vs_ar_range: its lowest and highest round",
+             "prefill_share: the prompts' prefills' share of the wall time (stats.prefill_s: the first rows, then "
+             "one prefill per admitted request, each waited for); decode_x_vs_1_slot: as x_vs_1_slot with the "
+             "prefills' time left out of both runs (the same prompts are prefilled one by one at any slot count)",
              "k_or_tree: draft tokens per step, or the Medusa tree; ROWS:VALUE,... = by load (picked at each "
              "chunk's start from the rows running then; `k={1: 4, 4: 2}` in the API)",
              "budget: draft tokens verified per step, all rows together (the proposer's likeliest; "
@@ -247,8 +258,8 @@ def main() -> None:
                    f"through the request pool", "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
         "tuning": {name: {"options": t.options, "measurements": t.rows} for name, t in tuned.items()},
     }, ["method", "k_or_tree", "width", "budget", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive",
-        "x_vs_ar_range", "accepted_per_forward", "target_forwards", "slot_utilisation", "equivalence", "worst_gap",
-        "rows_identical"])
+        "x_vs_ar_range", "prefill_share", "decode_x_vs_1_slot", "accepted_per_forward", "target_forwards",
+        "slot_utilisation", "equivalence", "worst_gap", "rows_identical"])
     series = {label: ([r["slots"] for r in rows if r["method"] == label],
                       [r["tokens_per_s"] for r in rows if r["method"] == label]) for label, _, _ in methods}
     save_plot(args.results_name, series, xlabel="batch slots", ylabel="tokens/s (all requests)",

@@ -29,6 +29,8 @@ class DecodeStats:
     rows: int = 1
     row_forwards: int = 0  # target forwards summed over rows (a row counts the steps it took part in)
     slot_utilisation: list[float] | None = None  # with slots=: share of the pool's forwards each slot was busy
+    prefill_s: float | None = None  # wall time of the prompts' prefills (the first rows, then each admitted
+    # request; compilation included on a first call), of which ttft_s holds the first
     mean_active_layers: float | None = None  # method="skipdecode": mean layers per generated position
     proposer_s: float | None = None  # with profile=True: wall time spent proposing (all steps)
     target_s: float | None = None  # with profile=True: wall time of target forward + verify + commit
@@ -334,6 +336,7 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
                         target_forwards=run.use.forwards, rows=run.n,
                         row_forwards=sum(o[1] for o in run.outcomes),
                         slot_utilisation=run.use.utilisation if options.get("slots") is not None else None,
+                        prefill_s=run.use.prefill_s,
                         mean_active_layers=run.schedule.mean_active if run.schedule is not None else None)
     if run.times is not None:
         stats.proposer_s = sum(t.proposer_s for t in run.times)

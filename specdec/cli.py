@@ -179,7 +179,8 @@ def _batch(args) -> int:
     s = results[0].stats
     busy = ", ".join(f"{u:.2f}" for u in s.slot_utilisation)
     print(f"[{len(prompts)} requests through {args.slots} slots: {s.new_tokens} tokens in {s.wall_s:.2f} s "
-          f"({s.new_tokens / s.wall_s:.1f} tokens/s, includes compilation), {s.target_forwards} target forwards, "
+          f"({s.new_tokens / s.wall_s:.1f} tokens/s, includes compilation; prompt prefills {s.prefill_s:.2f} s), "
+          f"{s.target_forwards} target forwards, "
           f"{s.accepted_per_forward:.2f} tokens per row-forward; slot utilisation {busy}]", file=sys.stderr)
     return 0
 

@@ -15,6 +15,7 @@ compilation per power of two, once).
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
@@ -61,10 +62,21 @@ def next_power_of_two(n: int) -> int:
 
 @dataclass
 class SlotUse:
-    """Per-slot work: target forwards in which each slot held a running request."""
+    """Per-slot work: target forwards in which each slot held a running request; and the prompts'
+    prefills (the first rows together, then one per admitted request), each waited for."""
 
     busy: list[int] = field(default_factory=list)
     forwards: int = 0  # target forwards of the pool (all slots step together)
+    prefills: int = 0  # prefill calls
+    prefill_s: float = 0.0  # their wall time
+
+    def prefilled(self, gen: Iterator):
+        """The first item of decode generator ``gen`` (its prefilled state), timed as a prefill."""
+        start = time.perf_counter()
+        state = jax.block_until_ready(next(gen))
+        self.prefill_s += time.perf_counter() - start
+        self.prefills += 1
+        return state
 
     @property
     def utilisation(self) -> list[float]:
@@ -87,7 +99,7 @@ def pool_states(requests: Requests, slots: int, use: SlotUse, *, shrink: bool = 
     slot_of_row = list(range(len(rows)))  # logical slot of each batch row (rows move when the batch shrinks)
     use.busy[:] = [0] * len(rows)
     gen = requests.start(rows)
-    state = next(gen)
+    state = use.prefilled(gen)
     while True:
         yield state, rows
         state = requests.apply_stops(state, rows)
@@ -98,7 +110,7 @@ def pool_states(requests: Requests, slots: int, use: SlotUse, *, shrink: bool = 
                 rows[i] = None
         free = [i for i, r in enumerate(rows) if r is None]
         for i, r in zip(free, waiting):  # one prefill per request: one program per prompt bucket, no padding
-            state = put_rows(state, jnp.asarray([i], jnp.int32), next(requests.start([r])))
+            state = put_rows(state, jnp.asarray([i], jnp.int32), use.prefilled(requests.start([r])))
             rows[i] = r
         del waiting[:len(free)]
         running = [i for i, r in enumerate(rows) if r is not None]

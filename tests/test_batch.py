@@ -20,7 +20,7 @@ from specdec.autoregressive import plan_shapes, prompt_arrays
 from specdec.engine import _propose_jit, _verify_jit, spec_prefill
 from specdec.equivalence import DEFAULT_TOLERANCE, Report, check, classify
 from specdec.methods import build_proposer
-from specdec.pool import next_power_of_two, put_rows, take_rows
+from specdec.pool import SlotUse, next_power_of_two, put_rows, take_rows
 from specdec.sampling import Sampling
 
 PROPOSERS = ("draft", "prompt_lookup", "medusa", "eagle")
@@ -102,6 +102,20 @@ def test_pool_reports_work_and_rejects_bad_slots(tiny_lm, methods):
     assert s.target_forwards < s.row_forwards  # two rows shared most forwards
     with pytest.raises(ValueError, match="slots .* must be an integer >= 1"):
         specdec.generate(tiny_lm, prompts, slots=0)
+
+
+def test_pool_times_each_prefill(tiny_lm, monkeypatch):
+    """The first rows are prefilled together, then each admitted request alone; stats.prefill_s is
+    their wall time, a part of the run's (and without slots=, the one prefill of the whole batch)."""
+    import specdec.api
+
+    uses = []
+    monkeypatch.setattr(specdec.api, "SlotUse", lambda: uses.append(SlotUse()) or uses[-1])
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [2, 4]]
+    for slots, prefills in ((2, 4), (1, 5), (None, 1)):
+        s = specdec.generate(tiny_lm, prompts, max_new_tokens=6, slots=slots, ignore_eos=True)[0].stats
+        assert uses[-1].prefills == prefills, slots
+        assert 0 < s.prefill_s == uses[-1].prefill_s < s.wall_s
 
 
 BY_LOAD = {"draft": {"k": {1: 3, 2: 1, 3: 0}, "draft_width": {1: 2, 2: 1}},

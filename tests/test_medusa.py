@@ -27,9 +27,9 @@ from conftest import greedy_rows
 from specdec.loading import LoadedModel
 from training.data import Example, head_labels, pack
 from training.feature_draft import target_rows
-from training.features import Features, backbone_features
-from training.medusa import HeadsTrainConfig, evaluate, fit, heads_reply_ranks, label_counts, prepare_features, \
-    reply_runs, rows_features
+from training.features import Features, SoftTargets, backbone_features
+from training.medusa import HeadsTrainConfig, evaluate, fit, heads_reply_ranks, label_counts, medusa_loss, \
+    prepare_features, prepare_soft, reply_runs, rows_features
 from training.rank_trees import replay_counts, write_heads_trees
 
 
@@ -353,6 +353,83 @@ def test_training_lowers_loss_and_resumes_exactly(tiny, tmp_path):
     log = fit(resumed, table, data, cfg, tmp_path / "b")
     assert [r["loss"] for r in log] == [r["loss"] for r in whole]
     assert json.dumps(evaluate(resumed, table, data)) == json.dumps(after)
+
+
+def _soft(labels: np.ndarray, k: int, first: float) -> SoftTargets:
+    """Targets that give each label ``first`` and the next token (mod 97) the rest; none where no label."""
+    ids = np.full(labels.shape + (k,), -1, np.int32)
+    probs = np.zeros(ids.shape, np.float32)
+    has = labels >= 0
+    ids[..., 0], probs[..., 0] = np.where(has, labels, -1), np.where(has, first, 0.0)
+    if first < 1:
+        ids[..., 1], probs[..., 1] = np.where(has, (labels + 1) % 97, -1), np.where(has, 1 - first, 0.0)
+    return SoftTargets(ids, probs)
+
+
+def test_kl_loss_is_the_ce_for_one_hot_targets_and_kl_otherwise(tiny):
+    heads, data, table = random_heads(tiny, 4, 0.5), _features(64, 2), head_table(tiny)
+    graphdef, params = nnx.split(heads, nnx.Param)
+    args = (graphdef, params, table, jnp.asarray(data.hidden), jnp.asarray(data.labels), 0.8)
+    ce, acc = medusa_loss(*args)
+    one_hot, acc_kl = medusa_loss(*args, SoftTargets(*map(jnp.asarray, _soft(data.labels, 3, 1.0))))
+    assert float(one_hot) == pytest.approx(float(ce), rel=1e-5) and np.array_equal(acc, acc_kl)
+    logq = np.asarray(jax.nn.log_softmax(heads.logits(jnp.asarray(data.hidden), table), axis=-1), np.float64)
+    has, rows = data.labels >= 0, np.arange(len(data.labels))[:, None]
+    kl = 0.7 * (np.log(0.7) - logq[rows, np.arange(4), data.labels]) + 0.3 * (
+        np.log(0.3) - logq[rows, np.arange(4), (data.labels + 1) % 97])
+    want = sum(0.8 ** k * kl[has[:, k], k].mean() for k in range(4))
+    got, _ = medusa_loss(*args, SoftTargets(*map(jnp.asarray, _soft(data.labels, 3, 0.7))))
+    assert float(got) == pytest.approx(want, rel=1e-4)
+
+
+def test_kl_training_lowers_loss_and_resumes_exactly(tiny, tmp_path):
+    data, table = _features(512, 3), head_table(tiny)
+    soft = _soft(data.labels, 4, 0.6)
+    cfg = HeadsTrainConfig(batch_size=64, epochs=4, lr=1e-2, checkpoint_every=5, loss="kl")
+
+    def kl_of(heads):  # on all positions
+        graphdef, params = nnx.split(heads, nnx.Param)
+        return float(medusa_loss(graphdef, params, table, jnp.asarray(data.hidden), jnp.asarray(data.labels), 0.8,
+                                 SoftTargets(*map(jnp.asarray, soft)))[0])
+
+    heads = new_heads(tiny, base_name="tiny")
+    before = kl_of(heads)
+    whole = fit(heads, table, data, cfg, tmp_path / "a", soft=soft)
+    assert kl_of(heads) < before - 0.3
+    fit(new_heads(tiny, base_name="tiny"), table, data, cfg, tmp_path / "b", max_steps=6, soft=soft)
+    log = fit(new_heads(tiny, base_name="tiny"), table, data, cfg, tmp_path / "b", soft=soft)
+    assert [r["loss"] for r in log] == [r["loss"] for r in whole]
+    with pytest.raises(ValueError, match="loss must be one of .* and teacher_top_k >= 1"):
+        HeadsTrainConfig(loss="mse")
+    with pytest.raises(ValueError, match="teacher_top_k >= 1, got 'kl' and 0"):
+        HeadsTrainConfig(loss="kl", teacher_top_k=0)
+
+
+def test_soft_targets_are_the_targets_distribution_over_each_label(tiny_lm, tmp_path, monkeypatch):
+    """On the target's own greedy replies the likeliest token of each kept distribution is the head's
+    label (the target chose it there); distributions line up with the features, sorted, and are empty
+    where a head has no label; the packed rows are made once and cached; from a feature-draft run's
+    rows (float16 hidden states) the same distributions come out."""
+    import training.medusa
+
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 97, rng.integers(2, 8)).tolist() for _ in range(6)]
+    outs = specdec.generate(tiny_lm, prompts, max_new_tokens=20, ignore_eos=True)
+    examples = [Example(p + o.tokens, [0] * len(p) + [1] * len(o.tokens)) for p, o in zip(prompts, outs)]
+    made = []
+    monkeypatch.setattr(training.medusa, "split_examples", lambda lm, cfg, split: made.append(split) or examples)
+    cfg = HeadsTrainConfig(work_dir=str(tmp_path / "own"), seq_len=32, loss="kl", teacher_top_k=4)
+    feats, soft = prepare_features(tiny_lm, cfg, "train"), prepare_soft(tiny_lm, cfg, "train")
+    assert made == ["train"] and soft.top_ids.shape == feats.labels.shape + (4,)
+    has = feats.labels >= 0
+    np.testing.assert_array_equal(soft.top_ids[..., 0][has], feats.labels[has])
+    assert (soft.top_ids[~has] == -1).all() and (soft.top_probs[~has] == 0).all()
+    assert (np.diff(soft.top_probs[has], axis=-1) <= 0).all() and (soft.top_probs.sum(-1) <= 1 + 1e-5).all()
+    np.savez(tmp_path / "features-train.npz", **target_rows(tiny_lm, pack(examples, 32))._asdict())
+    rows = prepare_soft(tiny_lm, HeadsTrainConfig(rows_from=str(tmp_path), work_dir=str(tmp_path / "rows"),
+                                                  loss="kl", teacher_top_k=4), "train")
+    np.testing.assert_allclose(rows.top_probs, soft.top_probs, atol=5e-3)
+    assert (rows.top_ids == soft.top_ids).mean() > 0.9
 
 
 def test_evaluate_within_a_head_vocabulary(tiny):

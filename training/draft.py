@@ -155,6 +155,18 @@ def to_draft_ids(ids: np.ndarray, vocab_map: np.ndarray | None, vocab_size: int)
     return np.where(ids >= 0, inverse[np.maximum(ids, 0)], -1)
 
 
+def top_k_kl(logq: jax.Array, top_ids: jax.Array, top_probs: jax.Array):
+    """KL from the target's top-K to the student over those K tokens: ``logq [..., N]`` the
+    student's log-probabilities, ``top_ids, top_probs [..., K]`` the target's (ids -1: left out).
+    Returns ``(kl [...], p_k, q_k [..., K])`` (the two distributions on the K tokens, 0 where left out)."""
+    here = top_ids >= 0
+    logq_k = jnp.take_along_axis(logq, jnp.maximum(top_ids, 0), axis=-1)
+    q_k = jnp.where(here, jnp.exp(logq_k), 0.0)
+    p_k = jnp.where(here, top_probs, 0.0)
+    kl = jnp.sum(jnp.where(p_k > 0, p_k * (jnp.log(jnp.maximum(p_k, 1e-30)) - logq_k), 0.0), axis=-1)
+    return kl, p_k, q_k
+
+
 def distill_terms(q_logits: jax.Array, top_ids: jax.Array, top_probs: jax.Array, labels: jax.Array,
                   valid: jax.Array) -> dict:
     """Per-batch sums of every loss and acceptance figure.
@@ -167,15 +179,11 @@ def distill_terms(q_logits: jax.Array, top_ids: jax.Array, top_probs: jax.Array,
       valid: [B, L] positions with a target.
     """
     logq = jax.nn.log_softmax(q_logits, axis=-1)
-    here = top_ids >= 0
-    logq_k = jnp.take_along_axis(logq, jnp.maximum(top_ids, 0), axis=-1)
-    q_k = jnp.where(here, jnp.exp(logq_k), 0.0)
-    p_k = jnp.where(here, top_probs, 0.0)
-    kl = jnp.sum(jnp.where(p_k > 0, p_k * (jnp.log(jnp.maximum(p_k, 1e-30)) - logq_k), 0.0), axis=-1)
+    kl, p_k, q_k = top_k_kl(logq, top_ids, top_probs)
     rest_p, rest_q = 1.0 - jnp.sum(p_k, axis=-1), 1.0 - jnp.sum(q_k, axis=-1)
     tv = 0.5 * (jnp.sum(jnp.abs(p_k - q_k), axis=-1) + jnp.abs(rest_p - rest_q))
     ce = -jnp.take_along_axis(logq, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-    greedy = (argmax(q_logits) == top_ids[..., 0]) & here[..., 0]
+    greedy = (argmax(q_logits) == top_ids[..., 0]) & (top_ids[..., 0] >= 0)
     accept = jnp.sum(jnp.minimum(p_k, q_k), axis=-1)
 
     def total(x, where=valid):

@@ -1,11 +1,14 @@
-"""Medusa-1 training: frozen backbone, loss ``sum_k decay^k * CE_k`` over the heads.
+"""Medusa-1 training: frozen backbone, loss ``sum_k decay^k * L_k`` over the heads, ``L_k`` head
+k's cross-entropy against its label or (``loss="kl"``) its KL divergence from the target's
+distribution over that label (top ``teacher_top_k`` tokens).
 
 Pipeline (:func:`train_heads`): ShareGPT conversations -> ChatML examples with
 an assistant mask (or, in self-distillation mode, the backbone's own replies to
-the first user turn) -> rows packed to ``seq_len`` -> backbone hidden states at
-every position with a target, computed once and cached in the work directory ->
-AdamW (warm-up + cosine, clipping) on the heads -> per-head top-1/top-5
-accuracy on the held-out split -> heads saved with their metrics.
+the first user turn) -> rows packed to ``seq_len`` (cached) -> backbone hidden states at
+every position with a target, computed once and cached in the work directory (and for
+``loss="kl"`` the target's distributions over the labels) -> AdamW (warm-up + cosine,
+clipping) on the heads -> per-head top-1/top-5 accuracy on the held-out split -> heads
+saved with their metrics.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from drafts.model import token_frequencies
 from heads.medusa import MedusaHeads, checked_vocab, new_heads, save_heads
 from specdec.model import head_table
 from training.data import Packed, head_labels, pack, split_examples
+from training.draft import top_k_kl
 from training.feature_draft import FeatureRows, target_rows
-from training.features import Features, backbone_features, packed_hidden
+from training.features import Features, SoftTargets, backbone_features, packed_hidden, soft_targets
 from training.loop import cached_arrays, load_arrays, make_optimizer, train_loop, work_dir_of
 
 KIND = "train-heads"  # work directories under the cache
 
 DATA_MODES = ("sharegpt", "self-distill")
+LOSSES = ("ce", "kl")
 # the fields that making training data reads; rows_from (rows made before) replaces them
 DATA_FIELDS = ("data", "conversations", "heldout_conversations", "seq_len", "max_prompt_tokens", "max_new_tokens",
                "gen_batch")
@@ -66,6 +71,8 @@ class HeadsTrainConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     decay: float = 0.8  # head k's loss weight is decay ** k (k = 0 for the first head)
+    loss: str = "ce"  # "ce" (each head's label) or "kl" (the target's distribution over it, its top teacher_top_k)
+    teacher_top_k: int = 16
     checkpoint_every: int = 200
     seed: int = 0
 
@@ -74,6 +81,9 @@ class HeadsTrainConfig:
             raise ValueError(f"data must be one of {DATA_MODES}, got {self.data!r}")
         if self.batch_size < 1 or self.epochs <= 0:
             raise ValueError(f"batch_size must be >= 1 and epochs > 0, got {self.batch_size} and {self.epochs}")
+        if self.loss not in LOSSES or self.teacher_top_k < 1:
+            raise ValueError(f"loss must be one of {LOSSES} and teacher_top_k >= 1, got {self.loss!r} and "
+                             f"{self.teacher_top_k}")
         unused = [f.name for f in fields(self) if f.name in DATA_FIELDS and getattr(self, f.name) != f.default]
         if self.rows_from and unused:
             flags = ", ".join("--" + name.replace("_", "-") for name in unused)
@@ -100,20 +110,25 @@ def _ce_and_hits(logits: jax.Array, labels: jax.Array, ks=(1, 5)):
     return jnp.sum(jnp.where(valid, ce, 0.0), axis=0), hits, jnp.sum(valid, axis=0)
 
 
-def medusa_loss(graphdef, params, table, hidden, labels, decay: float):
-    """Weighted loss ``sum_k decay^k * mean CE_k`` and per-head top-1 accuracy ``[n]`` of one batch."""
-    heads = nnx.merge(graphdef, params)
-    ce, (hit1,), count = _ce_and_hits(heads.logits(hidden, table), labels, ks=(1,))
+def medusa_loss(graphdef, params, table, hidden, labels, decay: float, soft: SoftTargets | None = None):
+    """Weighted loss ``sum_k decay^k * mean L_k`` and per-head top-1 accuracy ``[n]`` of one batch
+    (``hidden: [B, d]``, ``labels: [B, n]``); ``L_k``: head k's CE against its label, or with ``soft``
+    (``[B, n, K]`` each) its KL divergence from the target's distribution there."""
+    logits = nnx.merge(graphdef, params).logits(hidden, table)
+    per_head, (hit1,), count = _ce_and_hits(logits, labels, ks=(1,))
+    if soft is not None:  # the KL from the target's distribution instead of the CE
+        kl = top_k_kl(jax.nn.log_softmax(logits, axis=-1), soft.top_ids, soft.top_probs)[0]
+        per_head = jnp.sum(jnp.where(labels >= 0, kl, 0.0), axis=0)
     count = jnp.maximum(count, 1)
-    weights = decay ** jnp.arange(ce.shape[0], dtype=jnp.float32)
-    return jnp.sum(weights * ce / count), hit1 / count
+    weights = decay ** jnp.arange(per_head.shape[0], dtype=jnp.float32)
+    return jnp.sum(weights * per_head / count), hit1 / count
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "decay"), donate_argnames=("params", "opt"))
-def train_step(graphdef, params, opt, table, hidden, labels, *, optimizer, decay: float):
+def train_step(graphdef, params, opt, table, hidden, labels, soft=None, *, optimizer, decay: float):
     """One AdamW step on the heads: ``(params, opt state, loss, per-head top-1 [n])``."""
     (loss, acc), grads = jax.value_and_grad(medusa_loss, argnums=1, has_aux=True)(graphdef, params, table, hidden,
-                                                                                   labels, decay)
+                                                                                   labels, decay, soft)
     updates, opt = optimizer.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, loss, acc
 
@@ -150,8 +165,9 @@ def evaluate(heads: MedusaHeads, table: jax.Array, data: Features, batch_size: i
 
 
 def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainConfig, work_dir: str | Path,
-        max_steps: int | None = None) -> list[dict]:
-    """Train ``heads`` in place on ``data``, resuming from ``work_dir``'s latest checkpoint.
+        max_steps: int | None = None, soft: SoftTargets | None = None) -> list[dict]:
+    """Train ``heads`` in place on ``data`` (with ``soft``, the target's distributions at its
+    positions: the KL loss), resuming from ``work_dir``'s latest checkpoint.
 
     Checkpoints every ``cfg.checkpoint_every`` steps and at the end; ``max_steps`` stops early
     (the run can be resumed). Returns the loss log (one record per step, from step 0).
@@ -163,7 +179,9 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
 
     def step(params, opt, idx):
         params, opt, loss, acc = train_step(graphdef, params, opt, table, jnp.asarray(data.hidden[idx]),
-                                            jnp.asarray(data.labels[idx]), optimizer=optimizer, decay=cfg.decay)
+                                            jnp.asarray(data.labels[idx]),
+                                            None if soft is None else SoftTargets(*(jnp.asarray(a[idx]) for a in soft)),
+                                            optimizer=optimizer, decay=cfg.decay)
         return params, opt, {"loss": float(loss), "top1": np.asarray(acc).round(4).tolist()}
 
     params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=len(data.labels),
@@ -206,6 +224,13 @@ def rows_features(lm, rows_dir: str | Path, split: str, n_heads: int) -> Feature
     return Features(hidden=rows.features[keep].astype(np.float32), labels=labels[keep])
 
 
+def packed_rows(lm, cfg: HeadsTrainConfig, split: str) -> Packed:
+    """The packed rows of ``split`` (for ``data="self-distill"`` the replies are generated), cached in
+    the work directory."""
+    return cached_arrays(work_dir_of(cfg, KIND) / f"packed-{split}.npz", Packed,
+                         lambda: pack(split_examples(lm, cfg, split), cfg.seq_len))
+
+
 def prepare_features(lm, cfg: HeadsTrainConfig, split: str) -> Features:
     """Features for ``split`` ("train" or "heldout"), cached in the work directory (or read from
     ``cfg.rows_from``, see :func:`rows_features`)."""
@@ -213,10 +238,29 @@ def prepare_features(lm, cfg: HeadsTrainConfig, split: str) -> Features:
         return rows_features(lm, cfg.rows_from, split, cfg.n_heads)
 
     def build() -> Features:
-        packed = pack(split_examples(lm, cfg, split), cfg.seq_len)
+        packed = packed_rows(lm, cfg, split)
         return backbone_features(lm, packed, head_labels(packed, cfg.n_heads))
 
     return cached_arrays(work_dir_of(cfg, KIND) / f"features-{split}.npz", Features, build)
+
+
+def prepare_soft(lm, cfg: HeadsTrainConfig, split: str) -> SoftTargets:
+    """The target's top-``cfg.teacher_top_k`` distributions over ``split``'s head labels, position for
+    position with :func:`prepare_features`'s, cached in the work directory."""
+    if cfg.rows_from:
+        rows = cached_rows(lm, cfg.rows_from, split)
+        packed = Packed(rows.tokens, rows.segments, rows.positions, rows.mask)
+
+        def hidden(r: slice) -> np.ndarray:
+            return rows.features[r]
+    else:
+        packed = packed_rows(lm, cfg, split)
+
+        def hidden(r: slice) -> np.ndarray:
+            return packed_hidden(lm.graphdef, lm.state, *(jnp.asarray(a[r]) for a in packed[:3]))
+
+    return cached_arrays(work_dir_of(cfg, KIND) / f"soft-{split}-top{cfg.teacher_top_k}.npz", SoftTargets,
+                         lambda: soft_targets(lm, hidden, head_labels(packed, cfg.n_heads), cfg.teacher_top_k))
 
 
 def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
@@ -231,7 +275,8 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
     heldout = prepare_features(lm, cfg, "heldout")
     heads = new_heads(base, base_name=cfg.model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
                       shared_lm_head=cfg.shared_lm_head, dtype=cfg.dtype)
-    log = fit(heads, table, train, cfg, work_dir_of(cfg, KIND), max_steps=max_steps)
+    soft = prepare_soft(lm, cfg, "train") if cfg.loss == "kl" else None
+    log = fit(heads, table, train, cfg, work_dir_of(cfg, KIND), max_steps=max_steps, soft=soft)
     metrics = {"heldout": evaluate(heads, table, heldout), "train_positions": int(len(train.labels)),
                "heldout_positions": int(len(heldout.labels)), "steps": len(log),
                "final_loss": log[-1]["loss"] if log else None, "wall_s": round(time.perf_counter() - start, 1),
@@ -258,7 +303,7 @@ def heldout_rows(lm, cfg: HeadsTrainConfig) -> FeatureRows:
     if cfg.rows_from:
         return cached_rows(lm, cfg.rows_from, "heldout")
     return cached_arrays(work_dir_of(cfg, KIND) / "rows-heldout.npz", FeatureRows,
-                         lambda: target_rows(lm, pack(split_examples(lm, cfg, "heldout"), cfg.seq_len)))
+                         lambda: target_rows(lm, packed_rows(lm, cfg, "heldout")))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_rank"))
