@@ -16,7 +16,9 @@ were trained (saved with them). The searched tree is the heads' default
 (``tree.json``, from ``specdec search-tree --save``). ``--trees grown-N`` is the
 N-node tree (root included) of the likeliest paths under the held-out top-k
 accuracies in that ``tree.json``, whatever its cost: the most accepted tokens
-per forward these heads can expect from N nodes.
+per forward these heads can expect from N nodes. ``--heads DIR ...`` runs every
+tree with each of those heads in turn (default: the bundled heads), to compare
+heads trained differently on the same trees.
 
     .venv/bin/python experiments/bench_medusa.py
 """
@@ -24,6 +26,7 @@ per forward these heads can expect from N nodes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 from pathlib import Path
 
@@ -63,6 +66,8 @@ def main() -> None:
                         help="also run every tree with heads that propose only the N tokens they were most often "
                              "trained on (the projection onto N rows instead of the whole vocabulary; 0: every "
                              "token); without: the heads' default")
+    parser.add_argument("--heads", nargs="+", default=[None],
+                        help="heads directories, every tree run with each (default: the bundled heads)")
     parser.add_argument("--results-name", default="bench_medusa")
     args = parser.parse_args()
     if args.humaneval < 1 and args.sharegpt < 1:
@@ -70,17 +75,21 @@ def main() -> None:
     pyplot()  # fail now, not after the run, without matplotlib
 
     model = specdec.load("smollm2-135m")
-    heads, heads_dir = heads_for(model, None)
+    heads_dirs = [heads_for(model, h)[1] for h in args.heads]
+    heads_dir = heads_dirs[0]
     searched = default_tree(heads_dir)
     trees = [(t, tree_named(t, heads_dir)) for t in args.trees] + [("searched", searched)]
+    if len({d.name for d in heads_dirs}) < len(heads_dirs):
+        parser.error("--heads: give directories with distinct names (the rows are labelled by them)")
+    named = len(heads_dirs) > 1  # row labels name the heads
     # variants: (lookup tokens, lookup chains, head vocabulary; 0: every token, None: the heads' default);
     # (0, 1, None) is the plain tree
     variants = [(k, w, v) for k, w in [(0, 1)] + [(k, w) for k in args.lookup for w in args.lookup_width]
                 for v in [None] + args.head_vocab]
     methods = [("autoregressive", {})] + [
-        (name + _variant(k, w, v), dict(method="medusa", heads=str(heads_dir), tree=t, lookup=k, lookup_width=w,
-                                        head_vocab=v))
-        for k, w, v in variants for name, t in trees]
+        (_prefix(d, named) + name + _variant(k, w, v),
+         dict(method="medusa", heads=str(d), tree=t, lookup=k, lookup_width=w, head_vocab=v))
+        for d in heads_dirs for k, w, v in variants for name, t in trees]
     sets = {name: prompts for name, prompts in [("humaneval", humaneval_chat_prompts(args.humaneval)),
                                                 ("sharegpt", sharegpt_prompts(args.sharegpt))] if prompts}
     tok = model.tokenizer
@@ -94,19 +103,22 @@ def main() -> None:
             branch = (method.get("lookup", 0), method.get("lookup_width", 1))
             nodes = tree_buffers(load_spec(method["tree"])).tree.size + branch[0] * branch[1] if method else 1
             rows.append({"prompts": set_name, "method": "autoregressive" if not method else "medusa",
-                         "tree": name, "lookup": branch[0], "lookup_width": branch[1],
+                         "heads": Path(method["heads"]).name if method else None, "tree": name,
+                         "lookup": branch[0], "lookup_width": branch[1],
                          "head_vocab": method.get("head_vocab"), "tree_nodes": nodes, **summary})
         base = next(r for r in rows if r["prompts"] == set_name and r["tree"] == "autoregressive")
         for row in rows:
             if row["prompts"] == set_name:
                 row["speedup_vs_autoregressive"] = row["tokens_per_s"] / base["tokens_per_s"]
 
-    training = read_metadata(heads_dir).get("training", {})
-    acc = training.get("heldout", {})
+    accuracy = {d.name: read_metadata(d).get("training", {}).get("heldout", {}) for d in heads_dirs}
     shown = os.path.relpath(searched) if os.path.isfile(searched) else searched
-    notes = [f"searched tree: {shown} ({tree_buffers(load_spec(searched)).tree.size} nodes with the root)",
-             "per-head held-out accuracy (from training) top-1: " + ", ".join(f"{a:.3f}" for a in acc.get("top1", []))
-             + "; top-5: " + ", ".join(f"{a:.3f}" for a in acc.get("top5", []))]
+    notes = [f"searched tree: {shown} ({tree_buffers(load_spec(searched)).tree.size} nodes with the root)"]
+    notes += [f"heads {d.name} ({d}), per-head held-out accuracy (from training) top-1: "
+              + ", ".join(f"{a:.3f}" for a in accuracy[d.name].get("top1", []))
+              + "; top-5: " + ", ".join(f"{a:.3f}" for a in accuracy[d.name].get("top5", [])) for d in heads_dirs]
+    if named:
+        notes.append(f"every heads directory ran the same trees: grown-N and searched are those of {heads_dir.name}")
     if args.lookup:
         notes.append("TREE + lookup K: the tree and a K-token prompt-lookup chain beside it, verified in one forward "
                      "(tree_nodes counts both); lookup KxW: W such chains, copied from the best matches whose "
@@ -118,28 +130,33 @@ def main() -> None:
                      "(head_vocab=N; their projection covers N rows of the LM head, not the whole vocabulary); "
                      "head vocab all: every token")
     write_results(args.results_name, {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled Medusa heads (bfloat16)",
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; Medusa heads "
+                 + ", ".join(str(d) for d in heads_dirs),
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
-        "max_new_tokens": args.new_tokens, "heads_accuracy": acc, "rows": rows, "notes": notes,
+        "max_new_tokens": args.new_tokens, "heads_accuracy": accuracy, "rows": rows, "notes": notes,
     }, ["prompts", "tree", "tree_nodes", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive",
         "equivalence", "rows_identical"])
     series = {}
-    for set_name in sets:
-        for k, w, v in variants:
-            label = set_name + _variant(k, w, v)
-            mine = [r for r in rows if r["prompts"] == set_name and r["method"] == "medusa"
-                    and (r["lookup"], r["lookup_width"], r["head_vocab"]) == (k, w, v)]
-            pts = sorted((r["tree_nodes"], r["accepted_per_forward"]) for r in mine
-                         if not r["tree"].startswith("searched"))
-            series[label] = ([p[0] for p in pts], [p[1] for p in pts])
-            found = next(r for r in mine if r["tree"].startswith("searched"))
-            series[f"{label}: searched tree"] = ([found["tree_nodes"]], [found["accepted_per_forward"]])
+    for set_name, d, (k, w, v) in itertools.product(sets, heads_dirs, variants):
+        label = _prefix(d, named) + set_name + _variant(k, w, v)
+        mine = [r for r in rows if r["prompts"] == set_name and r["heads"] == d.name
+                and (r["lookup"], r["lookup_width"], r["head_vocab"]) == (k, w, v)]
+        searched_row = [r["tree"].removeprefix(_prefix(d, named)).startswith("searched") for r in mine]
+        pts = sorted((r["tree_nodes"], r["accepted_per_forward"]) for r, s in zip(mine, searched_row) if not s)
+        series[label] = ([p[0] for p in pts], [p[1] for p in pts])
+        found = next(r for r, s in zip(mine, searched_row) if s)
+        series[f"{label}: searched tree"] = ([found["tree_nodes"]], [found["accepted_per_forward"]])
     save_plot(args.results_name, series, xlabel="tree nodes (with the root)",
               ylabel="accepted tokens per target forward",
               title="Medusa heads on SmolLM2-135M-Instruct, greedy", logx=True)
     for row in rows:
         print(row)
     print(*notes, sep="\n")
+
+
+def _prefix(heads_dir: Path, named: bool) -> str:
+    """Row label prefix naming the heads, when several are compared."""
+    return f"{heads_dir.name}: " if named else ""
 
 
 def _variant(k: int, width: int, vocab: int | None) -> str:
