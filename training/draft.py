@@ -37,7 +37,7 @@ from specdec.cache import init_cache
 from specdec.model import forward
 from specdec.sampling import argmax
 from training.data import Packed, next_labels, pack, split_examples
-from training.features import segment_mask
+from training.features import segment_mask, top_k_probs
 from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
 
 KIND = "train-draft"  # work directories under the cache
@@ -127,7 +127,7 @@ def _teacher_rows(graphdef, params, tokens, segments, positions, *, k: int):
     b, length = tokens.shape
     res = forward(model, init_cache(model.config, b, length), tokens=tokens, positions=positions,
                   block_mask=segment_mask(segments))
-    probs, ids = jax.lax.top_k(jax.nn.softmax(res.logits, axis=-1), k)
+    probs, ids = top_k_probs(res.logits, k)
     return ids.astype(jnp.int32), probs
 
 

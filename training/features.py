@@ -65,15 +65,20 @@ def backbone_features(lm, packed: Packed, labels: np.ndarray, batch_size: int = 
                     labels=np.concatenate(kept) if kept else np.zeros((0, labels.shape[-1]), np.int32))
 
 
+def top_k_probs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``logits: [..., V]`` -> the ``k`` largest next-token probabilities and their ids, ``[..., k]`` each.
+
+    The barrier keeps XLA (CPU) from fusing the top-k into each of its consumers, which recomputed it
+    once per consumer: 11 s instead of 0.55 s for the head labels of two 512-token rows of SmolLM2."""
+    return jax.lax.optimization_barrier(jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "k"))
 def _soft_rows(graphdef, params, hidden: jax.Array, labels: jax.Array, *, k: int):
     """``hidden: [B, L, d]`` final-normed states at every position of packed rows, ``labels: [B, L, n]``
     their head labels -> top ids, probs ``[B, L, n, K]``: head j's label at position t is token
     t + 2 + j, which the target chose from its next-token distribution at position t + 1 + j."""
-    logits = nnx.merge(graphdef, params).logits(hidden)
-    # The barrier keeps XLA (CPU) from fusing the top-k into each shifted copy below, which recomputed
-    # it once per copy: 11 s instead of 0.55 s for two 512-token rows of SmolLM2.
-    probs, ids = jax.lax.optimization_barrier(jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k))
+    probs, ids = top_k_probs(nnx.merge(graphdef, params).logits(hidden), k)
     length = hidden.shape[1]
 
     def ahead(x, j, fill):  # position t gets position t + 1 + j's entry
