@@ -246,21 +246,25 @@ def prepare_features(lm, cfg: HeadsTrainConfig, split: str) -> Features:
 
 def prepare_soft(lm, cfg: HeadsTrainConfig, split: str) -> SoftTargets:
     """The target's top-``cfg.teacher_top_k`` distributions over ``split``'s head labels, position for
-    position with :func:`prepare_features`'s, cached in the work directory."""
-    if cfg.rows_from:
-        rows = cached_rows(lm, cfg.rows_from, split)
-        packed = Packed(rows.tokens, rows.segments, rows.positions, rows.mask)
+    position with :func:`prepare_features`'s, cached in the work directory (the rows are read only
+    to make them)."""
 
-        def hidden(r: slice) -> np.ndarray:
-            return rows.features[r]
-    else:
-        packed = packed_rows(lm, cfg, split)
+    def build() -> SoftTargets:
+        if cfg.rows_from:
+            rows = cached_rows(lm, cfg.rows_from, split)
+            packed = Packed(rows.tokens, rows.segments, rows.positions, rows.mask)
 
-        def hidden(r: slice) -> np.ndarray:
-            return packed_hidden(lm.graphdef, lm.state, *(jnp.asarray(a[r]) for a in packed[:3]))
+            def hidden(r: slice) -> np.ndarray:
+                return rows.features[r]
+        else:
+            packed = packed_rows(lm, cfg, split)
 
-    return cached_arrays(work_dir_of(cfg, KIND) / f"soft-{split}-top{cfg.teacher_top_k}.npz", SoftTargets,
-                         lambda: soft_targets(lm, hidden, head_labels(packed, cfg.n_heads), cfg.teacher_top_k))
+            def hidden(r: slice) -> np.ndarray:
+                return packed_hidden(lm.graphdef, lm.state, *(jnp.asarray(a[r]) for a in packed[:3]))
+
+        return soft_targets(lm, hidden, head_labels(packed, cfg.n_heads), cfg.teacher_top_k)
+
+    return cached_arrays(work_dir_of(cfg, KIND) / f"soft-{split}-top{cfg.teacher_top_k}.npz", SoftTargets, build)
 
 
 def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
