@@ -148,4 +148,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    specdec.use_compile_cache()  # before the first compile
     main()

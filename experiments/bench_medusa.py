@@ -167,4 +167,5 @@ def _variant(k: int, width: int, vocab: int | None) -> str:
 
 
 if __name__ == "__main__":
+    specdec.use_compile_cache()  # before the first compile
     main()

@@ -19,6 +19,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import specdec
 from specdec.bench import write_results
 from training.draft import DraftTrainConfig, train_draft
 
@@ -74,4 +75,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    specdec.use_compile_cache()  # before the first compile
     main()

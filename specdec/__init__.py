@@ -6,8 +6,10 @@
 """
 
 from specdec.api import DecodeStats, Generation, generate, stream
+from specdec.compile_cache import use_compile_cache
 from specdec.config import LlamaConfig
 from specdec.loading import LoadedModel, load
 from specdec.sampling import Sampling
 
-__all__ = ["DecodeStats", "Generation", "LlamaConfig", "LoadedModel", "Sampling", "generate", "load", "stream"]
+__all__ = ["DecodeStats", "Generation", "LlamaConfig", "LoadedModel", "Sampling", "generate", "load", "stream",
+           "use_compile_cache"]

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from specdec.compile_cache import use_compile_cache
 from specdec.loading import load_once
 from specdec.methods import METHOD_OPTIONS, METHODS
 
@@ -505,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    use_compile_cache()
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:

@@ -9,10 +9,13 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from specdec.compile_cache import use_compile_cache
 from specdec.config import tiny_config
 from specdec.loading import LoadedModel
 from specdec.model import init_model, teacher_forced_logits
 from specdec.sampling import Sampling
+
+use_compile_cache()  # compiled programs persist across workers and runs (``SPECDEC_COMPILE_CACHE=off``: none)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
