@@ -37,21 +37,20 @@ def _case(seed: int, batch: int, temperature: float):
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("proposer", PROPOSERS)
-@settings(max_examples=1, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10**6))
-def test_ragged_batch_rows_equal_each_prompt_alone(tiny_lm, methods, batch, proposer, seed):
+def test_ragged_batch_rows_equal_each_prompt_alone(tiny_lm, methods, batch, proposer):
     """One batch, every row its own length and budget: coupled sampling with the row's seed at odd batch
-    sizes, greedy at even ones (so each proposer runs both)."""
-    prompts, opts = _case(seed, batch, 0.9 if batch % 2 else 0.0)
+    sizes, greedy at even ones (so each proposer runs both); each case its own random prompts."""
+    prompts, opts = _case(100 * batch + PROPOSERS.index(proposer), batch, 0.9 if batch % 2 else 0.0)
     report = check(tiny_lm, prompts, **methods[proposer], **opts)
     assert report.counts["identical"] == batch, report.table()
 
 
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10**6), proposer=st.sampled_from(("autoregressive",) + PROPOSERS),
-       slots=st.sampled_from([1, 2, 3, 5, 8]), temperature=st.sampled_from([0.0, 0.9]), data=st.data())
+@given(seed=st.integers(0, 10**6), proposer=st.sampled_from(PROPOSERS + ("autoregressive",)),
+       slots=st.sampled_from([3, 1, 2, 5, 8]), temperature=st.sampled_from([0.9, 0.0]), data=st.data())
 def test_pool_equals_each_prompt_alone_in_any_order(tiny_lm, methods, seed, proposer, slots, temperature, data):
-    """Through a pool of any slot count, in any arrival order, each request's output is its output alone."""
+    """Through a pool of any slot count, in any arrival order, each request's output is its output alone.
+    (Hypothesis tries its simplest example first: the first value of each list, a pool that is not trivial.)"""
     prompts, opts = _case(seed, 9, temperature)
     alone = [specdec.generate(tiny_lm, p, **{k: v[i] if isinstance(v, list) and k != "stop_tokens" else v
                                             for k, v in opts.items()}) for i, p in enumerate(prompts)]

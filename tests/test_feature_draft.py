@@ -97,7 +97,7 @@ def test_resume_is_exact_and_only_for_the_same_config(tiny, toy, tmp_path):
     assert [r["step"] for r in other] == [0, 1]  # not the 5 steps of the checkpoint beside it
     same, moved = run_dir_of(_cfg(), tmp_path), run_dir_of(_cfg(out="x", checkpoint_every=9), tmp_path)
     assert same == moved != run_dir_of(_cfg(lr=1e-3), tmp_path) != run_dir_of(_cfg(init="layers"), tmp_path)
-    resumed = new_feature_draft(tiny, spec)
+    resumed = new_feature_draft(tiny, spec, seed=1)  # other initial weights: only the checkpoint can match `whole`
     log_b = fit(resumed, spec, train, _cfg(), tmp_path / "b")
     assert killed is not resumed and [r["loss"] for r in log_b] == [r["loss"] for r in log]
     for a, b in zip(jax.tree.leaves(nnx.state(whole)), jax.tree.leaves(nnx.state(resumed))):
@@ -238,12 +238,12 @@ def test_greedy_output_with_the_trained_draft_is_autoregressive(tiny_lm, trained
         out = specdec.generate(tiny_lm, prompts, max_new_tokens=[30, 12, 25], ignore_eos=True, method="eagle",
                                feature_draft=trained[0], k=k, draft_width=width, draft_branches=branches)
         assert [g.tokens for g in out] == [g.tokens for g in alone]
-        assert out[0].stats.target_forwards < 30  # it accepts drafts
+        assert out[0].stats.target_forwards < alone[0].stats.target_forwards  # it accepts drafts
     tree = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]
     out = specdec.generate(tiny_lm, prompts, max_new_tokens=[30, 12, 25], ignore_eos=True, method="eagle",
                            feature_draft=trained[0], tree=tree)
     assert [g.tokens for g in out] == [g.tokens for g in alone]
-    assert out[0].stats.target_forwards < 30
+    assert out[0].stats.target_forwards < alone[0].stats.target_forwards
     with pytest.raises(ValueError, match="a tree .of draft ranks. or k / draft_width / draft_branches, not both"):
         specdec.generate(tiny_lm, prompts, method="eagle", feature_draft=trained[0], tree=tree, k=2)
 

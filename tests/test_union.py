@@ -56,6 +56,9 @@ def test_with_lookup_rows_equal_each_prompt_alone(tiny_lm, methods, method, temp
                                              ("eagle", {"k": {1: 3, 3: 0}}), ("draft", {"k": {1: 2, 3: 0}})])
 def test_with_lookup_by_load_through_a_pool(tiny_lm, methods, method, by_load):
     """A schedule whose own tree goes empty at some load keeps the lookup branch, with one state layout."""
+    options = {k: v for k, v in methods[method].items() if k != "method"}
+    schedule, _ = build_proposer(method, tiny_lm, {**options, **by_load, "lookup": 3})
+    assert all(step.tree.size > 1 for _, step in schedule.steps)  # drafts at every load: the lookup chain
     prompts, opts = _prompts(5)
     report = check(tiny_lm, prompts, **{**methods[method], **by_load}, lookup=3, temperature=0.9, top_k=20,
                    slots=3, chunk_steps=2, **opts)
