@@ -123,8 +123,9 @@ def main() -> None:
         notes.append("TREE + lookup K: the tree and a K-token prompt-lookup chain beside it, verified in one forward "
                      "(tree_nodes counts both); lookup KxW: W such chains, copied from the best matches whose "
                      "continuations start with distinct tokens")
-    notes.append(f"head vocabulary of rows without one in their name: the heads' default, "
-                 f"{default_head_vocab(heads_dir) or 'every token'} (tree.json)")
+    notes.append("head vocabulary of rows without one in their name: the heads' default (tree.json, else their "
+                 "training vocabulary), " + ", ".join(f"{d.name} {default_head_vocab(d) or 'every token'}"
+                                                      for d in heads_dirs))
     if args.head_vocab:
         notes.append("TREE, head vocab N: the heads propose only the N tokens they were most often trained on "
                      "(head_vocab=N; their projection covers N rows of the LM head, not the whole vocabulary); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from heads.medusa import CONFIG_FILE, MedusaHeads, load_heads
+from heads.medusa import CONFIG_FILE, MedusaHeads, load_heads, read_metadata
 from specdec.saved import read_config, saved_for
 
 BUNDLED = Path(__file__).resolve().parent
@@ -45,5 +45,9 @@ def default_trees(heads_dir: Path | None) -> str | dict[int, list]:
 
 def default_head_vocab(heads_dir: Path | None) -> int | None:
     """The head vocabulary (``head_vocab``) the heads' tree was searched with, recorded in ``tree.json``
-    (``specdec search-tree --head-vocab N --save``); None: every token."""
-    return (_saved_search(heads_dir) or {}).get("head_vocab")
+    (``specdec search-tree --head-vocab N --save``), else the vocabulary they were trained over
+    (``specdec train-heads --train-vocab N``); None: every token."""
+    searched = (_saved_search(heads_dir) or {}).get("head_vocab")
+    if searched or heads_dir is None:
+        return searched
+    return read_metadata(heads_dir).get("training", {}).get("config", {}).get("train_vocab") or None

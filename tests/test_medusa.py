@@ -29,7 +29,7 @@ from training.data import Example, head_labels, pack
 from training.feature_draft import target_rows
 from training.features import Features, SoftTargets, backbone_features
 from training.medusa import HeadsTrainConfig, evaluate, fit, heads_reply_ranks, label_counts, medusa_loss, \
-    prepare_features, prepare_soft, reply_runs, rows_features
+    prepare_features, prepare_soft, reply_runs, rows_features, training_vocab
 from training.rank_trees import replay_counts, write_heads_trees
 
 
@@ -293,6 +293,18 @@ def test_search_with_a_head_vocabulary_sets_the_default(tiny_lm, tiny, tmp_path)
     assert params["vocab"] is None and params["table"].shape == (97, tiny.config.d_model)  # 0: every token
 
 
+def test_heads_trained_over_a_vocabulary_rank_it_by_default(tiny_lm, tiny, tmp_path):
+    from heads.bundled import default_head_vocab
+
+    counts = (np.arange(tiny.config.vocab_size) * 37) % tiny.config.vocab_size
+    save_heads(random_heads(tiny, 3, 0.5), tmp_path, {"training": {"config": {"train_vocab": 12}}}, counts)
+    assert default_head_vocab(tmp_path) == 12
+    _, params = build_proposer("medusa", tiny_lm, {"heads": str(tmp_path)})
+    np.testing.assert_array_equal(params["vocab"], head_vocabulary(tmp_path, 12))
+    _, params = build_proposer("medusa", tiny_lm, {"heads": str(tmp_path), "head_vocab": 0})
+    assert params["vocab"] is None
+
+
 def test_search_tree_cli_rejects_a_bad_accuracy_file(tmp_path, capsys):
     from specdec.cli import main as cli_main
 
@@ -353,6 +365,33 @@ def test_training_lowers_loss_and_resumes_exactly(tiny, tmp_path):
     log = fit(resumed, table, data, cfg, tmp_path / "b")
     assert [r["loss"] for r in log] == [r["loss"] for r in whole]
     assert json.dumps(evaluate(resumed, table, data)) == json.dumps(after)
+
+
+def test_a_training_vocabulary_spans_the_softmax_over_the_likeliest_labels_only(tiny, tmp_path):
+    """With ``train_vocab=N`` the first step's loss is each head's CE under a softmax over the N tokens
+    most often head 0's label (labels outside skipped), computed here from the full logits; training
+    that way raises the accuracy over those tokens, and over every token."""
+    data, table, n = _features(512, 4), head_table(tiny), 24
+    vocab = training_vocab(data, tiny.config.vocab_size, n)
+    assert len(vocab) == n and np.all(np.diff(vocab) > 0)
+    counts = label_counts(data, tiny.config.vocab_size)
+    assert counts[vocab].min() >= np.delete(counts, vocab).max()
+    heads = new_heads(tiny, base_name="tiny")
+    logp = np.asarray(jax.nn.log_softmax(heads.logits(jnp.asarray(data.hidden), table)[..., vocab], axis=-1))
+    inside = np.isin(data.labels, vocab)
+    assert 0.2 < inside.mean() < 0.9  # some labels fall outside and are skipped
+    index = np.searchsorted(vocab, np.maximum(data.labels, 0))
+    ce = -np.take_along_axis(logp, np.minimum(index, n - 1)[..., None], axis=-1)[..., 0]
+    want = sum(0.8 ** k * ce[inside[:, k], k].mean() for k in range(4))
+    before = [sum(evaluate(heads, table, data, vocab=v)["top1"]) for v in (vocab, None)]
+    log = fit(heads, table, data, HeadsTrainConfig(batch_size=512, epochs=30, lr=1e-2, train_vocab=n), tmp_path)
+    assert log[0]["loss"] == pytest.approx(want, rel=1e-5)
+    after = [sum(evaluate(heads, table, data, vocab=v)["top1"]) for v in (vocab, None)]
+    assert after[0] > before[0] + 0.15 and after[1] > before[1] + 0.02
+    with pytest.raises(ValueError, match="train_vocab must be >= 0 .* got -1"):
+        HeadsTrainConfig(train_vocab=-1)
+    with pytest.raises(ValueError, match="needs shared_lm_head=True .* got 8 and shared_lm_head=False"):
+        HeadsTrainConfig(train_vocab=8, shared_lm_head=False)
 
 
 def _soft(labels: np.ndarray, k: int, first: float) -> SoftTargets:

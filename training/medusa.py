@@ -26,11 +26,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from drafts.model import token_frequencies
+from drafts.model import frequent_vocab, token_frequencies
 from heads.medusa import MedusaHeads, checked_vocab, new_heads, save_heads
 from specdec.model import head_table
 from training.data import Packed, head_labels, pack, split_examples
-from training.draft import top_k_kl
+from training.draft import to_draft_ids, top_k_kl
 from training.feature_draft import FeatureRows, target_rows
 from training.features import Features, SoftTargets, backbone_features, packed_hidden, soft_targets
 from training.loop import cached_arrays, load_arrays, make_optimizer, train_loop, work_dir_of
@@ -73,6 +73,7 @@ class HeadsTrainConfig:
     decay: float = 0.8  # head k's loss weight is decay ** k (k = 0 for the first head)
     loss: str = "ce"  # "ce" (each head's label) or "kl" (the target's distribution over it, its top teacher_top_k)
     teacher_top_k: int = 16
+    train_vocab: int = 0  # > 0: the training softmax spans only the N tokens most often labels (labels outside skipped)
     checkpoint_every: int = 200
     seed: int = 0
 
@@ -84,6 +85,10 @@ class HeadsTrainConfig:
         if self.loss not in LOSSES or self.teacher_top_k < 1:
             raise ValueError(f"loss must be one of {LOSSES} and teacher_top_k >= 1, got {self.loss!r} and "
                              f"{self.teacher_top_k}")
+        if self.train_vocab < 0 or (self.train_vocab and not self.shared_lm_head):
+            raise ValueError(f"train_vocab must be >= 0 (0: every token) and needs shared_lm_head=True (heads with "
+                             f"their own projections train all of them), got {self.train_vocab} and "
+                             f"shared_lm_head={self.shared_lm_head}")
         unused = [f.name for f in fields(self) if f.name in DATA_FIELDS and getattr(self, f.name) != f.default]
         if self.rows_from and unused:
             flags = ", ".join("--" + name.replace("_", "-") for name in unused)
@@ -170,8 +175,17 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
     positions: the KL loss), resuming from ``work_dir``'s latest checkpoint.
 
     Checkpoints every ``cfg.checkpoint_every`` steps and at the end; ``max_steps`` stops early
-    (the run can be resumed). Returns the loss log (one record per step, from step 0).
+    (the run can be resumed). ``cfg.train_vocab`` (N > 0): every softmax spans only the N tokens most
+    often head 0's label in ``data`` (:func:`training_vocab`), so the vocabulary projection costs N/V
+    of the full one; labels outside are skipped (the loss log's top-1 counts only those inside).
+    Returns the loss log (one record per step, from step 0).
     """
+    if cfg.train_vocab:
+        full = table.shape[0]
+        vocab = training_vocab(data, full, cfg.train_vocab)
+        table, data = table[jnp.asarray(vocab)], Features(data.hidden, to_draft_ids(data.labels, vocab, full))
+        if soft is not None:
+            soft = SoftTargets(to_draft_ids(soft.top_ids, vocab, full), soft.top_probs)
     total = max(1, int(np.ceil(cfg.epochs * len(data.labels) / cfg.batch_size)))
     optimizer = make_optimizer(lr=cfg.lr, total_steps=total, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                                clip=cfg.clip)
@@ -289,8 +303,17 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
                       shared_lm_head=cfg.shared_lm_head, dtype=cfg.save_dtype)
     nnx.update(saved, jax.tree.map(lambda a: a.astype(saved.config.jnp_dtype), nnx.state(heads, nnx.Param)))
     metrics["heldout_saved_dtype"] = evaluate(saved, table, heldout)
+    if cfg.train_vocab:  # the tokens these heads rank by default (heads.bundled.default_head_vocab)
+        vocab = training_vocab(train, base.config.vocab_size, cfg.train_vocab)
+        metrics["heldout_saved_dtype_train_vocab"] = evaluate(saved, table, heldout, vocab=vocab)
     save_heads(saved, cfg.out, {"training": metrics}, token_counts=label_counts(train, base.config.vocab_size))
     return metrics
+
+
+def training_vocab(data: Features, vocab_size: int, size: int) -> np.ndarray:
+    """``[size]`` int32, sorted: the tokens most often head 0's label in ``data`` (the heads' training
+    vocabulary with ``train_vocab=size``)."""
+    return frequent_vocab(label_counts(data, vocab_size), size)
 
 
 def label_counts(data: Features, vocab_size: int) -> np.ndarray:
