@@ -111,10 +111,13 @@ def main() -> None:
             if row["prompts"] == set_name:
                 row["speedup_vs_autoregressive"] = row["tokens_per_s"] / base["tokens_per_s"]
 
-    accuracy = {d.name: read_metadata(d).get("training", {}).get("heldout", {}) for d in heads_dirs}
+    training = {d.name: read_metadata(d).get("training", {}) for d in heads_dirs}
+    # heads trained over N tokens: their accuracy ranking those (as they decode), else over every token
+    accuracy = {name: t.get("heldout_saved_dtype_train_vocab") or t.get("heldout", {}) for name, t in training.items()}
     shown = os.path.relpath(searched) if os.path.isfile(searched) else searched
     notes = [f"searched tree: {shown} ({tree_buffers(load_spec(searched)).tree.size} nodes with the root)"]
-    notes += [f"heads {d.name} ({d}), per-head held-out accuracy (from training) top-1: "
+    notes += [f"heads {d.name} ({d}), per-head held-out accuracy (from training; ranking their --train-vocab "
+              "tokens if trained so, else every token) top-1: "
               + ", ".join(f"{a:.3f}" for a in accuracy[d.name].get("top1", []))
               + "; top-5: " + ", ".join(f"{a:.3f}" for a in accuracy[d.name].get("top5", [])) for d in heads_dirs]
     if named:

@@ -50,8 +50,9 @@ def main() -> None:
         "prompts": "each heads' training run's held-out split (the heldout column: its data key)",
         "head_vocab": args.head_vocab,
         "rows": rows,
-        "notes": [f"each set ranks only the {args.head_vocab or 'every'} tokens it was most often trained on "
-                  "(the target's EOS kept); top1 / top5: heads 0 .. 3 (tokens t+2 .. t+5)",
+        "notes": [(f"each set ranks only the {args.head_vocab} tokens it was most often trained on (the target's "
+                   "EOS kept)" if args.head_vocab else "each set ranks every token")
+                  + "; top1 / top5: heads 0 .. 3 (tokens t+2 .. t+5)",
                   "no figure here depends on timing"],
     }, ["heads", "heldout", *TRAINING, "top1", "top5"])
 

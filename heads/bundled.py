@@ -47,7 +47,8 @@ def default_head_vocab(heads_dir: Path | None) -> int | None:
     """The head vocabulary (``head_vocab``) the heads' tree was searched with, recorded in ``tree.json``
     (``specdec search-tree --head-vocab N --save``), else the vocabulary they were trained over
     (``specdec train-heads --train-vocab N``); None: every token."""
-    searched = (_saved_search(heads_dir) or {}).get("head_vocab")
-    if searched or heads_dir is None:
-        return searched
-    return read_metadata(heads_dir).get("training", {}).get("config", {}).get("train_vocab") or None
+    saved = _saved_search(heads_dir) or {}
+    if "head_vocab" in saved or heads_dir is None:
+        return saved.get("head_vocab") or None
+    size = ((read_metadata(heads_dir).get("training") or {}).get("config") or {}).get("train_vocab")
+    return size if isinstance(size, int) and size > 0 else None

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from heads.bundled import TREE_FILE
+from heads.bundled import TREE_FILE, default_head_vocab
 from heads.medusa import MedusaHeads, head_vocab_ids, read_metadata
 from specdec.model import head_table
 from heads.trees import rank_accuracy, search_tree
@@ -72,11 +72,13 @@ def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_node
     the heads. The top-level ``paths`` are the tree for ``rows[0] = 1`` row; ``by_load`` holds every
     batch size's tree (the default by-load schedule, see :func:`heads.bundled.default_tree`).
     ``head_vocab``: heads that propose only the N tokens they were most often trained on (accuracies and
-    costs measured so; recorded, and then the heads' default)."""
+    costs measured so; recorded, and then the heads' default; None: their default, 0: every token)."""
     rows = tuple(sorted(set(int(r) for r in rows)))
     if not rows or rows[0] != 1:
         raise ValueError(f"rows (batch sizes to search for) must include 1, got {list(rows)}")
     start = time.perf_counter()
+    if head_vocab is None:  # as the heads decode by default
+        head_vocab = default_head_vocab(heads_dir)
     vocab = head_vocab_ids(lm, head_vocab, heads_dir)
     topk = heldout_accuracy(lm, heads, heads_dir, vocab) if topk is None else topk
     widths = sorted({w for w in COST_WIDTHS if w <= max_nodes + 1} | {max_nodes + 1})

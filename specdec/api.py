@@ -289,8 +289,9 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         these token ids only (a list), or onto the N they were most often trained on (an int N,
         from the heads' ``token_counts.npy``; EOS kept): a far cheaper projection than the whole
         vocabulary, lossless since the target verifies (default: the ``head_vocab`` recorded in the
-        heads' ``tree.json`` by ``specdec search-tree --head-vocab N --save``, else every token; 0:
-        every token);
+        heads' ``tree.json`` by ``specdec search-tree --head-vocab N --save``, else the vocabulary
+        they were trained over (``specdec train-heads --train-vocab N``), else every token; 0: every
+        token);
         exit_layer (method "early_exit", lossless self-speculation): draft with the target's
         first exit_layer layers, then verify with the rest (default: half the layers);
         verification: "exact" (default; greedy, or coupled sampling: token-identical to

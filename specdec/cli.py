@@ -73,7 +73,7 @@ def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
                         "--method eagle: a tree of draft ranks instead of --k (e.g. from `specdec draft-tree`)")
     parser.add_argument("--head-vocab", type=int, help="--method medusa: the heads propose only the N tokens they "
                         "were most often trained on (a cheaper projection; lossless; 0: every token; default: "
-                        "the one the heads' tree was searched with)")
+                        "the one the heads' tree was searched with, else their --train-vocab)")
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
     parser.add_argument("--lookup", type=int, help="--method medusa, eagle or draft: also propose this many "
@@ -455,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--accuracy-from", default=None, help="reuse the held-out head accuracies recorded in this "
                     "tree.json instead of measuring them again")
     ts.add_argument("--head-vocab", type=int, default=None, help="heads that propose only the N tokens they were "
-                    "most often trained on: accuracies and costs measured so; with --save, the heads' default")
+                    "most often trained on: accuracies and costs measured so; with --save, the heads' default "
+                    "(default: their default, as decoding; 0: every token)")
     ts.add_argument("--save", action="store_true", help="write tree.json beside the heads (their default tree)")
     ts.set_defaults(func=_search_tree)
     dt = _rank_tree_parser(sub, "draft-tree", "trees of draft ranks for a feature draft (--method eagle --tree): the "
@@ -467,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "most often right on the heads' held-out text", max_rank=16)
     ht.add_argument("--heads", default=None, help="heads directory (default: the bundled heads for the model)")
     ht.add_argument("--head-vocab", type=int, default=None, help="heads ranking only the N tokens they were most "
-                    "often trained on (default: as their saved tree.json; 0: every token)")
+                    "often trained on (default: as they decode; 0: every token)")
     ht.set_defaults(func=_heads_tree)
     tu = sub.add_parser("tune", help="measure which k (or Medusa tree) and budget decode fastest on this device at "
                                      "each number of running rows: a by-load schedule (for --schedule)")

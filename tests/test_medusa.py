@@ -294,15 +294,24 @@ def test_search_with_a_head_vocabulary_sets_the_default(tiny_lm, tiny, tmp_path)
 
 
 def test_heads_trained_over_a_vocabulary_rank_it_by_default(tiny_lm, tiny, tmp_path):
-    from heads.bundled import default_head_vocab
+    """Without a head vocabulary recorded by a search, heads trained with ``train_vocab=N`` decode and
+    are searched over N tokens; a search's record, "every token" included, wins."""
+    from heads.bundled import TREE_FILE, default_head_vocab
+    from heads.search import search_for_heads
 
     counts = (np.arange(tiny.config.vocab_size) * 37) % tiny.config.vocab_size
     save_heads(random_heads(tiny, 3, 0.5), tmp_path, {"training": {"config": {"train_vocab": 12}}}, counts)
     assert default_head_vocab(tmp_path) == 12
     _, params = build_proposer("medusa", tiny_lm, {"heads": str(tmp_path)})
-    np.testing.assert_array_equal(params["vocab"], head_vocabulary(tmp_path, 12))
+    np.testing.assert_array_equal(params["vocab"], head_vocabulary(tmp_path, 12, tuple(tiny_lm.tokenizer.eos_ids)
+                                                                   if tiny_lm.tokenizer else ()))
     _, params = build_proposer("medusa", tiny_lm, {"heads": str(tmp_path), "head_vocab": 0})
     assert params["vocab"] is None
+    heads, topk = load_heads(tmp_path, tiny), [[0.6, 0.7, 0.75], [0.4, 0.5, 0.55]]
+    assert search_for_heads(tiny_lm, heads, tmp_path, max_nodes=4, topk=topk)["head_vocab"] == 12
+    search_for_heads(tiny_lm, heads, tmp_path, max_nodes=4, topk=topk, head_vocab=0, save=True)
+    assert json.loads((tmp_path / TREE_FILE).read_text())["head_vocab"] == 0
+    assert default_head_vocab(tmp_path) is None  # the search's "every token" wins over the training vocabulary
 
 
 def test_search_tree_cli_rejects_a_bad_accuracy_file(tmp_path, capsys):
@@ -388,6 +397,15 @@ def test_a_training_vocabulary_spans_the_softmax_over_the_likeliest_labels_only(
     assert log[0]["loss"] == pytest.approx(want, rel=1e-5)
     after = [sum(evaluate(heads, table, data, vocab=v)["top1"]) for v in (vocab, None)]
     assert after[0] > before[0] + 0.15 and after[1] > before[1] + 0.02
+    soft = _soft(data.labels, 3, 0.7)  # the KL: target ids outside the vocabulary are left out, as labels are
+    logp_soft = np.where(np.isin(soft.top_ids, vocab), np.take_along_axis(
+        logp, np.minimum(np.searchsorted(vocab, np.maximum(soft.top_ids, 0)), n - 1), axis=-1), 0.0)
+    probs = np.where(np.isin(soft.top_ids, vocab), soft.top_probs, 0.0)
+    kl = np.sum(np.where(probs > 0, probs * (np.log(np.maximum(probs, 1e-30)) - logp_soft), 0.0), axis=-1)
+    want_kl = sum(0.8 ** k * kl[inside[:, k], k].mean() for k in range(4))
+    log = fit(new_heads(tiny, base_name="tiny"), table, data,
+              HeadsTrainConfig(batch_size=512, epochs=1, train_vocab=n, loss="kl"), tmp_path / "kl", soft=soft)
+    assert log[0]["loss"] == pytest.approx(want_kl, rel=1e-4)
     with pytest.raises(ValueError, match="train_vocab must be >= 0 .* got -1"):
         HeadsTrainConfig(train_vocab=-1)
     with pytest.raises(ValueError, match="needs shared_lm_head=True .* got 8 and shared_lm_head=False"):

@@ -73,7 +73,7 @@ class HeadsTrainConfig:
     decay: float = 0.8  # head k's loss weight is decay ** k (k = 0 for the first head)
     loss: str = "ce"  # "ce" (each head's label) or "kl" (the target's distribution over it, its top teacher_top_k)
     teacher_top_k: int = 16
-    train_vocab: int = 0  # > 0: the training softmax spans only the N tokens most often labels (labels outside skipped)
+    train_vocab: int = 0  # > 0: the training softmax spans the N tokens most often head 0's label (others skipped)
     checkpoint_every: int = 200
     seed: int = 0
 
@@ -287,6 +287,9 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
 
     start = time.perf_counter()
     lm = load(cfg.model)
+    if cfg.train_vocab > lm.config.vocab_size:
+        raise ValueError(f"train_vocab must be at most the model's vocabulary ({lm.config.vocab_size} tokens), got "
+                         f"{cfg.train_vocab}: pass a smaller --train-vocab, or 0 for every token")
     base = lm.module
     table = head_table(base)
     train = prepare_features(lm, cfg, "train")
@@ -303,17 +306,18 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
                       shared_lm_head=cfg.shared_lm_head, dtype=cfg.save_dtype)
     nnx.update(saved, jax.tree.map(lambda a: a.astype(saved.config.jnp_dtype), nnx.state(heads, nnx.Param)))
     metrics["heldout_saved_dtype"] = evaluate(saved, table, heldout)
-    if cfg.train_vocab:  # the tokens these heads rank by default (heads.bundled.default_head_vocab)
-        vocab = training_vocab(train, base.config.vocab_size, cfg.train_vocab)
+    if cfg.train_vocab:  # over the tokens these heads rank by default (heads.bundled.default_head_vocab)
+        eos = tuple(lm.tokenizer.eos_ids) if lm.tokenizer is not None else ()
+        vocab = training_vocab(train, base.config.vocab_size, cfg.train_vocab, always=eos)
         metrics["heldout_saved_dtype_train_vocab"] = evaluate(saved, table, heldout, vocab=vocab)
     save_heads(saved, cfg.out, {"training": metrics}, token_counts=label_counts(train, base.config.vocab_size))
     return metrics
 
 
-def training_vocab(data: Features, vocab_size: int, size: int) -> np.ndarray:
+def training_vocab(data: Features, vocab_size: int, size: int, always: tuple[int, ...] = ()) -> np.ndarray:
     """``[size]`` int32, sorted: the tokens most often head 0's label in ``data`` (the heads' training
-    vocabulary with ``train_vocab=size``)."""
-    return frequent_vocab(label_counts(data, vocab_size), size)
+    vocabulary with ``train_vocab=size``; with ``always``, e.g. EOS, the head vocabulary they decode with)."""
+    return frequent_vocab(label_counts(data, vocab_size), size, always)
 
 
 def label_counts(data: Features, vocab_size: int) -> np.ndarray:
