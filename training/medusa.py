@@ -170,19 +170,20 @@ def evaluate(heads: MedusaHeads, table: jax.Array, data: Features, batch_size: i
 
 
 def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainConfig, work_dir: str | Path,
-        max_steps: int | None = None, soft: SoftTargets | None = None) -> list[dict]:
+        max_steps: int | None = None, soft: SoftTargets | None = None, always: tuple[int, ...] = ()) -> list[dict]:
     """Train ``heads`` in place on ``data`` (with ``soft``, the target's distributions at its
     positions: the KL loss), resuming from ``work_dir``'s latest checkpoint.
 
     Checkpoints every ``cfg.checkpoint_every`` steps and at the end; ``max_steps`` stops early
     (the run can be resumed). ``cfg.train_vocab`` (N > 0): every softmax spans only the N tokens most
-    often head 0's label in ``data`` (:func:`training_vocab`), so the vocabulary projection costs N/V
-    of the full one; labels outside are skipped (the loss log's top-1 counts only those inside).
+    often head 0's label in ``data`` and the ids in ``always`` (EOS: :func:`training_vocab`, the tokens the
+    heads then decode with), so the vocabulary projection costs N/V of the full one; labels outside are
+    skipped (the loss log's top-1 counts only those inside).
     Returns the loss log (one record per step, from step 0).
     """
     if cfg.train_vocab:
         full = table.shape[0]
-        vocab = training_vocab(data, full, cfg.train_vocab)
+        vocab = training_vocab(data, full, cfg.train_vocab, always)
         table, data = table[jnp.asarray(vocab)], Features(data.hidden, to_draft_ids(data.labels, vocab, full))
         if soft is not None:
             soft = SoftTargets(to_draft_ids(soft.top_ids, vocab, full), soft.top_probs)
@@ -297,7 +298,8 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
     heads = new_heads(base, base_name=cfg.model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
                       shared_lm_head=cfg.shared_lm_head, dtype=cfg.dtype)
     soft = prepare_soft(lm, cfg, "train") if cfg.loss == "kl" else None
-    log = fit(heads, table, train, cfg, work_dir_of(cfg, KIND), max_steps=max_steps, soft=soft)
+    eos = tuple(lm.tokenizer.eos_ids) if lm.tokenizer is not None else ()
+    log = fit(heads, table, train, cfg, work_dir_of(cfg, KIND), max_steps=max_steps, soft=soft, always=eos)
     metrics = {"heldout": evaluate(heads, table, heldout), "train_positions": int(len(train.labels)),
                "heldout_positions": int(len(heldout.labels)), "steps": len(log),
                "final_loss": log[-1]["loss"] if log else None, "wall_s": round(time.perf_counter() - start, 1),
@@ -306,8 +308,7 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
                       shared_lm_head=cfg.shared_lm_head, dtype=cfg.save_dtype)
     nnx.update(saved, jax.tree.map(lambda a: a.astype(saved.config.jnp_dtype), nnx.state(heads, nnx.Param)))
     metrics["heldout_saved_dtype"] = evaluate(saved, table, heldout)
-    if cfg.train_vocab:  # over the tokens these heads rank by default (heads.bundled.default_head_vocab)
-        eos = tuple(lm.tokenizer.eos_ids) if lm.tokenizer is not None else ()
+    if cfg.train_vocab:  # over the tokens they were trained over and rank by default (heads.bundled.default_head_vocab)
         vocab = training_vocab(train, base.config.vocab_size, cfg.train_vocab, always=eos)
         metrics["heldout_saved_dtype_train_vocab"] = evaluate(saved, table, heldout, vocab=vocab)
     save_heads(saved, cfg.out, {"training": metrics}, token_counts=label_counts(train, base.config.vocab_size))
@@ -315,8 +316,9 @@ def train_heads(cfg: HeadsTrainConfig, max_steps: int | None = None) -> dict:
 
 
 def training_vocab(data: Features, vocab_size: int, size: int, always: tuple[int, ...] = ()) -> np.ndarray:
-    """``[size]`` int32, sorted: the tokens most often head 0's label in ``data`` (the heads' training
-    vocabulary with ``train_vocab=size``; with ``always``, e.g. EOS, the head vocabulary they decode with)."""
+    """``[size]`` int32, sorted: the ids in ``always`` (e.g. EOS) and the tokens most often head 0's label
+    in ``data``: the heads' training vocabulary with ``train_vocab=size``, and the head vocabulary they
+    decode with by default."""
     return frequent_vocab(label_counts(data, vocab_size), size, always)
 
 
