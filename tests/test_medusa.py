@@ -187,10 +187,11 @@ def test_medusa_bad_input(tiny_lm, tiny):
         specdec.generate(tiny_lm, [1, 2], method="medusa")
 
 
-def _heads_with_counts(tiny, path, seed: int = 3):
-    """Random heads saved at ``path`` with training counts that rank token t at ``(t * 37) % 97``."""
+def _heads_with_counts(tiny, path, seed: int = 3, extra: dict | None = None):
+    """Random heads saved at ``path`` (with metadata ``extra``) with training counts that rank token t at
+    ``(t * 37) % 97``."""
     counts = (np.arange(tiny.config.vocab_size) * 37) % tiny.config.vocab_size
-    save_heads(random_heads(tiny, seed, 0.5), path, token_counts=counts)
+    save_heads(random_heads(tiny, seed, 0.5), path, extra, token_counts=counts)
     return counts
 
 
@@ -299,8 +300,7 @@ def test_heads_trained_over_a_vocabulary_rank_it_by_default(tiny_lm, tiny, tmp_p
     from heads.bundled import TREE_FILE, default_head_vocab
     from heads.search import search_for_heads
 
-    counts = (np.arange(tiny.config.vocab_size) * 37) % tiny.config.vocab_size
-    save_heads(random_heads(tiny, 3, 0.5), tmp_path, {"training": {"config": {"train_vocab": 12}}}, counts)
+    _heads_with_counts(tiny, tmp_path, extra={"training": {"config": {"train_vocab": 12}}})
     assert default_head_vocab(tmp_path) == 12
     _, params = build_proposer("medusa", tiny_lm, {"heads": str(tmp_path)})
     np.testing.assert_array_equal(params["vocab"], head_vocabulary(tmp_path, 12, tuple(tiny_lm.tokenizer.eos_ids)
