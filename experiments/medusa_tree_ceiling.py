@@ -1,4 +1,4 @@
-"""How many tokens per target forward Medusa trees of any size reach with the bundled SmolLM2 heads.
+"""How many tokens per target forward Medusa trees of any size reach with SmolLM2 heads (default: the bundled).
 
 The heads' ranks of the target's greedy tokens on the held-out replies of their
 training run (:func:`training.medusa.heads_reply_ranks`; the heads rank their
@@ -27,7 +27,7 @@ bundled feature draft's self-distilled data, made again by
 recorded config, 110 s on a 2-core Xeon). No timing: the figures do not depend
 on the machine.
 
-    .venv/bin/python experiments/medusa_tree_ceiling.py [--max-rank 16 4096]
+    .venv/bin/python experiments/medusa_tree_ceiling.py [--max-rank 16 4096] [--heads DIR]
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-rank", type=int, nargs="+", default=[16, 4096],
                         help="ranks counted per head (0 .. max-rank - 1), one table part each")
+    parser.add_argument("--heads", help="heads directory (default: the bundled heads)")
     parser.add_argument("--results-name", default="medusa_tree_ceiling",
                         help="file name of the results (.json, .md) under experiments/results/<device>/")
     args = parser.parse_args()
     lm = specdec.load("smollm2-135m")
-    _, heads_dir = heads_for(lm, None)
+    _, heads_dir = heads_for(lm, args.heads)
     accuracy, _ = saved_accuracies(heads_dir / TREE_FILE, fix="run `specdec search-tree --save`")
     if min(args.max_rank) < 1:
         raise SystemExit(f"--max-rank must be at least 1, got {min(args.max_rank)}")
@@ -79,8 +80,8 @@ def main() -> None:
             if len(paths) < n:
                 break
     write_results(args.results_name, {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled Medusa heads (bfloat16), "
-                 f"head vocabulary {about['head_vocab']}",
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; Medusa heads "
+                 f"{args.heads or 'bundled'} (bfloat16), head vocabulary {about['head_vocab']}",
         "prompts": f"the heads' held-out replies: {len(measured)} self-distilled greedy replies "
                    f"({sum(len(r) for r in measured)} tokens), the target's own text",
         "rows": rows,
