@@ -102,10 +102,10 @@ def main() -> None:
     pyplot()  # fail now, not after the training, without matplotlib
     lm = specdec.load("smollm2-135m")
     _, ref_dir = heads_for(lm, args.heads)
-    cfg = HeadsTrainConfig(**read_metadata(ref_dir)["training"]["config"])
+    cfg = HeadsTrainConfig(**read_metadata(ref_dir).get("training", {}).get("config", {}))
     if not cfg.rows_from:
-        raise SystemExit(f"the heads at {ref_dir} were not trained with rows_from, so there are no cached rows "
-                         "to take shares of: pass --heads with heads trained by `specdec train-heads --rows-from`")
+        raise SystemExit(f"the heads at {ref_dir} record no training on cached rows (rows_from), so there are no "
+                         "rows to take shares of: pass --heads with heads trained by `specdec train-heads --rows-from`")
     rows_from = Path(cfg.rows_from)
     work = run_dir_of(cfg, args.work_dir)  # one folder per reference training config: reruns reuse only its sets
     n_rows = len(load_arrays(rows_from / "features-train.npz", FeatureRows).tokens)
