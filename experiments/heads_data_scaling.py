@@ -34,7 +34,7 @@ import numpy as np
 import specdec
 from heads.bundled import heads_for
 from heads.medusa import head_vocab_ids, read_metadata
-from heads.search import heldout_accuracy
+from heads.search import heldout_accuracy, top1_top5
 from specdec.bench import pyplot, save_plot, write_results
 from specdec.fetch import cache_dir
 from training.feature_draft import FeatureRows
@@ -67,8 +67,7 @@ def measure(lm, heads_dir: Path, head_vocab: int) -> dict:
     topk = heldout_accuracy(lm, heads, heads_dir, head_vocab_ids(lm, head_vocab, heads_dir))
     replies, _ = heads_heldout_ranks(lm, heads_dir, MAX_RANK, head_vocab=head_vocab)
     training = read_metadata(heads_dir)["training"]
-    row = {"train_positions": training["train_positions"], "steps": training["steps"],
-           "top1": " / ".join(f"{acc[0]:.3f}" for acc in topk), "top5": " / ".join(f"{acc[4]:.3f}" for acc in topk)}
+    row = {"train_positions": training["train_positions"], "steps": training["steps"], **top1_top5(topk)}
     for name, nodes in TREES.items():
         row[name] = round(cross_tokens_per_forward(replies, nodes, MAX_RANK), 3)
     return row

@@ -19,7 +19,7 @@ from pathlib import Path
 import specdec
 from heads.bundled import heads_for
 from heads.medusa import head_vocab_ids, read_metadata
-from heads.search import heldout_accuracy
+from heads.search import heldout_accuracy, top1_top5
 from specdec.bench import write_results
 from training.medusa import HeadsTrainConfig
 
@@ -41,9 +41,7 @@ def main() -> None:
         cfg = HeadsTrainConfig(**training.get("config", {}))
         topk = heldout_accuracy(lm, heads, heads_dir, head_vocab_ids(lm, args.head_vocab, heads_dir))
         rows.append({"heads": str(Path(path)), "heldout": cfg.data_key(),
-                     **{k: getattr(cfg, k, training.get(k)) for k in TRAINING},
-                     "top1": " / ".join(f"{acc[0]:.3f}" for acc in topk),
-                     "top5": " / ".join(f"{acc[4]:.3f}" for acc in topk)})
+                     **{k: getattr(cfg, k, training.get(k)) for k in TRAINING}, **top1_top5(topk)})
         print(rows[-1], flush=True)
     write_results(args.results_name, {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; Medusa heads as saved (bfloat16)",

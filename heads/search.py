@@ -64,6 +64,11 @@ def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None, vocab=None)
     return evaluate(heads, head_table(lm.module), data, vocab=vocab)["topk"]
 
 
+def top1_top5(topk: list[list[float]]) -> dict[str, str]:
+    """``topk [n_heads, K]`` accuracies (K >= 5) as results columns: ``{"top1": "h0 / h1 / ...", "top5": ...}``."""
+    return {f"top{k}": " / ".join(f"{acc[k - 1]:.3f}" for acc in topk) for k in (1, 5)}
+
+
 def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_nodes: int = 64,
                      topk: list[list[float]] | None = None, rows: tuple[int, ...] = (1,),
                      head_vocab: int | None = None, save: bool = False) -> dict:

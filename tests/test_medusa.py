@@ -16,6 +16,7 @@ import specdec
 from specdec import engine
 from heads.medusa import TOKEN_COUNTS_FILE, head_vocabulary, load_heads, new_heads, save_heads
 from heads.proposer import medusa_proposer
+from heads.search import top1_top5
 from specdec.model import head_table
 from heads.trees import (BUILTIN_TREES, candidate_tokens, chain_spec, expected_accepted, grow_tree, load_spec,
                          rank_accuracy, search_tree, tree_buffers)
@@ -598,3 +599,8 @@ def test_head_ranks_within_a_head_vocabulary(tiny_lm, tiny):
     for bad in ([1, 1, 2], [0, tiny.config.vocab_size]):
         with pytest.raises(ValueError, match="distinct token ids in"):
             heads_reply_ranks(heads, table, rows, 8, vocab=bad)
+
+
+def test_top1_top5_columns_read_each_heads_first_and_fifth_accuracy():
+    topk = [[0.5, 0.6, 0.7, 0.75, 0.8, 0.9], [0.25, 0.3, 0.35, 0.4, 0.4567, 0.5]]
+    assert top1_top5(topk) == {"top1": "0.500 / 0.250", "top5": "0.800 / 0.457"}
