@@ -107,7 +107,8 @@ def main() -> None:
                          "rows to take shares of: pass --heads with heads trained by `specdec train-heads --rows-from`")
     rows_from = Path(cfg.rows_from)
     work = run_dir_of(cfg, args.work_dir)  # one folder per reference training config: reruns reuse only its sets
-    n_rows = len(load_arrays(rows_from / "features-train.npz", FeatureRows).tokens)
+    with np.load(rows_from / "features-train.npz") as f:  # one field read, not the features
+        n_rows = len(f["tokens"])
     rows = []
     for fraction in sorted(args.fractions):
         n = max(1, round(fraction * n_rows))
