@@ -24,8 +24,11 @@ drift in the machine's speed reaches every configuration alike. Figures:
 - x_vs_1_slot: tokens/s over the same method at 1 slot; x_vs_autoregressive: over
   autoregressive at the same slots; each the median over the rounds of the ratio within a round;
 - prefill_share: the prompts' prefills' share of the wall time (``stats.prefill_s``);
-  decode_x_vs_1_slot: x_vs_1_slot with the prefills' time left out of both runs (every prompt is
-  prefilled alone at any slot count but the first rows, so this is the decode loop's scaling);
+  decode_x_vs_1_slot: x_vs_1_slot with the prefills' time left out of both runs (with admissions
+  "alone", the decode loop's scaling; a merged admission's time includes a step of the running rows);
+- admissions: at more than 1 slot, "merged" (a prompt admitted while rows run is prefilled in the
+  same target forward as one step of those rows; the pool's default) or "alone" (prefilled by itself
+  first; ``--admissions`` picks; at 1 slot no row runs at an admission, so there is one run);
 - equivalence: the checker's worst verdict over the requests against autoregressive decoding of
   each prompt alone (the autoregressive run at 1 slot decodes each prompt alone); worst_gap: the
   largest logit gap at a divergence (a tie is under the checker's 1e-3, a bug far over it).
@@ -143,6 +146,9 @@ def main() -> None:
     parser.add_argument("--eagle-k", type=int, nargs="+", default=[1],
                         help="the feature draft (method eagle, the bundled one) with k draft tokens per step, one "
                              "variant each; no by-load schedule")
+    parser.add_argument("--admissions", nargs="+", default=["merged"], choices=["merged", "alone"],
+                        help="at more than 1 slot, admit requests merged into a step of the running rows "
+                             "(generate's merge_admissions=True, the default) and/or prefilled alone, a run each")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed rounds; each round times every configuration once, in turn")
     args = parser.parse_args()
@@ -182,15 +188,17 @@ def main() -> None:
                             varied))
     methods += [(f"{name} tuned", dict(method=name, **t.options, **(draft if name == "draft" else {})), args.slots)
                 for name, t in tuned.items()]
-    configs = [(label, method, slots) for label, method, slots_run in methods for slots in slots_run]
-    for label, method, slots in configs:  # compile every shape each configuration meets, before any timing
+    configs = [(label, dict(method, merge_admissions=mode == "merged"), slots, mode if slots > 1 else "")
+               for label, method, slots_run in methods for slots in slots_run
+               for mode in (args.admissions if slots > 1 else args.admissions[:1])]
+    for label, method, slots, _ in configs:  # compile every shape each configuration meets, before any timing
         out = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
         if label == "autoregressive" and slots == min(args.slots):  # at 1 slot: each prompt alone
             alone = out
     walls, prefills, outputs = [[] for _ in configs], [[] for _ in configs], [None] * len(configs)
     for round_ in range(args.repeats):  # configurations in turn, from a rotating start: drift hits all alike
         for i in np.roll(np.arange(len(configs)), -round_):
-            label, method, slots = configs[i]
+            label, method, slots, _ = configs[i]
             start = time.perf_counter()
             res = specdec.generate(model, ids, max_new_tokens=args.new_tokens, slots=slots, **method)
             walls[i].append(time.perf_counter() - start)
@@ -198,7 +206,7 @@ def main() -> None:
             outputs[i] = res
             print(f"round {round_ + 1}/{args.repeats}: {label} at {slots} slots, {walls[i][-1]:.1f} s", flush=True)
     rows = []
-    for (label, method, slots), res, wall, prefill in zip(configs, outputs, walls, prefills):
+    for (label, method, slots, admissions), res, wall, prefill in zip(configs, outputs, walls, prefills):
         same = equivalence_summary(model, ids, res, alone)
         s = res[0].stats
         choice = method.get("k", method.get("tree"))
@@ -211,7 +219,8 @@ def main() -> None:
                                  **({} if budget is None else {"budget": budget}),
                                  **{o: method[o] for o in ("draft_width", "lookup", "head_vocab")
                                     if method.get(o) is not None}},
-                     "slots": slots, "tokens_per_s": s.new_tokens / float(np.median(wall)),
+                     "slots": slots, "admissions": admissions,
+                     "tokens_per_s": s.new_tokens / float(np.median(wall)),
                      "per_round_tokens_per_s": [s.new_tokens / w for w in wall],
                      "prefill_s": prefill, "prefill_share": float(np.median(np.divide(prefill, wall))),
                      "per_round_decode_tokens_per_s": [s.new_tokens / (w - p) for w, p in zip(wall, prefill)],
@@ -222,7 +231,8 @@ def main() -> None:
     for row in rows:
         base = row["method"].split(" by load")[0].removesuffix(" tuned")  # over the base method at 1 slot
         one = next((r for r in rows if r["method"] == base and r["slots"] == 1), None)
-        ar = next(r for r in rows if r["method"] == "autoregressive" and r["slots"] == row["slots"])
+        ar = next(r for r in rows if r["method"] == "autoregressive" and r["slots"] == row["slots"]
+                  and r["admissions"] == row["admissions"])
         row["x_vs_1_slot"] = "" if one is None else float(np.median(round_ratios(row, one)))
         row["decode_x_vs_1_slot"] = "" if one is None else float(np.median(round_ratios(row, one, "decode_")))
         vs_ar = round_ratios(row, ar)
@@ -234,8 +244,12 @@ def main() -> None:
              "x_vs_1_slot, x_vs_autoregressive: median over the rounds of the ratio within a round (configurations "
              "are timed in turn within each round); x_vs_ar_range: its lowest and highest round",
              "prefill_share: the prompts' prefills' share of the wall time (stats.prefill_s: the first rows, then "
-             "one prefill per admitted request, each waited for); decode_x_vs_1_slot: as x_vs_1_slot with the "
-             "prefills' time left out of both runs (the same prompts are prefilled one by one at any slot count)",
+             "one prefill per admitted request, each waited for; a merged admission's time includes the step of "
+             "the running rows it rides in); decode_x_vs_1_slot: as x_vs_1_slot with the prefills' time left out "
+             "of both runs",
+             "admissions (more than 1 slot): merged = a request admitted while rows run is prefilled in the same "
+             "target forward as one step of those rows (the pool's default); alone = prefilled by itself first; "
+             "x_vs_autoregressive compares rows of the same admissions",
              "k_or_tree: draft tokens per step, or the Medusa tree; ROWS:VALUE,... = by load (picked at each "
              "chunk's start from the rows running then; `k={1: 4, 4: 2}` in the API)",
              "budget: draft tokens verified per step, all rows together (the proposer's likeliest; "
@@ -257,11 +271,15 @@ def main() -> None:
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, greedy, "
                    f"through the request pool", "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
         "tuning": {name: {"options": t.options, "measurements": t.rows} for name, t in tuned.items()},
-    }, ["method", "k_or_tree", "width", "budget", "slots", "tokens_per_s", "x_vs_1_slot", "x_vs_autoregressive",
-        "x_vs_ar_range", "prefill_share", "decode_x_vs_1_slot", "accepted_per_forward", "target_forwards",
-        "slot_utilisation", "equivalence", "worst_gap", "rows_identical"])
-    series = {label: ([r["slots"] for r in rows if r["method"] == label],
-                      [r["tokens_per_s"] for r in rows if r["method"] == label]) for label, _, _ in methods}
+    }, ["method", "k_or_tree", "width", "budget", "slots", "admissions", "tokens_per_s", "x_vs_1_slot",
+        "x_vs_autoregressive", "x_vs_ar_range", "prefill_share", "decode_x_vs_1_slot", "accepted_per_forward",
+        "target_forwards", "slot_utilisation", "equivalence", "worst_gap", "rows_identical"])
+    series = {}
+    for label, _, _ in methods:
+        for mode in args.admissions:
+            mine = [r for r in rows if r["method"] == label and r["admissions"] in ("", mode)]
+            name = label if len(args.admissions) == 1 else f"{label}, admissions {mode}"
+            series[name] = ([r["slots"] for r in mine], [r["tokens_per_s"] for r in mine])
     save_plot(args.results_name, series, xlabel="batch slots", ylabel="tokens/s (all requests)",
               title="Request pool throughput on SmolLM2-135M-Instruct, greedy", logx=True)
     print(*notes, sep="\n")

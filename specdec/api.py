@@ -7,13 +7,14 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import jax.numpy as jnp
 import numpy as np
 
-from specdec.autoregressive import decode, plan_shapes, prompt_bucket
-from specdec.engine import speculative_decode, whole_number
+from specdec.autoregressive import decode, plan_shapes, prompt_arrays, prompt_bucket
+from specdec.engine import by_load, speculative_decode, whole_number
 from specdec.loading import LoadedModel, load_once
 from specdec.methods import METHOD_OPTIONS, build_proposer
-from specdec.pool import SlotUse, dec_of, pool_states
+from specdec.pool import SlotUse, admit_autoregressive, admit_speculative, dec_of, pool_states, put_rows
 from specdec.sampling import Sampling
 from specdec.skipdecode import finetuned_for, schedule_for
 
@@ -112,7 +113,8 @@ class _Run:
     the pool (``specdec.pool``) decodes, and each request's outcome once it finished."""
 
     def __init__(self, model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                 system, stop, stop_tokens, ignore_eos, max_cache_len, method, slots, chunk_steps, **method_options):
+                 system, stop, stop_tokens, ignore_eos, max_cache_len, method, slots, chunk_steps, merge_admissions,
+                 **method_options):
         self.lm = _resolve(model)
         self.method, self.options = method, method_options
         self.schedule = None
@@ -149,6 +151,8 @@ class _Run:
         pooled = slots is not None
         self.chunk_steps = chunk_steps or (POOL_CHUNK_STEPS if self.stop or pooled else None)
         self.end_on_finish = pooled and self.slots > 1  # a freed slot refills at once (one slot: no-op)
+        early_exit = self.proposer is not None and hasattr(by_load(self.proposer).steps[0][1], "verify_from")
+        self.merge_admissions = merge_admissions and self.method != "skipdecode" and not early_exit
         self.stopped = [None] * self.n
         self.outcomes: list[tuple[list[int], int, list[int] | None] | None] = [None] * self.n
         self.use = SlotUse()
@@ -171,6 +175,21 @@ class _Run:
             return decode(self.lm.graphdef, self.lm.state, ids, width=self.width, **common)
         return speculative_decode(self.lm.graphdef, self.lm.state, self.proposer, self.pparams, ids,
                                   rule=self.rule, times=self.times, **common)
+
+    def admit(self, state, slot: int, request: int, running: int):
+        """``state`` after one step of its ``running`` rows with ``request`` prefilled into batch row
+        ``slot`` in the same target forward (see ``specdec.pool``)."""
+        ids = [self.ids[request]]
+        shapes = dataclasses.replace(self.shapes, batch=1, prompt=prompt_bucket(len(ids[0])))
+        arrays = prompt_arrays(ids, shapes, [self.max_new[request]], [self.seeds[request]])
+        common = dict(sampling=self.sampling, eos_ids=self.eos)
+        if self.proposer is None:
+            state, new = admit_autoregressive(self.lm.graphdef, self.lm.state, state, *arrays, width=self.width,
+                                              **common)
+        else:
+            state, new = admit_speculative(self.lm.graphdef, self.lm.state, by_load(self.proposer).pick(running),
+                                           self.pparams, state, *arrays, rule=self.rule, **common)
+        return put_rows(state, jnp.asarray([slot], jnp.int32), new)
 
     def states(self) -> Iterator[tuple]:
         """``(state, request in each batch row)`` after prefill and after each chunk."""
@@ -231,7 +250,7 @@ POOL_CHUNK_STEPS = 16
 
 _DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True,
                  system=None, stop=None, stop_tokens=None, ignore_eos=False, max_cache_len=None, slots=None,
-                 chunk_steps=None,
+                 chunk_steps=None, merge_admissions=True,
                  method="autoregressive", **{o: None for o in _METHOD_OPTIONS})
 
 
@@ -254,6 +273,10 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         into the free rows, and once none wait the batch shrinks to the rows still running.
         Outputs do not depend on it.
         Default: every prompt in one batch. ``stats.slot_utilisation`` reports each slot's busy share.
+      merge_admissions: with slots, prefill a prompt admitted while other rows run in the same
+        target forward as one decode step of those rows (default True; cheaper where a step's few
+        tokens leave the matrix products below compute-bound, as on a CPU); False: prefill it alone
+        first (a baseline). Outputs do not depend on it. Early exit always prefills alone.
       chunk_steps: on-device steps between host visits (default: all at once, or 16 with stop strings
         or slots).
       method: "autoregressive" (default), "draft" (a draft model proposes), "prompt_lookup"

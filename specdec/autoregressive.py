@@ -18,7 +18,7 @@ from flax import nnx, struct
 
 from specdec.cache import KVCache, init_cache
 from specdec.config import LlamaConfig
-from specdec.model import forward
+from specdec.model import ForwardOutput, Llama, Segment, forward, forward_together
 from specdec.sampling import Sampling
 
 
@@ -92,6 +92,26 @@ def _record(st: DecodeState, active: jax.Array, token: jax.Array, eos_ids: tuple
                       last=jnp.where(active, token, st.last))
 
 
+def prompt_segment(cfg: LlamaConfig, tokens: jax.Array, prompt_lens: jax.Array, slots: int) -> Segment:
+    """The prefill forward of the padded prompts ``tokens: [B, P]`` (lengths ``prompt_lens: [B]``) into
+    a fresh cache of ``slots``: logits at each row's last prompt token, the last layer's states."""
+    b, p = tokens.shape
+    return Segment(cache=init_cache(cfg, b, slots), tokens=tokens, positions=jnp.broadcast_to(jnp.arange(p), (b, p)),
+                   logits_at=(prompt_lens - 1)[:, None], hidden_layers=(cfg.n_layers - 1,))
+
+
+def prefilled(model: Llama, res: ForwardOutput, prompt_lens, max_new, seeds, *, out: int, sampling: Sampling,
+              eos_ids: tuple[int, ...]) -> tuple[DecodeState, jax.Array]:
+    """The decode state after the prompts' forward ``res`` (of :func:`prompt_segment`), each row's first
+    token sampled, and the final-normed hidden states ``[B, P, d]`` at every prompt position."""
+    b = prompt_lens.shape[0]
+    first = sampling.sample(res.logits[:, 0], seeds, prompt_lens)
+    st = DecodeState(cache=res.cache.with_lengths(prompt_lens), last=first, out=jnp.zeros((b, out), jnp.int32),
+                     n_out=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool), max_new=max_new, seeds=seeds,
+                     forwards=jnp.int32(0))
+    return _record(st, jnp.ones((b,), bool), first, eos_ids), model.norm(res.hiddens[model.config.n_layers - 1])
+
+
 def prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: DecodeShapes,
                         sampling: Sampling, eos_ids: tuple[int, ...]) -> tuple[DecodeState, jax.Array]:
     """Run the padded prompts ``tokens: [B, P]`` and sample each row's first token.
@@ -100,16 +120,8 @@ def prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, *
     caller that ignores them costs nothing: they are dropped when compiled).
     """
     model = nnx.merge(graphdef, params)
-    b, p = tokens.shape
-    cache = init_cache(model.config, b, shapes.slots)
-    last = model.config.n_layers - 1
-    res = forward(model, cache, tokens=tokens, positions=jnp.broadcast_to(jnp.arange(p), (b, p)),
-                  logits_at=(prompt_lens - 1)[:, None], hidden_layers=(last,))
-    first = sampling.sample(res.logits[:, 0], seeds, prompt_lens)
-    st = DecodeState(cache=res.cache.with_lengths(prompt_lens), last=first,
-                     out=jnp.zeros((b, shapes.out), jnp.int32), n_out=jnp.zeros((b,), jnp.int32),
-                     done=jnp.zeros((b,), bool), max_new=max_new, seeds=seeds, forwards=jnp.int32(0))
-    return _record(st, jnp.ones((b,), bool), first, eos_ids), model.norm(res.hiddens[last])
+    (res,) = forward_together(model, [prompt_segment(model.config, tokens, prompt_lens, shapes.slots)])
+    return prefilled(model, res, prompt_lens, max_new, seeds, out=shapes.out, sampling=sampling, eos_ids=eos_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "shapes", "sampling", "eos_ids"))
@@ -118,6 +130,22 @@ def prefill(graphdef, params, tokens, prompt_lens, max_new, seeds, *, shapes: De
     """Run the padded prompts ``tokens: [B, P]`` and sample each row's first token."""
     return prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, shapes=shapes,
                                sampling=sampling, eos_ids=eos_ids)[0]
+
+
+def step_segment(st: DecodeState, width: int = 1) -> Segment:
+    """One autoregressive step's forward: each row's newest token, then ``width - 1`` padding tokens
+    the causal mask hides from it (see :func:`decode_chunk`)."""
+    b = st.last.shape[0]
+    return Segment(cache=st.cache, tokens=jnp.zeros((b, width), jnp.int32).at[:, 0].set(st.last),
+                   positions=st.cache.lengths[:, None] + jnp.arange(width))
+
+
+def stepped(st: DecodeState, res: ForwardOutput, sampling: Sampling, eos_ids: tuple[int, ...]) -> DecodeState:
+    """The state after the step forward ``res`` (of :func:`step_segment`): each running row's next token."""
+    active = ~st.done
+    cache = res.cache.advance(active)
+    token = sampling.sample(res.logits[:, 0], st.seeds, cache.lengths)
+    return _record(st.replace(cache=cache, forwards=st.forwards + 1), active, token, eos_ids)
 
 
 def chunk_loop(body: Callable, st, steps, done: Callable, end_on_finish: bool):
@@ -151,15 +179,10 @@ def decode_chunk(graphdef, params, st: DecodeState, steps, layer_masks: jax.Arra
     model = nnx.merge(graphdef, params)
 
     def body(st):
-        active = ~st.done
-        b = st.last.shape[0]
-        tokens = jnp.zeros((b, width), jnp.int32).at[:, 0].set(st.last)
+        seg = step_segment(st, width)
         mask = None if layer_masks is None else layer_masks[jnp.minimum(st.forwards, layer_masks.shape[0] - 1)]
-        res = forward(model, st.cache, tokens=tokens, positions=st.cache.lengths[:, None] + jnp.arange(width),
-                      layer_mask=mask)
-        cache = res.cache.advance(active)
-        token = sampling.sample(res.logits[:, 0], st.seeds, cache.lengths)
-        return _record(st.replace(cache=cache, forwards=st.forwards + 1), active, token, eos_ids)
+        return stepped(st, forward(model, seg.cache, tokens=seg.tokens, positions=seg.positions, layer_mask=mask),
+                       sampling, eos_ids)
 
     return chunk_loop(body, st, steps, lambda st: st.done, end_on_finish)
 

@@ -169,7 +169,8 @@ def _batch(args) -> int:
     seeds = [args.seed + i for i in range(len(prompts))]
     results = specdec.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=seeds, slots=args.slots,
-                               chunk_steps=args.chunk_steps, method=args.method, **options)
+                               chunk_steps=args.chunk_steps, merge_admissions=not args.prefill_alone,
+                               method=args.method, **options)
     lines = "".join(json.dumps({"prompt": prompt, "seed": seed, "text": r.text, "tokens": len(r.tokens),
                                 "finish_reason": r.finish_reason, "target_forwards": r.target_forwards}) + "\n"
                     for prompt, seed, r in zip(prompts, seeds, results))
@@ -384,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_args(bat, 0)
     bat.add_argument("--slots", type=int, default=8, help="batch rows on device")
     bat.add_argument("--chunk-steps", type=int, default=None, help="on-device steps between admissions (16)")
+    bat.add_argument("--prefill-alone", action="store_true",
+                     help="prefill each admitted prompt by itself, not in a decode step of the running rows")
     _add_method_args(bat, "autoregressive")
     bat.add_argument("--max-new-tokens", type=int, default=128)
     bat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -24,7 +24,7 @@ from flax import nnx, struct
 from specdec.autoregressive import (DecodeShapes, DecodeState, chunk_loop, prefill_with_hidden, prompt_arrays,
                                     run_chunks)
 from specdec.cache import KVCache
-from specdec.model import ForwardOutput, forward
+from specdec.model import ForwardOutput, Segment, forward, forward_together
 from specdec.sampling import Sampling
 from specdec.tree import Tree
 from specdec.verify import Verdict, node_positions, target_choices, verify_exact, verify_rejection, verify_typical
@@ -213,21 +213,33 @@ def propose_part(graphdef, params, proposer, pparams, st: SpecState, sampling: S
     return proposer.propose(pparams, st.proposer, view, sampling, rule)
 
 
+def verify_segment(tree: Tree, dec: DecodeState, prop: Proposal) -> Segment:
+    """The target's forward over each row's tree: its root (the newest token) and the proposal."""
+    tokens = jnp.concatenate([dec.last[:, None], prop.tokens.astype(jnp.int32)], axis=1)
+    return Segment(cache=dec.cache, tokens=tokens, positions=node_positions(tree, dec.cache.lengths),
+                   block_mask=jnp.asarray(tree.ancestors), packed=prop.packed)
+
+
 def verify_part(graphdef, params, proposer, pparams, st: SpecState, pstate, prop: Proposal, sampling: Sampling,
                 rule: str, eos_ids: tuple[int, ...]) -> SpecState:
     """The target's half of a step: one forward over the tree, verify, commit."""
     model = nnx.merge(graphdef, params)
+    seg = verify_segment(proposer.tree, st.dec, prop)
+    if prop.hidden is None:
+        (res,) = forward_together(model, [seg])
+    else:
+        res = forward(model, prop.cache, embeds=prop.hidden, layers=range(proposer.verify_from, model.config.n_layers),
+                      positions=seg.positions, block_mask=seg.block_mask)
+    return verified(proposer, pparams, st, pstate, prop, seg.tokens, res, sampling, rule, eos_ids)
+
+
+def verified(proposer, pparams, st: SpecState, pstate, prop: Proposal, tokens: jax.Array, res: ForwardOutput,
+             sampling: Sampling, rule: str, eos_ids: tuple[int, ...]) -> SpecState:
+    """The step after the target's forward ``res`` over the tree ``tokens: [B, N]``: verify, emit, commit."""
     tree = proposer.tree
     dec = st.dec
     active = ~dec.done
     lengths = dec.cache.lengths
-    tokens = jnp.concatenate([dec.last[:, None], prop.tokens.astype(jnp.int32)], axis=1)
-    where = dict(positions=node_positions(tree, lengths), block_mask=jnp.asarray(tree.ancestors))
-    if prop.hidden is None:
-        res = forward(model, dec.cache, tokens=tokens, packed=prop.packed, **where)
-    else:
-        res = forward(model, prop.cache, embeds=prop.hidden,
-                      layers=range(proposer.verify_from, model.config.n_layers), **where)
     checked = tokens if prop.kept is None else jnp.where(prop.kept, tokens, -1)  # -1: never the target's choice
     verdict = _verify(tree, rule, sampling, checked, res.logits, prop, dec.seeds, lengths)
     n = verdict.n_accepted
@@ -269,11 +281,18 @@ def spec_prefill(graphdef, params, proposer, pparams, tokens, prompt_lens, max_n
     """
     dec, hidden = prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, shapes=shapes,
                                       sampling=sampling, eos_ids=eos_ids)
-    b = tokens.shape[0]
-    width = min(tokens.shape[1], shapes.slots)  # the prompt bucket may be wider than the cache
-    history = jnp.zeros((b, shapes.slots), jnp.int32).at[:, :width].set(tokens[:, :width])
+    return spec_state(proposer, pparams, dec, hidden, tokens, prompt_lens, max_depth)
+
+
+def spec_state(proposer, pparams, dec: DecodeState, hidden: jax.Array, tokens: jax.Array, prompt_lens: jax.Array,
+               max_depth: int) -> SpecState:
+    """The speculative state of freshly prefilled rows: the target's ``dec``, the final-normed prompt
+    states ``hidden: [B, P, d]`` of the padded prompts ``tokens: [B, P]``, and the proposer's prefill."""
+    b, slots = tokens.shape[0], dec.cache.slots
+    width = min(tokens.shape[1], slots)  # the prompt bucket may be wider than the cache
+    history = jnp.zeros((b, slots), jnp.int32).at[:, :width].set(tokens[:, :width])
     history = history.at[jnp.arange(b), prompt_lens].set(dec.last, mode="drop")
-    pstate = proposer.prefill(pparams, tokens, prompt_lens, shapes.slots, hidden)
+    pstate = proposer.prefill(pparams, tokens, prompt_lens, slots, hidden)
     return SpecState(dec=dec, history=history, proposer=pstate, row_forwards=jnp.zeros((b,), jnp.int32),
                      accepted_hist=jnp.zeros((b, max_depth + 1), jnp.int32))
 

@@ -156,43 +156,104 @@ def _attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible:
 
 
 def _unpack(x: jax.Array, packed: jax.Array | None, b: int, t: int) -> jax.Array:
-    """``x: [K, ...]`` for the flat token indices ``packed: [K]`` -> ``[B, T, ...]``, zeros elsewhere."""
+    """Flat tokens ``x: [K, ...]`` -> ``[B, T, ...]``: at the flat indices ``packed: [K]`` with zeros
+    elsewhere, or (``packed`` None, K = B * T) every token in order."""
     if packed is None:
-        return x
+        return x.reshape((b, t) + x.shape[1:])
     return jnp.zeros((b * t,) + x.shape[1:], x.dtype).at[packed].set(x).reshape((b, t) + x.shape[1:])
 
 
 def _pack(x: jax.Array, packed: jax.Array | None) -> jax.Array:
-    """``x: [B, T, ...]`` -> the tokens at the flat indices ``packed: [K]``, ``[K, ...]``."""
-    return x if packed is None else x.reshape((-1,) + x.shape[2:])[packed]
+    """``x: [B, T, ...]`` -> flat tokens ``[K, ...]``: those at the flat indices ``packed: [K]``, or all."""
+    flat = x.reshape((-1,) + x.shape[2:])
+    return flat if packed is None else flat[packed]
 
 
-def _block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, positions: jax.Array,
-           cache: KVCache, visible: jax.Array, packed: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """One block over ``x: [B, T, d]``, or over the packed tokens ``x: [K, d]`` (see :func:`forward`)."""
-    b, t = x.shape[:2] if packed is None else positions.shape
-    h = block.attn_norm(x)
-    q = _unpack(block.attn.q(h), packed, b, t).reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k = _unpack(block.attn.k(h), packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    v = _unpack(block.attn.v(h), packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+class Segment(NamedTuple):
+    """One forward's tokens in :func:`forward_together` (see :func:`forward` for the fields)."""
+
+    cache: KVCache
+    tokens: jax.Array  # [B, T]
+    positions: jax.Array  # [B, T]
+    block_mask: jax.Array | None = None  # [B, T, T] or [T, T]; default causal
+    packed: jax.Array | None = None  # [K] flat indices of the tokens computed
+    logits_at: jax.Array | None = None  # [B, K] indices into T
+    hidden_layers: tuple[int, ...] = ()
+
+
+class _Rows(NamedTuple):
+    """A segment's layout inside the blocks: positions [B, T], visibility [B, T, S], packed [K] | None."""
+
+    positions: jax.Array
+    visible: jax.Array
+    packed: jax.Array | None
+
+
+def _rows_of(seg: Segment) -> _Rows:
+    b, t = seg.positions.shape
+    block_mask = causal_mask(b, t) if seg.block_mask is None else seg.block_mask
+    block_mask = jnp.broadcast_to(block_mask.astype(bool), (b, t, t))
+    return _Rows(seg.positions, visibility(seg.cache.lengths, block_mask, seg.cache.slots), seg.packed)
+
+
+def _segment_ends(rows: Sequence[_Rows]) -> list[int]:
+    """Where each segment's flat tokens end along K, but the last (``jnp.split`` points)."""
+    return np.cumsum([r.positions.size if r.packed is None else r.packed.shape[0] for r in rows])[:-1].tolist()
+
+
+def _self_attention(cfg: LlamaConfig, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, rows: _Rows,
+                    cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One segment's attention: flat projections ``q: [K, H*D]``, ``k, v: [K, KVH*D]`` -> ``[K, H*D]``;
+    writes the segment's K/V into its cache."""
+    b, t = rows.positions.shape
+    q = _unpack(q, rows.packed, b, t).reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = _unpack(k, rows.packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = _unpack(v, rows.packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q, k = rope(q, rows.positions, cfg.rope_theta), rope(k, rows.positions, cfg.rope_theta)
     cache = write_layer(cache, layer, k, v)
-    x = x + block.attn.o(_pack(_attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths), packed))
+    return _pack(_attend(cfg, q, cache.k[layer], cache.v[layer], rows.visible, cache.lengths), rows.packed), cache
+
+
+def _block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, rows: Sequence[_Rows],
+           caches: Sequence[KVCache]) -> tuple[jax.Array, list[KVCache]]:
+    """One block over the flat tokens ``x: [K, d]`` of one or more segments (``rows``, ``caches``; in
+    order along K): every matrix product runs once over all of them, attention within each segment."""
+    h = block.attn_norm(x)
+    q, k, v = block.attn.q(h), block.attn.k(h), block.attn.v(h)
+    ends = _segment_ends(rows)
+    parts = [_self_attention(cfg, layer, *proj, r, c)
+             for *proj, r, c in zip(jnp.split(q, ends), jnp.split(k, ends), jnp.split(v, ends), rows, caches)]
+    attended = parts[0][0] if len(parts) == 1 else jnp.concatenate([a for a, _ in parts])
+    x = x + block.attn.o(attended)
     x = x + block.mlp(block.mlp_norm(x))
-    return x, cache
+    return x, [c for _, c in parts]
 
 
-def _masked_block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, positions: jax.Array, cache: KVCache,
-                  visible: jax.Array, layer_mask: jax.Array | None,
-                  packed: jax.Array | None) -> tuple[jax.Array, KVCache]:
-    """One block, skipped or kept per ``layer_mask`` (see :func:`forward`)."""
+def _masked_block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, rows: _Rows, cache: KVCache,
+                  layer_mask: jax.Array | None) -> tuple[jax.Array, KVCache]:
+    """One block of a single segment, skipped or kept per ``layer_mask`` (see :func:`forward`)."""
     if layer_mask is None:
-        return _block(cfg, block, layer, x, positions, cache, visible, packed)
+        x, (cache,) = _block(cfg, block, layer, x, [rows], [cache])
+        return x, cache
     if layer_mask.ndim == 1:
-        return jax.lax.cond(layer_mask[layer], lambda x, c: _block(cfg, block, layer, x, positions, c, visible),
+        return jax.lax.cond(layer_mask[layer], lambda x, c: _masked_block(cfg, block, layer, x, rows, c, None),
                             lambda x, c: (x, c), x, cache)
-    y, cache = _block(cfg, block, layer, x, positions, cache, visible)
-    return jnp.where(layer_mask[:, :, layer, None], y, x), cache
+    y, cache = _masked_block(cfg, block, layer, x, rows, cache, None)
+    return jnp.where(_pack(layer_mask[:, :, layer], None)[:, None], y, x), cache
+
+
+def _outputs(model: Llama, x: jax.Array, rows: _Rows, cache: KVCache, hiddens: dict, logits_at: jax.Array | None,
+             compute_logits: bool) -> ForwardOutput:
+    """A segment's final flat tokens ``x: [K, d]`` -> its :class:`ForwardOutput`."""
+    b, t = rows.positions.shape
+    if logits_at is not None:
+        x = jnp.take_along_axis(_unpack(x, None, b, t), logits_at[:, :, None], axis=1)
+    hidden = model.norm(x)
+    logits = model.logits(hidden) if compute_logits else None
+    if logits_at is None:
+        hidden = _unpack(hidden, rows.packed, b, t)
+        logits = None if logits is None else _unpack(logits, rows.packed, b, t)
+    return ForwardOutput(logits=logits, hidden=hidden, hiddens=hiddens, cache=cache)
 
 
 def forward(
@@ -236,32 +297,43 @@ def forward(
     Returns:
       ForwardOutput(logits [B, K, V] | None, hidden [B, K, d], hiddens, cache).
     """
-    cfg = model.config
     if (tokens is None) == (embeds is None):
         raise ValueError("pass exactly one of tokens [B, T] or embeds [B, T, d_model]")
     b, t = (tokens if embeds is None else embeds).shape[:2]
     if packed is not None and (embeds is not None or logits_at is not None or layer_mask is not None):
         raise ValueError("packed tokens take token ids and every layer: not embeds, logits_at or layer_mask")
-    x = model.embed(_pack(tokens, packed)) if embeds is None else embeds.astype(cfg.jnp_dtype)
-    if block_mask is None:
-        block_mask = causal_mask(b, t)
-    block_mask = jnp.broadcast_to(block_mask.astype(bool), (b, t, t))
-    visible = visibility(cache.lengths, block_mask, cache.slots)
-    run = range(cfg.n_layers) if layers is None else layers
+    x = model.embed(_pack(tokens, packed)) if embeds is None else _pack(embeds.astype(model.config.jnp_dtype), None)
+    rows = _rows_of(Segment(cache=cache, tokens=tokens, positions=positions, block_mask=block_mask, packed=packed))
+    run = range(model.config.n_layers) if layers is None else layers
     wanted = set(hidden_layers)
     hiddens = {}
     for layer in run:
-        x, cache = _masked_block(cfg, model.layers[layer], layer, x, positions, cache, visible, layer_mask, packed)
+        x, cache = _masked_block(model.config, model.layers[layer], layer, x, rows, cache, layer_mask)
         if layer in wanted:
             hiddens[layer] = _unpack(x, packed, b, t)
     if missing := wanted - set(hiddens):
         raise ValueError(f"hidden_layers {sorted(missing)} are not among the layers run")
-    if logits_at is not None:
-        x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-    hidden = model.norm(x)
-    logits = model.logits(hidden) if compute_logits else None
-    hidden, logits = _unpack(hidden, packed, b, t), None if logits is None else _unpack(logits, packed, b, t)
-    return ForwardOutput(logits=logits, hidden=hidden, hiddens=hiddens, cache=cache)
+    return _outputs(model, x, rows, cache, hiddens, logits_at, compute_logits)
+
+
+def forward_together(model: Llama, segments: Sequence[Segment]) -> list[ForwardOutput]:
+    """Several independent forwards (each with its own cache, rows and tokens; all layers) as one:
+    every matrix product runs once over all their tokens, each attends only within its own
+    segment. Each output equals :func:`forward` of that segment alone (up to float rounding of
+    products of other shapes). A forward of few tokens per row costs on CPU about as much as one of
+    many, so e.g. a request pool prefills an admitted prompt in the same forward as a decode step."""
+    rows = [_rows_of(seg) for seg in segments]
+    caches = [seg.cache for seg in segments]
+    x = jnp.concatenate([model.embed(_pack(seg.tokens, seg.packed)) for seg in segments])
+    ends = _segment_ends(rows)
+    hiddens = [{} for _ in segments]
+    for layer in range(model.config.n_layers):
+        x, caches = _block(model.config, model.layers[layer], layer, x, rows, caches)
+        for seg, r, xs, h in zip(segments, rows, jnp.split(x, ends), hiddens):
+            if layer in seg.hidden_layers:
+                h[layer] = _unpack(xs, r.packed, *r.positions.shape)
+    return [_outputs(model, xs, r, c, h, seg.logits_at, True)
+            for seg, r, xs, c, h in zip(segments, rows, jnp.split(x, ends), caches, hiddens)]
 
 
 def teacher_forced_logits(model: Llama, tokens: jax.Array) -> jax.Array:

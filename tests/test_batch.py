@@ -68,6 +68,33 @@ def test_pool_equals_each_prompt_alone_in_any_order(tiny_lm, methods, seed, prop
     assert stats.row_forwards == sum(g.target_forwards for g in pooled)
 
 
+@pytest.mark.parametrize("proposer", PROPOSERS + ("autoregressive", "early_exit", "budget"))
+def test_merged_admissions_equal_each_prompt_alone(tiny_lm, methods, proposer, monkeypatch):
+    """Requests admitted while rows run are prefilled in the target forward of one of those rows'
+    steps (sampled, each request with its own seed): every output equals the prompt's alone and the
+    pool's without merging. Early exit verifies from its exit layer, so its admissions stay alone."""
+    import specdec.api
+
+    merged = []
+    monkeypatch.setattr(specdec.api, "admit_speculative", _counted(specdec.api.admit_speculative, merged))
+    monkeypatch.setattr(specdec.api, "admit_autoregressive", _counted(specdec.api.admit_autoregressive, merged))
+    prompts, opts = _case(5, 7, 0.9)
+    method = {"early_exit": dict(method="early_exit", exit_layer=1, k=2),
+              "budget": dict(methods["prompt_lookup"], budget=3)}.get(proposer, methods.get(proposer, {}))
+    alone = [specdec.generate(tiny_lm, p, **method, **{k: v[i] if k in ("max_new_tokens", "seed") else v
+                                                       for k, v in opts.items()}) for i, p in enumerate(prompts)]
+    for merge in (True, False):
+        pooled = specdec.generate(tiny_lm, prompts, slots=3, chunk_steps=3, merge_admissions=merge, **opts, **method)
+        assert [(r.tokens, r.finish_reason) for r in pooled] == [(r.tokens, r.finish_reason) for r in alone], merge
+        assert pooled[0].stats.row_forwards == sum(g.target_forwards for g in pooled)
+    assert (len(merged) == 0) if proposer == "early_exit" else (0 < len(merged) <= len(prompts) - 3)
+
+
+def _counted(fn, calls: list):
+    """``fn``, appending to ``calls`` at each call."""
+    return lambda *a, **k: calls.append(1) or fn(*a, **k)
+
+
 @pytest.mark.parametrize("slots", [1, 2])
 def test_pool_admits_requests_that_end_at_prefill(tiny_lm, slots):
     """Requests with a budget of one token finish at their prefill: the pool harvests them and goes on
@@ -78,17 +105,23 @@ def test_pool_admits_requests_that_end_at_prefill(tiny_lm, slots):
     assert [r.tokens for r in pooled] == alone
 
 
+@pytest.mark.parametrize("merge", [True, False])
 @pytest.mark.parametrize("proposer", ["autoregressive", "prompt_lookup"])
-def test_pool_refills_a_slot_as_soon_as_its_request_finishes(tiny_lm, methods, proposer):
+def test_pool_refills_a_slot_as_soon_as_its_request_finishes(tiny_lm, methods, proposer, merge):
     """A chunk ends at the step a row finishes: the waiting request starts in the freed slot at once,
-    not when the chunk's 16 steps are up (requests 1 and 2 are the same, so each takes F forwards)."""
+    not when the chunk's 16 steps are up (requests 1 and 2 are the same, so each takes F forwards).
+    A merged admission prefills request 2 in the forward of request 1's second step."""
     prompts = [[1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
     res = specdec.generate(tiny_lm, prompts, max_new_tokens=[2, 30, 30], slots=2, chunk_steps=16, ignore_eos=True,
-                           **methods.get(proposer, {}))
+                           merge_admissions=merge, **methods.get(proposer, {}))
     f = res[1].target_forwards
     assert res[0].target_forwards == 1 and res[2].target_forwards == f
-    assert res[0].stats.target_forwards == 1 + f  # slot 0: request 0's one step, then request 2's F
-    assert res[0].stats.slot_utilisation == [1.0, f / (1 + f)]
+    if merge:  # slot 0: request 0's one step, request 2's prefill beside request 1's second step, request 2's F
+        assert res[0].stats.target_forwards == 2 + f
+        assert res[0].stats.slot_utilisation == [(1 + f) / (2 + f), f / (2 + f)]
+    else:  # slot 0: request 0's one step, then request 2's F; its prefill is a forward of its own
+        assert res[0].stats.target_forwards == 1 + f
+        assert res[0].stats.slot_utilisation == [1.0, f / (1 + f)]
 
 
 def test_pool_reports_work_and_rejects_bad_slots(tiny_lm, methods):

@@ -13,7 +13,7 @@ from flax import nnx
 from conftest import full_logits
 from specdec.cache import causal_mask, init_cache
 from specdec.config import tiny_config
-from specdec.model import attention_windows, forward, init_model, teacher_forced_logits
+from specdec.model import Segment, attention_windows, forward, forward_together, init_model, teacher_forced_logits
 from specdec.weights import hf_tensors, model_from_hf
 
 TOL = 1e-5
@@ -62,6 +62,31 @@ def test_ragged_batch_equals_rows_alone(tiny):
         alone = full_logits(tiny, jnp.concatenate([toks[row:row + 1, :n], nxt[row:row + 1]], 1))
         np.testing.assert_allclose(out.logits[row, :n], alone[0, :n], atol=TOL, rtol=0)
         np.testing.assert_allclose(step.logits[row], alone[0, n:], atol=TOL, rtol=0)
+
+
+def test_forward_together_equals_each_forward_alone(tiny):
+    """A tree step over a ragged 3-row batch (one row's tokens packed away), a 1-row prefill with
+    logits at its last prompt token and a hidden layer, run as one forward: each output, cache and
+    hidden state is that segment's own forward's."""
+    lens = jnp.asarray([4, 9, 6])
+    cache = init_cache(tiny.config, 3, 32)
+    toks = _tokens(3, 9, seed=5)
+    cache = run(tiny, cache, tokens=toks, positions=jnp.broadcast_to(jnp.arange(9), (3, 9))).cache.with_lengths(lens)
+    mask = jnp.asarray([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)  # root; two children of the root
+    step = Segment(cache=cache, tokens=_tokens(3, 3, seed=6), positions=lens[:, None] + jnp.asarray([0, 1, 1]),
+                   block_mask=mask, packed=jnp.asarray([0, 1, 2, 3, 6, 7]))  # row 1's children not computed
+    prompt = Segment(cache=init_cache(tiny.config, 1, 32), tokens=_tokens(1, 7, seed=7),
+                     positions=jnp.arange(7)[None], logits_at=jnp.asarray([[4]]), hidden_layers=(0,))
+    together = jax.jit(lambda g, st: forward_together(nnx.merge(g, st), [step, prompt]), static_argnums=0)(
+        *nnx.split(tiny))
+    for seg, got in zip([step, prompt], together):
+        alone = run(tiny, seg.cache, tokens=seg.tokens, positions=seg.positions, block_mask=seg.block_mask,
+                    packed=seg.packed, logits_at=seg.logits_at, hidden_layers=seg.hidden_layers)
+        for a, b in [(got.logits, alone.logits), (got.hidden, alone.hidden), (got.cache.k[1], alone.cache.k[1]),
+                     (got.cache.v[0], alone.cache.v[0])] + [(got.hiddens[i], alone.hiddens[i]) for i in alone.hiddens]:
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
+    assert set(together[1].hiddens) == {0} and not together[0].hiddens
 
 
 def test_attention_windows():
