@@ -10,7 +10,7 @@ from typing import Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from specdec.autoregressive import decode, plan_shapes, prompt_arrays, prompt_bucket
+from specdec.autoregressive import DecodeShapes, decode, plan_shapes, prompt_arrays, prompt_bucket
 from specdec.engine import by_load, speculative_decode, whole_number
 from specdec.loading import LoadedModel, load_once
 from specdec.methods import METHOD_OPTIONS, build_proposer
@@ -157,10 +157,14 @@ class _Run:
         self.outcomes: list[tuple[list[int], int, list[int] | None] | None] = [None] * self.n
         self.use = SlotUse()
 
+    def shapes_of(self, requests: list[int]) -> DecodeShapes:
+        """The run's shapes for a batch of ``requests``: their rows and their prompt bucket."""
+        return dataclasses.replace(self.shapes, batch=len(requests),
+                                   prompt=prompt_bucket(max(len(self.ids[r]) for r in requests)))
+
     def start(self, requests: list[int]) -> Iterator:
         """The decode generator over ``requests`` (indices into the prompts)."""
-        shapes = dataclasses.replace(self.shapes, batch=len(requests),
-                                     prompt=prompt_bucket(max(len(self.ids[r]) for r in requests)))
+        shapes = self.shapes_of(requests)
         common = dict(max_new=[self.max_new[r] for r in requests], seeds=[self.seeds[r] for r in requests],
                       sampling=self.sampling, eos_ids=self.eos, shapes=shapes, chunk_steps=self.chunk_steps,
                       end_on_finish=self.end_on_finish)
@@ -179,9 +183,8 @@ class _Run:
     def admit(self, state, slot: int, request: int, running: int):
         """``state`` after one step of its ``running`` rows with ``request`` prefilled into batch row
         ``slot`` in the same target forward (see ``specdec.pool``)."""
-        ids = [self.ids[request]]
-        shapes = dataclasses.replace(self.shapes, batch=1, prompt=prompt_bucket(len(ids[0])))
-        arrays = prompt_arrays(ids, shapes, [self.max_new[request]], [self.seeds[request]])
+        arrays = prompt_arrays([self.ids[request]], self.shapes_of([request]), [self.max_new[request]],
+                               [self.seeds[request]])
         common = dict(sampling=self.sampling, eos_ids=self.eos)
         if self.proposer is None:
             state, new = admit_autoregressive(self.lm.graphdef, self.lm.state, state, *arrays, width=self.width,

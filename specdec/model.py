@@ -190,6 +190,7 @@ class _Rows(NamedTuple):
 
 
 def _rows_of(seg: Segment) -> _Rows:
+    """The segment's layout: which cache slots each of its tokens sees (its block mask, default causal)."""
     b, t = seg.positions.shape
     block_mask = causal_mask(b, t) if seg.block_mask is None else seg.block_mask
     block_mask = jnp.broadcast_to(block_mask.astype(bool), (b, t, t))
@@ -329,9 +330,10 @@ def forward_together(model: Llama, segments: Sequence[Segment]) -> list[ForwardO
     hiddens = [{} for _ in segments]
     for layer in range(model.config.n_layers):
         x, caches = _block(model.config, model.layers[layer], layer, x, rows, caches)
-        for seg, r, xs, h in zip(segments, rows, jnp.split(x, ends), hiddens):
-            if layer in seg.hidden_layers:
-                h[layer] = _unpack(xs, r.packed, *r.positions.shape)
+        if any(layer in seg.hidden_layers for seg in segments):
+            for seg, r, xs, h in zip(segments, rows, jnp.split(x, ends), hiddens):
+                if layer in seg.hidden_layers:
+                    h[layer] = _unpack(xs, r.packed, *r.positions.shape)
     return [_outputs(model, xs, r, c, h, seg.logits_at, True)
             for seg, r, xs, c, h in zip(segments, rows, jnp.split(x, ends), caches, hiddens)]
 

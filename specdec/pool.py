@@ -13,10 +13,10 @@ compilation per power of two, once).
 
 While other rows run, an admitted prompt is prefilled in the same target forward
 as one decode step of the running rows (``admit_autoregressive``,
-``admit_speculative``; :func:`specdec.model.forward_together`): on a CPU a
-decode step's few tokens per row leave its matrix products far from
-compute-bound, so the prefill's tokens ride along for little more than their
-own cost and the step's fixed cost is not paid twice.
+``admit_speculative``; :func:`specdec.model.forward_together`): the matrix
+products run once over the step's few tokens per row and the prompt's, so where
+a decode step's products are far from compute-bound (a CPU) the pair costs less
+than the two apart.
 """
 
 from __future__ import annotations

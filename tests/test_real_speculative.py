@@ -58,7 +58,7 @@ def test_request_pool_with_8_slots_has_no_mismatch(smollm2, prompts, reference, 
 @pytest.mark.xdist_group("real-one-row")  # one row, 40 tokens: test_eos_ends_a_chat_reply's compiled programs
 def test_batch_cli(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("Count to five.\n\nName a prime.\nSay hi.\n")
-    assert cli_main(["batch", "--prompts-file", str(tmp_path / "prompts.txt"), "--slots", "1",
+    assert cli_main(["batch", "--prompts-file", str(tmp_path / "prompts.txt"), "--slots", "1", "--prefill-alone",
                      "--max-new-tokens", "40", "--output", str(tmp_path / "o.jsonl")]) == 0
     lines = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [x["prompt"] for x in lines] == ["Count to five.", "Name a prime.", "Say hi."]
