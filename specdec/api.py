@@ -152,7 +152,7 @@ class _Run:
         self.chunk_steps = chunk_steps or (POOL_CHUNK_STEPS if self.stop or pooled else None)
         self.end_on_finish = pooled and self.slots > 1  # a freed slot refills at once (one slot: no-op)
         early_exit = self.proposer is not None and hasattr(by_load(self.proposer).steps[0][1], "verify_from")
-        self.merge_admissions = merge_admissions and self.method != "skipdecode" and not early_exit
+        self.merge_admissions = merge_admissions and not early_exit  # SkipDecode: no slots=, no admissions
         self.stopped = [None] * self.n
         self.outcomes: list[tuple[list[int], int, list[int] | None] | None] = [None] * self.n
         self.use = SlotUse()

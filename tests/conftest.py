@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +12,25 @@ from flax import nnx
 
 from specdec.compile_cache import use_compile_cache
 from specdec.config import tiny_config
+from specdec.fetch import cache_dir
 from specdec.loading import LoadedModel
 from specdec.model import init_model, teacher_forced_logits
 from specdec.sampling import Sampling
 
-use_compile_cache()  # compiled programs persist across workers and runs (``SPECDEC_COMPILE_CACHE=off``: none)
+if os.environ.get("PYTEST_XDIST_WORKER") and "SPECDEC_COMPILE_CACHE" not in os.environ:
+    # one directory per pytest-xdist worker: JAX writes a cache entry in place, without a lock, so a worker
+    # reading an entry the other is still writing got a truncated program and crashed (a segfault)
+    os.environ["SPECDEC_COMPILE_CACHE"] = str(cache_dir() / f"xla-{os.environ['PYTEST_XDIST_WORKER']}")
+use_compile_cache()  # compiled programs persist across runs (``SPECDEC_COMPILE_CACHE=off``: none)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop the compiled programs of each test module after it (they stay in the on-disk cache): a
+    worker holding hundreds of XLA executables nears the kernel's memory-map limit (vm.max_map_count),
+    where XLA crashed (a segfault) serializing or loading one."""
+    yield
+    jax.clear_caches()
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
