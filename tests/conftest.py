@@ -19,7 +19,7 @@ from specdec.sampling import Sampling
 
 if os.environ.get("PYTEST_XDIST_WORKER") and "SPECDEC_COMPILE_CACHE" not in os.environ:
     # one directory per pytest-xdist worker: JAX writes a cache entry in place, without a lock, so a worker
-    # reading an entry the other is still writing got a truncated program and crashed (a segfault)
+    # could read an entry the other is still writing (a truncated program; XLA segfaults on one)
     os.environ["SPECDEC_COMPILE_CACHE"] = str(cache_dir() / f"xla-{os.environ['PYTEST_XDIST_WORKER']}")
 use_compile_cache()  # compiled programs persist across runs (``SPECDEC_COMPILE_CACHE=off``: none)
 
