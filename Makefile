@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m specdec.cli fetch --models smollm2-135m --datasets humaneval sharegpt
+	$(PY) -m specdec.cli fetch --models smollm2-135m gemma3-270m --datasets humaneval sharegpt
 	$(PY) experiments/demo.py
 
 test: $(STAMP)
-	$(PY) -m specdec.cli fetch --models smollm2-135m --datasets humaneval sharegpt
+	$(PY) -m specdec.cli fetch --models smollm2-135m gemma3-270m --datasets humaneval sharegpt
 	$(PY) -m pytest -q -n auto --dist loadgroup
 
 # Side-by-side benchmarks need the independent peers (PyTorch + transformers).

@@ -45,7 +45,7 @@ class FeatureDraft(nnx.Module):
             **kwargs) -> ForwardOutput:
         """Entries ``(features [B, T, d], tokens [B, T])`` at ``positions [B, T]`` through the body
         (``kwargs`` go to :func:`specdec.model.forward`); ``hidden`` is the guessed next feature."""
-        embedded = self.body.embed(tokens)
+        embedded = self.body.embed_input(self.body.embed(tokens))  # the target's own first-layer input
         x = self.fc(jnp.concatenate([features.astype(embedded.dtype), embedded], axis=-1))
         return forward(self.body, cache, embeds=x, positions=positions, **kwargs)
 

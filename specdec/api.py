@@ -87,7 +87,7 @@ def encode_prompts(lm: LoadedModel, prompts, chat: bool, system: str | None) -> 
                 raise ValueError(f"model {lm.name!r} has no tokenizer: pass token id lists instead of text")
             if not prompt:
                 raise ValueError(f"prompt {i} is empty: give some text")
-            prompt = lm.tokenizer.encode(lm.tokenizer.chat(prompt, system) if chat else prompt)
+            prompt = lm.tokenizer.encode_prompt(prompt, chat=chat, system=system)
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < lm.config.vocab_size]
         if bad:

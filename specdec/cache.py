@@ -93,3 +93,17 @@ def visibility(lengths: jax.Array, block_mask: jax.Array, slots: int) -> jax.Arr
 def causal_mask(batch: int, t: int) -> jax.Array:
     """[batch, T, T] lower-triangular block mask for a chain of T new tokens."""
     return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
+
+
+def key_positions(lengths: jax.Array, positions: jax.Array, slots: int) -> jax.Array:
+    """The position of the key in each cache slot while a forward writes ``positions: [B, T]``:
+    the slot index for committed context (committed tokens sit at their positions), the new
+    token's own position for the forward's block (a tree node's depth, not its slot).
+
+    lengths: [B] -> [B, S] int.
+    """
+    s = jnp.arange(slots)[None, :]
+    rel = s - lengths[:, None]
+    t = positions.shape[1]
+    block = jnp.take_along_axis(positions, jnp.clip(rel, 0, t - 1), axis=1)
+    return jnp.where((rel >= 0) & (rel < t), block, s)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from specdec.compile_cache import use_compile_cache
+from specdec.config import PRECISION_POLICIES
 from specdec.loading import load_once
 from specdec.methods import METHOD_OPTIONS, METHODS
 
@@ -106,7 +107,7 @@ def _generate(args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, chat=not args.no_chat, system=args.system,
                    stop=args.stop, method=args.method, **_method_options(args))
-    model = load_once(args.model, dtype=args.dtype)
+    model = load_once(args.model, precision=args.precision)
     if args.stream:
         for deltas in specdec.stream(model, args.prompt, **options):
             print(deltas[0], end="", flush=True)
@@ -164,7 +165,7 @@ def _batch(args) -> int:
     import specdec
 
     options = _method_options(args)
-    model = load_once(args.model, dtype=args.dtype)
+    model = load_once(args.model, precision=args.precision)
     prompts = _read_prompts(args)
     seeds = [args.seed + i for i in range(len(prompts))]
     results = specdec.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -192,7 +193,7 @@ def _check(args) -> int:
     from specdec.equivalence import check
 
     options = _method_options(args)
-    model = load_once(args.model, dtype=args.dtype)
+    model = load_once(args.model, precision=args.precision)
     prompts = args.prompt or humaneval_chat_prompts(args.humaneval)
     report = check(model, prompts, args.method, batch_size=args.batch_size, tolerance=args.tolerance,
                    strict=args.strict, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -377,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="system prompt (default: the model's own)")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--precision", default=None, choices=list(PRECISION_POLICIES),
+                     help="precision policy (default: highest on CPU, bf16 on GPU/TPU)")
     gen.set_defaults(func=_generate)
     bat = sub.add_parser("batch", help="decode many prompts through a request pool (continuous batching); "
                                        "JSON Lines out, in input order")
@@ -394,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--top-p", type=float, default=1.0)
     bat.add_argument("--seed", type=int, default=0, help="request i samples with seed + i")
     bat.add_argument("--output", help="JSON Lines file (default: standard output)")
-    bat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bat.add_argument("--precision", default=None, choices=list(PRECISION_POLICIES),
+                     help="precision policy (default: highest on CPU, bf16 on GPU/TPU)")
     bat.set_defaults(func=_batch)
     chk = sub.add_parser("check", help="compare a method with autoregressive decoding, row by row "
                                        "(exit status 1 on any MISMATCH)")
@@ -408,10 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--top-k", type=int, default=0)
     chk.add_argument("--top-p", type=float, default=1.0)
     chk.add_argument("--seed", type=int, default=0)
-    chk.add_argument("--tolerance", type=float, default=1e-3, help="score gap below which a divergence is a tie")
+    chk.add_argument("--tolerance", type=float, default=None,
+                     help="score gap below which a divergence is a tie (default: by precision, 1e-3 in float32)")
     chk.add_argument("--strict", action="store_true",
                      help="reference as wide as the method's tree, same batches, no ties allowed")
-    chk.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    chk.add_argument("--precision", default=None, choices=list(PRECISION_POLICIES),
+                     help="precision policy (default: highest on CPU, bf16 on GPU/TPU)")
     chk.set_defaults(func=_check)
     th = sub.add_parser("train-heads", help="train Medusa heads on a frozen model (Medusa-1; resumable)")
     from training.medusa import HeadsTrainConfig

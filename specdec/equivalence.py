@@ -30,10 +30,21 @@ import numpy as np
 from flax import nnx
 
 from specdec.api import Generation, encode_prompts, generate
+from specdec.config import precision_name
 from specdec.model import teacher_forced_logits
 from specdec.sampling import Sampling, gumbel_noise
 
 DEFAULT_TOLERANCE = 1e-3
+# the tie tolerance of each precision policy (specdec.config.PRECISION_POLICIES): logits of one token
+# differ between a 1-token and an 8-token forward by up to 4e-5 (SmolLM2-135M) / 1.1e-4 (Gemma-3-270M)
+# in float32 on CPU, and by up to 0.38 / 0.56 in bfloat16 (experiments/precision_agreement.py); TF32
+# products ("default" on NVIDIA GPUs) keep 3 more mantissa bits than bfloat16
+TIE_TOLERANCES = {"highest": DEFAULT_TOLERANCE, "default": 0.125, "bf16": 1.0}
+
+
+def tie_tolerance(config) -> float:
+    """The checker's default tie tolerance for a model config (by its precision policy)."""
+    return TIE_TOLERANCES[precision_name(config)]
 
 
 @dataclass
@@ -124,7 +135,7 @@ def classify(model, prompt: list[int], ours: Generation, ref: Generation, *, sam
 
 
 def check(model, prompts, method: str, *, batch_size: int | None = None, reference_batch_size: int | None = None,
-          tolerance: float = DEFAULT_TOLERANCE, reference: list[Generation] | None = None, strict: bool = False,
+          tolerance: float | None = None, reference: list[Generation] | None = None, strict: bool = False,
           **options) -> Report:
     """Run ``method`` and autoregressive decoding on ``prompts`` and classify every row.
 
@@ -135,14 +146,17 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
       reference_batch_size: the same for the reference (default 1: each prompt alone).
       reference: autoregressive results of an earlier report with the same prompts and options
         (``report.reference``), to skip running the reference again.
+      tolerance: the largest score gap that is a tie (default: :func:`tie_tolerance` of the
+        model's precision, 1e-3 in float32).
       strict: run the reference as wide as the method's tree, in the method's batches, and
-        allow no tie (tolerance 0).
+        allow no tie (tolerance 0): bitwise in any precision.
       options: ``generate`` options; method-only options (k, draft, ...) go to the method.
     """
     from specdec.api import _resolve
     from specdec.methods import METHOD_OPTIONS
 
     lm = _resolve(model)
+    tolerance = tie_tolerance(lm.config) if tolerance is None else tolerance
     prompts = list(prompts)
     method_only = {k: options.pop(k) for k in list(options) if any(k in o for o in METHOD_OPTIONS.values())}
     ours = _batched(lm, prompts, batch_size or len(prompts), method=method, **options, **method_only)

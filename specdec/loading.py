@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from specdec.config import LlamaConfig
+from specdec.config import LlamaConfig, precision_name, precision_policy
 from specdec.fetch import MODELS, model_file
 from specdec.model import Llama
 from specdec.tokenizer import TextTokenizer
@@ -42,16 +42,20 @@ class LoadedModel:
         return nnx.merge(self.graphdef, jax.tree.map(jnp.copy, self.state))
 
 
-def load(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedModel:
+def load(name_or_path: str | Path, *, precision: str | None = None) -> LoadedModel:
     """Load a model by registry name (e.g. ``"smollm2-135m"``), GGUF path or HF directory.
 
-    dtype: "float32" (CPU default) or "bfloat16" (GPU/TPU).
+    precision: the precision policy (:data:`specdec.config.PRECISION_POLICIES`): "highest" (float32,
+    full-float32 products; the CPU default), "default" (float32, the backend's product precision:
+    TF32 on NVIDIA GPUs) or "bf16" (bfloat16 parameters and activations, float32 accumulation; the
+    GPU/TPU default). None picks the backend's default.
     """
     from specdec.gguf_loader import gguf_config, gguf_tensors, open_gguf
     from specdec.hf_checkpoint import hf_config, read_hf_dir
     from specdec.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
     from specdec.weights import model_from_hf
 
+    policy = precision_policy(precision)
     name = str(name_or_path)
     path = model_file(name) if name in MODELS else Path(name).expanduser()
     if name not in MODELS and not path.exists():
@@ -59,18 +63,18 @@ def load(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedModel:
                          f"and no such file or directory")
     if path.is_dir():
         raw, tensors = read_hf_dir(path)
-        cfg = hf_config(raw, dtype)
+        cfg = hf_config(raw, **policy)
         tokenizer = tokenizer_from_hf_dir(path, raw.get("eos_token_id")) if (path / "tokenizer.json").exists() else None
     else:
         reader = open_gguf(path)
-        cfg = gguf_config(reader, dtype)
+        cfg = gguf_config(reader, **policy)
         tensors = gguf_tensors(reader, cfg)
         tokenizer = tokenizer_from_gguf(reader)
     return LoadedModel.from_module(model_from_hf(cfg, tensors.__getitem__), tokenizer, name)
 
 
-def load_once(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedModel:
-    """``load``, memoised in this process per name or path and dtype. A registry name loads once (its
+def load_once(name_or_path: str | Path, *, precision: str | None = None) -> LoadedModel:
+    """``load``, memoised in this process per name or path and precision policy. A registry name loads once (its
     download was verified then); a path loads again once its file, or a file of its directory, has a
     new modification time. The arrays are immutable: train or update a
     :meth:`LoadedModel.copy_module`, never the :attr:`~LoadedModel.module` view."""
@@ -82,9 +86,9 @@ def load_once(name_or_path: str | Path, *, dtype: str = "float32") -> LoadedMode
         stamp = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir()))
     else:
         stamp = path.stat().st_mtime_ns
-    return _load_stamped(name, dtype, stamp)
+    return _load_stamped(name, precision_name(precision_policy(precision)), stamp)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_stamped(name: str, dtype: str, stamp) -> LoadedModel:
-    return load(name, dtype=dtype)
+def _load_stamped(name: str, precision: str, stamp) -> LoadedModel:
+    return load(name, precision=precision)

@@ -67,6 +67,7 @@ def _draft(target, options: dict) -> tuple[Any, Any]:
 
     from drafts.draft_model import draft_proposer
     from drafts.saved import CONFIG_FILE, draft_for
+    from specdec.config import precision_name
     from specdec.loading import LoadedModel, load
     from specdec.union import with_lookup
 
@@ -74,7 +75,7 @@ def _draft(target, options: dict) -> tuple[Any, Any]:
     if draft is None or (not isinstance(draft, LoadedModel) and (Path(draft) / CONFIG_FILE).is_file()):
         draft = draft_for(target, draft)[0]  # the bundled draft, or one saved by `specdec train-draft`
     elif not isinstance(draft, LoadedModel):
-        draft = load(draft, dtype=target.config.dtype)
+        draft = load(draft, precision=precision_name(target.config))
     k, (width, branches), (lookup, lookup_width) = _opt(options, "k", 4), _tree_shape(options), _lookup(options)
     deepest = max(_schedule(k).values())  # every proposer of a by-load schedule shares the draft's cache
     return _by_load(lambda k, width: with_lookup(

@@ -1,15 +1,20 @@
 """Llama-family decoder in Flax NNX and its one forward over a ragged KV cache.
 
-The parameters live in NNX modules; decoding code splits the model once
-(``nnx.split``) and calls :func:`forward` inside jitted pure functions, with
-the KV cache passed in and returned as an explicit pytree.
+One definition serves Llama 2/3.x, Mistral, Qwen2/3 and Gemma 2/3 through the switches of
+:class:`~specdec.config.LlamaConfig`. The parameters live in NNX modules; decoding code splits
+the model once (``nnx.split``) and calls :func:`forward` inside jitted pure functions, with the
+KV cache passed in and returned as an explicit pytree.
+
+Every product runs at the config's ``precision``: "highest" (the CPU default) keeps float32
+products in full float32 on every backend, which the equivalence checker's float32 tie tolerance
+is sized for; JAX would otherwise let NVIDIA GPUs use TF32 and TPUs bfloat16 passes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import NamedTuple, Sequence
 
 import jax
@@ -17,29 +22,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specdec.cache import KVCache, causal_mask, init_cache, visibility, write_layer
+from specdec.cache import KVCache, causal_mask, init_cache, key_positions, visibility, write_layer
 from specdec.config import LlamaConfig
-
-# Every product of the forward in full float32, whatever the backend. JAX lets recent NVIDIA GPUs run float32
-# products as TF32 (10-bit mantissas) and TPUs as bfloat16 passes by default: rounding far coarser than the
-# float32 differences (~1e-4) the equivalence checker's 1e-3 tie tolerance is sized for. On CPU it changes nothing.
-PRECISION = jax.lax.Precision.HIGHEST
+from specdec.rope import rope
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    """RMS norm in float32, scaled by ``w`` (or ``1 + w`` with ``plus_one``, Gemma's convention)."""
+
+    def __init__(self, dim: int, eps: float, dtype, plus_one: bool = False):
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype) if plus_one else jnp.ones((dim,), dtype))
         self.eps = eps
+        self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        return (normed * (self.weight[...].astype(jnp.float32) + float(self.plus_one))).astype(x.dtype)
+
+
+def _norm(cfg: LlamaConfig, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or cfg.d_model, cfg.rms_eps, cfg.jnp_dtype, cfg.norm_plus_one)
 
 
 def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, precision=PRECISION,
-                      rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
+                      precision=cfg.matmul_precision, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -48,24 +56,37 @@ class Attention(nnx.Module):
         self.k = _linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg, rngs, cfg.qkv_bias)
         self.v = _linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg, rngs, cfg.qkv_bias)
         self.o = _linear(cfg.n_heads * cfg.head_dim, cfg.d_model, cfg, rngs)
+        # Qwen3, Gemma 3: an RMS norm over each query and key head, before RoPE
+        self.q_norm = _norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = _norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class MLP(nnx.Module):
+    """Gated MLP: SwiGLU (``silu``) or GeGLU (``gelu_tanh``, Gemma)."""
+
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.gate = _linear(cfg.d_model, cfg.ffn_dim, cfg, rngs)
         self.up = _linear(cfg.d_model, cfg.ffn_dim, cfg, rngs)
         self.down = _linear(cfg.ffn_dim, cfg.d_model, cfg, rngs)
+        self.activation = cfg.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(_ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
+    """Pre-norm attention and MLP; with ``post_norms`` (Gemma 2/3) each output is normed too."""
+
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.jnp_dtype)
+        self.attn_norm = _norm(cfg)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.jnp_dtype)
+        self.mlp_norm = _norm(cfg)
         self.mlp = MLP(cfg, rngs)
+        self.post_attn_norm = _norm(cfg) if cfg.post_norms else None
+        self.post_mlp_norm = _norm(cfg) if cfg.post_norms else None
 
 
 class Llama(nnx.Module):
@@ -76,7 +97,7 @@ class Llama(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype,
                                param_dtype=cfg.jnp_dtype, rngs=rngs)
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.jnp_dtype)
+        self.norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else _linear(cfg.d_model, cfg.vocab_size, cfg, rngs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -85,10 +106,22 @@ class Llama(nnx.Module):
             # contract against the [vocab, d] table as stored: a transposed copy per step would
             # read and write the whole table again
             out = jax.lax.dot_general(hidden, self.embed.embedding[...], (((hidden.ndim - 1,), (1,)), ((), ())),
-                                      precision=PRECISION)
+                                      precision=self.config.matmul_precision, preferred_element_type=jnp.float32)
         else:
             out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return softcap(out.astype(jnp.float32), self.config.final_softcap)
+
+    def embed_input(self, x: jax.Array) -> jax.Array:
+        """Rows of the embedding table (``[..., d_model]``, looked up or mixed) -> the first block's
+        input: times sqrt(d_model) (rounded to the dtype, as Gemma does) where ``embed_scale``."""
+        if not self.config.embed_scale:
+            return x
+        return x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class ForwardOutput(NamedTuple):
@@ -96,21 +129,6 @@ class ForwardOutput(NamedTuple):
     hidden: jax.Array  # [B, K, d_model] final-normed hidden state (what the LM head reads)
     hiddens: dict  # layer index -> [B, T, d_model] residual stream after that layer
     cache: KVCache
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split (Hugging Face) layout.
-
-    x: [B, T, heads, head_dim]; positions: [B, T] int.
-    """
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
 
 
 WINDOW_SLOTS = 128  # the smallest attention window; larger ones double it up to the whole cache
@@ -133,10 +151,11 @@ def _attend_dense(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, vi
     b, t = q.shape[:2]
     kvh, groups, d = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     q = q.reshape(b, t, kvh, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * groups, d)
-    scores = jnp.einsum("bkmd,bksd->bkms", q, k, precision=PRECISION, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, precision=cfg.matmul_precision, preferred_element_type=jnp.float32)
+    scores = softcap(scores * (cfg.query_scale or d) ** -0.5, cfg.attn_softcap)
     seen = jnp.repeat(visible, groups, axis=1)[:, None]  # [B, 1, T * G, S]
     probs = jax.nn.softmax(jnp.where(seen, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v, precision=PRECISION, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v, precision=cfg.matmul_precision, preferred_element_type=jnp.float32)
     return out.reshape(b, kvh, t, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.n_heads * d).astype(q.dtype)
 
 
@@ -182,19 +201,27 @@ class Segment(NamedTuple):
 
 
 class _Rows(NamedTuple):
-    """A segment's layout inside the blocks: positions [B, T], visibility [B, T, S], packed [K] | None."""
+    """A segment's layout inside the blocks: positions [B, T], visibility [B, T, S] of full-attention
+    and of sliding-window layers (None without such layers), packed [K] | None."""
 
     positions: jax.Array
     visible: jax.Array
+    visible_local: jax.Array | None
     packed: jax.Array | None
 
 
-def _rows_of(seg: Segment) -> _Rows:
-    """The segment's layout: which cache slots each of its tokens sees (its block mask, default causal)."""
+def _rows_of(cfg: LlamaConfig, seg: Segment) -> _Rows:
+    """The segment's layout: which cache slots each of its tokens sees (its block mask, default causal;
+    in sliding-window layers only keys less than the window back)."""
     b, t = seg.positions.shape
     block_mask = causal_mask(b, t) if seg.block_mask is None else seg.block_mask
     block_mask = jnp.broadcast_to(block_mask.astype(bool), (b, t, t))
-    return _Rows(seg.positions, visibility(seg.cache.lengths, block_mask, seg.cache.slots), seg.packed)
+    visible = visibility(seg.cache.lengths, block_mask, seg.cache.slots)
+    local = None
+    if any(cfg.window(layer) is not None for layer in range(cfg.n_layers)):
+        near = seg.positions[:, :, None] - key_positions(seg.cache.lengths, seg.positions, seg.cache.slots)[:, None]
+        local = visible & (near < cfg.sliding_window)
+    return _Rows(seg.positions, visible, local, seg.packed)
 
 
 def _segment_ends(rows: Sequence[_Rows]) -> list[int]:
@@ -202,17 +229,21 @@ def _segment_ends(rows: Sequence[_Rows]) -> list[int]:
     return np.cumsum([r.positions.size if r.packed is None else r.packed.shape[0] for r in rows])[:-1].tolist()
 
 
-def _self_attention(cfg: LlamaConfig, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, rows: _Rows,
-                    cache: KVCache) -> tuple[jax.Array, KVCache]:
+def _self_attention(cfg: LlamaConfig, attn: Attention, layer: int, q: jax.Array, k: jax.Array, v: jax.Array,
+                    rows: _Rows, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One segment's attention: flat projections ``q: [K, H*D]``, ``k, v: [K, KVH*D]`` -> ``[K, H*D]``;
     writes the segment's K/V into its cache."""
     b, t = rows.positions.shape
     q = _unpack(q, rows.packed, b, t).reshape(b, t, cfg.n_heads, cfg.head_dim)
     k = _unpack(k, rows.packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     v = _unpack(v, rows.packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    q, k = rope(q, rows.positions, cfg.rope_theta), rope(k, rows.positions, cfg.rope_theta)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    theta, scaling = cfg.rope_of(layer)
+    q, k = (rope(x, rows.positions, theta, scaling, cfg.max_seq_len) for x in (q, k))
     cache = write_layer(cache, layer, k, v)
-    return _pack(_attend(cfg, q, cache.k[layer], cache.v[layer], rows.visible, cache.lengths), rows.packed), cache
+    visible = rows.visible if cfg.window(layer) is None else rows.visible_local
+    return _pack(_attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths), rows.packed), cache
 
 
 def _block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, rows: Sequence[_Rows],
@@ -222,11 +253,12 @@ def _block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, rows: Seque
     h = block.attn_norm(x)
     q, k, v = block.attn.q(h), block.attn.k(h), block.attn.v(h)
     ends = _segment_ends(rows)
-    parts = [_self_attention(cfg, layer, *proj, r, c)
+    parts = [_self_attention(cfg, block.attn, layer, *proj, r, c)
              for *proj, r, c in zip(jnp.split(q, ends), jnp.split(k, ends), jnp.split(v, ends), rows, caches)]
-    attended = parts[0][0] if len(parts) == 1 else jnp.concatenate([a for a, _ in parts])
-    x = x + block.attn.o(attended)
-    x = x + block.mlp(block.mlp_norm(x))
+    attended = block.attn.o(parts[0][0] if len(parts) == 1 else jnp.concatenate([a for a, _ in parts]))
+    x = x + (attended if block.post_attn_norm is None else block.post_attn_norm(attended))
+    mixed = block.mlp(block.mlp_norm(x))
+    x = x + (mixed if block.post_mlp_norm is None else block.post_mlp_norm(mixed))
     return x, [c for _, c in parts]
 
 
@@ -279,7 +311,8 @@ def forward(
       cache: KV cache; ``cache.lengths`` is not advanced (see ``KVCache.advance``).
       positions: [B, T] RoPE position of each new token (``lengths + depth`` for tree nodes).
       tokens: [B, T] token ids, or
-      embeds: [B, T, d_model] input embeddings instead of ids (superposed decoding).
+      embeds: [B, T, d_model] the first run layer's input instead of ids: ``model.embed_input`` of
+        mixed embedding rows (superposed decoding), or the residual stream at an exit layer.
       block_mask: [B, T, T] or [T, T] bool, which new tokens each new token sees;
         default causal (a chain). Use an ancestor mask for a tree.
       layers: static layer indices to run, in order (default all). Stopping at an
@@ -303,8 +336,11 @@ def forward(
     b, t = (tokens if embeds is None else embeds).shape[:2]
     if packed is not None and (embeds is not None or logits_at is not None or layer_mask is not None):
         raise ValueError("packed tokens take token ids and every layer: not embeds, logits_at or layer_mask")
-    x = model.embed(_pack(tokens, packed)) if embeds is None else _pack(embeds.astype(model.config.jnp_dtype), None)
-    rows = _rows_of(Segment(cache=cache, tokens=tokens, positions=positions, block_mask=block_mask, packed=packed))
+    if embeds is None:
+        x = model.embed_input(model.embed(_pack(tokens, packed)))
+    else:
+        x = _pack(embeds.astype(model.config.jnp_dtype), None)
+    rows = _rows_of(model.config, Segment(cache=cache, tokens=tokens, positions=positions, block_mask=block_mask, packed=packed))
     run = range(model.config.n_layers) if layers is None else layers
     wanted = set(hidden_layers)
     hiddens = {}
@@ -323,9 +359,9 @@ def forward_together(model: Llama, segments: Sequence[Segment]) -> list[ForwardO
     segment. Each output equals :func:`forward` of that segment alone (up to float rounding of
     products of other shapes). A forward of few tokens per row costs on CPU about as much as one of
     many, so e.g. a request pool prefills an admitted prompt in the same forward as a decode step."""
-    rows = [_rows_of(seg) for seg in segments]
+    rows = [_rows_of(model.config, seg) for seg in segments]
     caches = [seg.cache for seg in segments]
-    x = jnp.concatenate([model.embed(_pack(seg.tokens, seg.packed)) for seg in segments])
+    x = model.embed_input(jnp.concatenate([model.embed(_pack(seg.tokens, seg.packed)) for seg in segments]))
     ends = _segment_ends(rows)
     hiddens = [{} for _ in segments]
     for layer in range(model.config.n_layers):
@@ -350,11 +386,16 @@ def head_table(model: Llama) -> jax.Array:
     return model.embed.embedding[...] if model.lm_head is None else model.lm_head.kernel[...].T
 
 
+_SHAPE_FIELDS = tuple(f.name for f in fields(LlamaConfig)[:[f.name for f in fields(LlamaConfig)].index("dtype")])
+
+
 def fingerprint(model: Llama) -> str:
     """A short digest of a model: its shape and a sample of its weights (rounded to bfloat16, so
     float32 and bfloat16 loads of one checkpoint agree). Saved heads and drafts record their target's."""
-    shape = {k: v for k, v in asdict(model.config).items() if k != "dtype"}
-    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    cfg = model.config  # the fields before dtype, then the architecture switches that are not Llama's
+    shape = {**{k: v for k, v in asdict(cfg).items() if k in _SHAPE_FIELDS},
+             **{k: v for k, v in cfg.switches().items() if k != "precision"}}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=asdict).encode())
     for arr in (model.norm.weight[...], head_table(model)[:64], model.layers[0].attn.q.kernel[...][:, :64]):
         digest.update(np.asarray(jnp.asarray(arr, jnp.bfloat16).astype(jnp.float32)).tobytes())
     return digest.hexdigest()[:16]

@@ -117,7 +117,7 @@ def _select(st: SuperposedState, step_lp: jax.Array, t, eos_ids: tuple[int, ...]
 def _superposed_forward(model, st: SuperposedState, t, temperature) -> SuperposedState:
     """One width-1 forward per prompt on the superposed embedding of the drafts' token ``t``."""
     embeds, _ = superpose(model.embed.embedding[...], st.alive[:, :, t], st.alive_score)
-    res = forward(model, st.cache, embeds=embeds[:, None], positions=st.cache.lengths[:, None])
+    res = forward(model, st.cache, embeds=model.embed_input(embeds[:, None]), positions=st.cache.lengths[:, None])
     logp, ids = truncate(res.logits[:, 0], temperature, st.ids.shape[1])
     return st.replace(cache=res.cache.advance(jnp.ones_like(st.cache.lengths)), logp=logp, ids=ids)
 

@@ -23,6 +23,11 @@ _SUBMODULES = {
     ("mlp", "gate"): "mlp.gate_proj", ("mlp", "up"): "mlp.up_proj", ("mlp", "down"): "mlp.down_proj",
 }
 _NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+# Gemma 2/3 (post_norms): "post_attention_layernorm" norms the attention output, and the MLP input
+# norm has its own name
+_POST_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "pre_feedforward_layernorm",
+               "post_attn_norm": "post_attention_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
+_HEAD_NORMS = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
 
 class CheckpointError(ValueError):
@@ -33,8 +38,9 @@ def _keys(path) -> tuple:
     return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
 
 
-def hf_name(keys: tuple) -> tuple[str, bool]:
-    """(Hugging Face tensor name, whether it is transposed) of an NNX parameter path."""
+def hf_name(keys: tuple, cfg: LlamaConfig) -> tuple[str, bool]:
+    """(Hugging Face tensor name, whether it is transposed) of an NNX parameter path of a model
+    with config ``cfg``."""
     if keys == ("embed", "embedding"):
         return "model.embed_tokens.weight", False
     if keys == ("norm", "weight"):
@@ -43,8 +49,11 @@ def hf_name(keys: tuple) -> tuple[str, bool]:
         return "lm_head.weight", True
     _, layer, *rest = keys
     prefix = f"model.layers.{layer}."
-    if rest[0] in _NORMS:
-        return prefix + _NORMS[rest[0]] + ".weight", False
+    norms = _POST_NORMS if cfg.post_norms else _NORMS
+    if rest[0] in norms:
+        return prefix + norms[rest[0]] + ".weight", False
+    if rest[1] in _HEAD_NORMS:
+        return prefix + _HEAD_NORMS[rest[1]] + ".weight", False
     name = prefix + _SUBMODULES[tuple(rest[:2])]
     return (name + ".weight", True) if rest[2] == "kernel" else (name + ".bias", False)
 
@@ -55,7 +64,7 @@ def model_from_hf(cfg: LlamaConfig, get: Callable[[str], np.ndarray]) -> Llama:
     graphdef, state = nnx.split(abstract)
 
     def fill(path, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        name, transposed = hf_name(_keys(path))
+        name, transposed = hf_name(_keys(path), cfg)
         try:
             array = np.asarray(get(name))
         except KeyError:
@@ -75,7 +84,7 @@ def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
     """All parameters of ``model`` as ``{hf_name: array}`` in PyTorch layout."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
-        name, transposed = hf_name(_keys(path))
+        name, transposed = hf_name(_keys(path), model.config)
         array = np.asarray(leaf)
         out[name] = np.ascontiguousarray(array.T if transposed else array)
     return out

@@ -84,6 +84,14 @@ def smollm2():
     return specdec.loading.load_once("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma-3-270M (the pretrained base model, Q4_K_M GGUF dequantized to float32)."""
+    import specdec
+
+    return specdec.loading.load_once("gemma3-270m")
+
+
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _teacher_forced(graphdef, state, tokens):
     return teacher_forced_logits(nnx.merge(graphdef, state), tokens)

@@ -87,7 +87,7 @@ def worded(tiny):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    text_tok = TextTokenizer(tokenizer=tok, eos_ids=(), chatml=False)
+    text_tok = TextTokenizer(tokenizer=tok, eos_ids=())
     return LoadedModel.from_module(tiny, text_tok, name="tiny-worded")
 
 
@@ -102,7 +102,7 @@ def test_stop_strings_and_stream(worded):
     assert res.text == free.text[:free.text.index(f"<{target}>")]
     pieces = list(specdec.stream(worded, ["<5> <17> <3>"], max_new_tokens=12, chat=False, chunk_steps=4, **HOT))
     assert "".join(p[0] for p in pieces) == free.text and len(pieces) >= 3
-    with pytest.raises(ValueError, match="no ChatML chat template"):
+    with pytest.raises(ValueError, match="no chat template"):
         specdec.generate(worded, "<5>", max_new_tokens=2)
 
 

@@ -51,7 +51,7 @@ def test_load_once_reloads_only_a_changed_checkpoint(tmp_path):
     _write_hf_dir(tmp_path / "ckpt", first)
     loaded = specdec.loading.load_once(tmp_path / "ckpt")
     assert specdec.loading.load_once(str(tmp_path / "ckpt")) is loaded
-    assert specdec.loading.load_once(tmp_path / "ckpt", dtype="bfloat16") is not loaded
+    assert specdec.loading.load_once(tmp_path / "ckpt", precision="bf16") is not loaded
     shutil.rmtree(tmp_path / "ckpt")
     _write_hf_dir(tmp_path / "ckpt", second)
     again = specdec.loading.load_once(tmp_path / "ckpt")
@@ -100,7 +100,9 @@ TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "Ġ", "Ċ", "ab", 
     [chr(c) for c in range(ord("a"), ord("z") + 1)]
 TINY_TOKENS += [f"z{i}" for i in range(97 - len(TINY_TOKENS))]
 TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
-            "<|im_start|>system\nBe tiny.<|im_end|>\n{% endif %}...{% endfor %}")
+            "<|im_start|>system\nBe tiny.<|im_end|>\n{% endif %}"
+            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def _write_gguf(path, model, quant_embed: bool):
@@ -169,10 +171,11 @@ def test_tokenizer_from_gguf_metadata(tmp_path):
     assert tok.encode("11") == [one, one]  # digits split one by one
     assert tok.encode("<|im_start|>ab<|im_end|>") == [1, ab, 2]
     assert tok.decode([ab, gab, 2]) == "ab ab" and tok.decode([ab, 2], skip_special=False) == "ab<|im_end|>"
-    assert tok.eos_ids == (0, 2) and tok.chatml and tok.default_system == "Be tiny."
+    assert tok.eos_ids == (0, 2) and tok.chat_template.source == TEMPLATE
     assert tok.chat("hi") == "<|im_start|>system\nBe tiny.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
                              "<|im_start|>assistant\n"
     assert tok.chat("hi", system="S").startswith("<|im_start|>system\nS<|im_end|>")
+    assert tok.bos_id is None and tok.encode_prompt("ab", chat=False) == [ab]  # no BOS declared: none added
 
 
 def test_bad_model_files_and_names(tmp_path, monkeypatch):

@@ -246,7 +246,7 @@ def test_corpus_readers_and_text_builder(tmp_path):
         corpus_texts(tmp_path / "nope.txt")
     tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1, "b": 2, "c": 3, "d": 4}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    text_tok = TextTokenizer(tokenizer=tok, eos_ids=(), chatml=False)
+    text_tok = TextTokenizer(tokenizer=tok, eos_ids=())
     ng = build_ngrams_from_texts(corpus_texts(tmp_path / "c.txt")[0], text_tok, ns=(2,), progress=False)
     assert ng.info["tokens"] == 7 and ng.info["vocab_size"] == 5 and ng.info["tokenizer"].startswith("vocab5-")
     p, _ = ngram_probs(ng, jnp.asarray([[2]]), jnp.asarray([1]), jnp.asarray([[3, 1]]), jnp.asarray([1.0]))

@@ -1,9 +1,10 @@
-"""Chat data for training: ChatML rendering with an assistant-token mask, self-distillation, packing.
+"""Chat data for training: chat-template rendering with an assistant-token mask, self-distillation, packing.
 
 An :class:`Example` is token ids plus a 0/1 mask that marks the tokens a loss
-may be taken on (the assistant's replies, each with its closing ``<|im_end|>``).
-Examples are packed into fixed-length rows; each row keeps segment ids so that
-attention and targets never cross from one conversation into the next.
+may be taken on (the assistant's replies, each up to and including the token that
+ends it, e.g. ``<|im_end|>``). Examples are packed into fixed-length rows; each row
+keeps segment ids so that attention and targets never cross from one conversation
+into the next.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from specdec.chat_template import conversation
 from specdec.tokenizer import TextTokenizer
 
 
@@ -28,23 +30,52 @@ class Packed(NamedTuple):
     mask: np.ndarray  # [R, L] bool: assistant tokens
 
 
+def _grown(before: str, after: str, what: str) -> str:
+    """The text ``after`` adds to ``before``; a clear error if it does not start with it."""
+    if not after.startswith(before):
+        raise ValueError(f"render_chat needs a chat template that renders a conversation as a growing prefix, "
+                         f"but {what} rewrites the text before it, so the replies cannot be told apart")
+    return after[len(before):]
+
+
 def render_chat(tok: TextTokenizer, turns: Sequence[dict], system: str | None = None) -> Example:
-    """ChatML-render ``turns`` (``{role, content}``), masking every assistant reply and its end token."""
-    if not tok.chatml:
-        raise ValueError("render_chat needs a model with a ChatML chat template")
-    system = system if system is not None else tok.default_system
-    if system is not None and turns[0]["role"] != "system":
-        turns = [{"role": "system", "content": system}, *turns]
+    """Render ``turns`` (``{role, content}``) with the model's chat template, masking every assistant
+    reply up to and including its last end token (one of ``tok.eos_ids``, e.g. ``<|im_end|>``).
+
+    A reply is the text its turn adds to the conversation before it rendered with the generation
+    prompt; the pieces between replies are tokenised apart from them. ``system``, if given, goes first.
+    """
+    messages = conversation(turns, system)
+    pieces: list[tuple[str, bool]] = []  # (text, is a reply)
+    done = ""
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        asked = tok.render(messages[:k], add_generation_prompt=True)
+        answered = tok.render(messages[:k + 1], add_generation_prompt=False)
+        pieces += [(_grown(done, asked, f"the generation prompt before turn {k}"), False),
+                   (_grown(asked, answered, f"assistant turn {k}"), True)]
+        done = answered
+    pieces.append((_grown(done, tok.render(messages, add_generation_prompt=False), "the last turns"), False))
     tokens: list[int] = []
     mask: list[int] = []
-    for turn in turns:
-        head = tok.encode(f"<|im_start|>{turn['role']}\n")
-        body = tok.encode(f"{turn['content']}<|im_end|>")
-        tail = tok.encode("\n")
-        learn = int(turn["role"] == "assistant")
-        tokens += head + body + tail
-        mask += [0] * len(head) + [learn] * len(body) + [0] * len(tail)
-    return Example(tokens, mask)
+    for text, reply in pieces:
+        ids = tok.encode(text)
+        learn = 0
+        if reply:
+            ends = [i + 1 for i, t in enumerate(ids) if t in tok.eos_ids]
+            learn = ends[-1] if ends else len(ids)
+        tokens += ids
+        mask += [1] * learn + [0] * (len(ids) - learn)
+    with_bos = tok.with_bos(tokens)
+    return Example(with_bos, [0] * (len(with_bos) - len(tokens)) + mask)
+
+
+def reply_end(tok: TextTokenizer) -> list[int]:
+    """The tokens the chat template closes an assistant reply with, as :func:`render_chat` learns them
+    (e.g. ``<|im_end|>``): what an empty reply is masked as."""
+    ex = render_chat(tok, [{"role": "user", "content": "?"}, {"role": "assistant", "content": ""}])
+    return [t for t, m in zip(ex.tokens, ex.mask) if m]
 
 
 def self_distill(lm, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int, max_prompt_tokens: int,
@@ -52,15 +83,16 @@ def self_distill(lm, conversations: Sequence[Sequence[dict]], *, max_new_tokens:
     """Replace each conversation's first reply by the model's own, generated through a request
     pool of ``batch_size`` slots.
 
-    The prompt is the system prompt and first user turn (conversations whose prompt has more
-    than ``max_prompt_tokens`` tokens are skipped); the reply is what ``lm`` generates, with
-    the ``<|im_end|>`` it ended on. Prompts go in by length.
+    The prompt is the first user turn through the chat template (conversations whose prompt has
+    more than ``max_prompt_tokens`` tokens are skipped); the reply is what ``lm`` generates, closed
+    as the template closes a reply (:func:`reply_end`) when it ended on an EOS token. Prompts go in
+    by length.
     """
     from specdec.api import generate
 
     tok = lm.tokenizer
-    end = tok.encode("<|im_end|>")
-    prompts = [tok.encode(tok.chat(c[0]["content"])) for c in conversations]
+    end = reply_end(tok)
+    prompts = [tok.encode_prompt(c[0]["content"]) for c in conversations]
     order = sorted((i for i, p in enumerate(prompts) if len(p) <= max_prompt_tokens), key=lambda i: len(prompts[i]))
     out: dict[int, Example] = {}
     block = batch_size * 8  # requests per request-pool run (progress is shown per block)
