@@ -63,8 +63,11 @@ class DraftSpec:
 
     def config(self, target: LlamaConfig) -> LlamaConfig:
         """The draft's model config: the target's, with fewer layers (and maybe a narrower MLP); a
-        reduced vocabulary has its own head table, so the embedding is then tied."""
-        return target.replace(n_layers=self.n_layers, ffn_dim=self.ffn_dim or target.ffn_dim,
+        reduced vocabulary has its own head table, so the embedding is then tied. Where the target
+        mixes layer types (Gemma's sliding and global layers), draft layer i has the type (window,
+        RoPE base) of target layer ``target_layers()[i]``, the one init "layers" copies into it."""
+        types = target.layer_types and tuple(target.layer_types[i] for i in self.target_layers(target.n_layers))
+        return target.replace(n_layers=self.n_layers, ffn_dim=self.ffn_dim or target.ffn_dim, layer_types=types,
                               tie_embeddings=target.tie_embeddings or self.vocab_size is not None)
 
 

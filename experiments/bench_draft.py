@@ -125,7 +125,7 @@ def main() -> None:
                **{f"medusa tree={tree}": dict(method="medusa", tree=tree) for tree in args.medusa_trees}}
     tok = model.tokenizer
     prompts = humaneval_chat_prompts(args.humaneval) + sharegpt_prompts(args.sharegpt)
-    ids = [tok.encode(tok.chat(p)) for p in prompts]
+    ids = [tok.encode_prompt(p) for p in prompts]
     results = timed_generations(model, ids, methods, args.new_tokens)
     rows = []
     for name, options in methods.items():

@@ -95,7 +95,7 @@ def main() -> None:
     tok = model.tokenizer
     rows = []
     for set_name, prompts in sets.items():
-        ids = [tok.encode(tok.chat(p)) for p in prompts]
+        ids = [tok.encode_prompt(p) for p in prompts]
         results = timed_generations(model, ids, dict(methods), args.new_tokens, progress=f"{set_name}: ")
         for name, method in methods:
             summary = greedy_summary(model, ids, results[name], results["autoregressive"])

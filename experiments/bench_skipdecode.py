@@ -93,7 +93,7 @@ def main() -> None:
     tuned = load_finetuned(model, args.weights)
     meta = json.loads((Path(args.weights) / WEIGHTS_FILE).read_text())
     tok = model.tokenizer
-    ids = [tok.encode(tok.chat(p)) for p in sharegpt_prompts(args.prompts)]
+    ids = [tok.encode_prompt(p) for p in sharegpt_prompts(args.prompts)]
     rows = skip_speed(tuned, ids, args.speedups, args.new_tokens, args.batch)
     rows += early_exit_speed(model, ids, args.exits, args.k, args.new_tokens)
 

@@ -35,7 +35,7 @@ def main() -> None:
     model = specdec.load("smollm2-135m")
     prompts = humaneval_chat_prompts(args.prompts)
     methods = {"autoregressive": {}, **{f"prompt_lookup{k}": dict(method="prompt_lookup", k=k) for k in args.ks}}
-    ids = [model.tokenizer.encode(model.tokenizer.chat(p)) for p in prompts]
+    ids = [model.tokenizer.encode_prompt(p) for p in prompts]
     results = timed_generations(model, ids, methods, args.new_tokens)
     rows = [{"method": method.get("method", "autoregressive"),
              "options": {k: v for k, v in method.items() if k != "method"},

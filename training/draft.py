@@ -1,6 +1,6 @@
 """Draft training: distillation from the target (forward KL, total variation) or plain next-token CE.
 
-Pipeline (:func:`train_draft`): ShareGPT conversations -> ChatML examples (the
+Pipeline (:func:`train_draft`): ShareGPT conversations -> chat-template examples (the
 dataset's replies, or the target's own in self-distillation mode) -> rows packed
 to ``seq_len`` -> one target pass that keeps, at every assistant position, the
 target's top-K next-token distribution (cached in the work directory) -> the

@@ -1,6 +1,6 @@
 """Feature-draft training (EAGLE style): regress the target's next feature and predict its next token.
 
-Pipeline (:func:`train_feature_draft`): ShareGPT conversations -> ChatML
+Pipeline (:func:`train_feature_draft`): ShareGPT conversations -> chat-template
 examples (the dataset's replies, or the target's own) -> rows packed to
 ``seq_len`` -> one target pass that keeps every position's final-normed hidden
 state (float16) and greedy next token (cached in the work directory) -> the

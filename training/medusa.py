@@ -2,7 +2,7 @@
 k's cross-entropy against its label or (``loss="kl"``) its KL divergence from the target's
 distribution over that label (top ``teacher_top_k`` tokens).
 
-Pipeline (:func:`train_heads`): ShareGPT conversations -> ChatML examples with
+Pipeline (:func:`train_heads`): ShareGPT conversations -> chat-template examples with
 an assistant mask (or, in self-distillation mode, the backbone's own replies to
 the first user turn) -> rows packed to ``seq_len`` (cached) -> backbone hidden states at
 every position with a target, computed once and cached in the work directory (and for

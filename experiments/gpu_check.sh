@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The accelerator check: on a machine with a GPU (or TPU), strict equivalence and the request-pool
+# benchmark of prompt lookup, in bfloat16 ("bf16") and float32 ("highest"), for SmolLM2-135M-Instruct
+# and Gemma-3-270M. Results land under experiments/results/<device>/ (bench_batch_*.json/.md, each
+# naming its device, commit and command; gpu_check_*.txt, the equivalence tables). Exits non-zero on
+# any MISMATCH. Usage, from the repository root after `make peers` (or any .venv with specdec):
+#
+#     bash experiments/gpu_check.sh            # PY=python3 bash experiments/gpu_check.sh elsewhere
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=$("$PY" -c "from specdec.bench import RESULTS, device_label; print(RESULTS / device_label()[0])")
+mkdir -p "$OUT"
+status=0
+for model in smollm2-135m gemma3-270m; do
+  for precision in bf16 highest; do
+    log="$OUT/gpu_check_${model}_${precision}.txt"
+    "$PY" -c "from specdec.bench import device_label; print('device:', device_label()[1])" > "$log.tmp"
+    if ! "$PY" -m specdec.cli check --model "$model" --precision "$precision" --method prompt_lookup --k 4 \
+        --strict --batch-size 8 --humaneval 8 --max-new-tokens 64 >> "$log.tmp"; then
+      status=1
+    fi
+    mv "$log.tmp" "$log"
+    tail -1 "$log"
+    "$PY" experiments/bench_batch.py --model "$model" --precision "$precision" --methods prompt_lookup \
+      --schedules fixed --slots 1 8 --humaneval 16 --sharegpt 16 --new-tokens 64 \
+      --results-name "bench_batch_prompt_lookup_${model}_${precision}"
+  done
+done
+exit $status
