@@ -61,8 +61,8 @@ def target(request):
     return lm, specdec.generate(lm, PROMPTS, max_new_tokens=NEW, max_cache_len=CACHE)
 
 
-def _cases():
-    return [pytest.param(name, method, id=f"{name}-{method}") for name in ARCHS for method in LOSSLESS]
+def _cases(archs=ARCHS):
+    return [pytest.param(name, method, id=f"{name}-{method}") for name in archs for method in LOSSLESS]
 
 
 @pytest.mark.parametrize("target, method", _cases(), indirect=["target"])
@@ -72,7 +72,7 @@ def test_ragged_batch_equals_autoregressive(target, method):
     assert [r.tokens for r in out] == [r.tokens for r in ref]
 
 
-@pytest.mark.parametrize("target, method", _cases(), indirect=["target"])
+@pytest.mark.parametrize("target, method", _cases(["gemma3"]), indirect=["target"])  # admissions: arch-blind
 def test_request_pool_equals_autoregressive(target, method):
     lm, ref = target
     out = specdec.generate(lm, PROMPTS, max_new_tokens=NEW, max_cache_len=CACHE, slots=2,

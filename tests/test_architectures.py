@@ -42,11 +42,11 @@ def test_config_reads_back_as_written(arch):
     assert hf_config(config_to_hf(CASES[name])) == CASES[name]
 
 
+# NTK ("dynamic") scaling past the trained context: transformers rotates a whole prefill with the prompt's
+# length, specdec each token with its own; the cached-decode test compares the two
+@pytest.mark.parametrize("arch", [name for name in CASES if name != "llama_dynamic"], indirect=True)
 def test_prefill_logits_match_transformers(arch):
     name, lm = arch
-    if name == "llama_dynamic":
-        pytest.skip("NTK scaling past the trained context: transformers rotates a whole prefill with the "
-                    "prompt's length, specdec each token with its own (the cached-decode test compares them)")
     logits = forward(lm.module, init_cache(lm.config, 1, 32), tokens=jnp.asarray([TOKENS]),
                      positions=jnp.arange(len(TOKENS))[None]).logits[0]
     np.testing.assert_allclose(np.asarray(logits), _golden(name)["prefill_logits"], atol=LOGIT_TOL, rtol=0)
