@@ -18,7 +18,7 @@ from conftest import full_logits
 from specdec.hf_checkpoint import config_to_hf, hf_config, read_hf_dir, write_safetensors
 from specdec.model import init_model
 from specdec.weights import hf_tensors
-from test_loading import TINY_TOKENS, _llama_cpp_permute
+from test_loading import TINY_TOKENS, _llama_cpp_permute, add_tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from archs import CASES, ROOT, TOKENS  # noqa: E402
@@ -92,12 +92,7 @@ def write_gguf(path: Path, source: Path) -> Path:
     if raw.get("attn_logit_softcapping"):
         w.add_attn_logit_softcapping(raw["attn_logit_softcapping"])
         w.add_final_logit_softcapping(raw["final_logit_softcapping"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(VOCAB)
-    w.add_token_types([3, 3, 3] + [1] * (len(VOCAB) - 3))
-    w.add_token_merges(["a b", "Ġ ab"])
-    w.add_eos_token_id(2)
+    add_tiny_tokenizer(w, VOCAB)
     if (raw.get("rope_scaling") or {}).get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(raw))
     names = gguf.get_tensor_name_map(MODEL_ARCHS[arch], raw["num_hidden_layers"])

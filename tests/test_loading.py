@@ -107,6 +107,16 @@ TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def add_tiny_tokenizer(w: gguf.GGUFWriter, tokens: list[str]) -> None:
+    """A byte-level BPE tokenizer over ``tokens`` (the first three special, EOS id 2) into a GGUF writer."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["a b", "Ġ ab"])
+    w.add_eos_token_id(2)
+
+
 def _write_gguf(path, model, quant_embed: bool):
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
@@ -118,12 +128,7 @@ def _write_gguf(path, model, quant_embed: bool):
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(TINY_TOKENS)
-    w.add_token_types([3, 3, 3] + [1] * (len(TINY_TOKENS) - 3))
-    w.add_token_merges(["a b", "Ġ ab"])
-    w.add_eos_token_id(2)
+    add_tiny_tokenizer(w, TINY_TOKENS)
     w.add_chat_template(TEMPLATE)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
