@@ -51,7 +51,7 @@ class TextTokenizer:
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         """``messages`` ({role, content} dicts) rendered by the model's chat template."""
         if self.chat_template is None:
-            raise ValueError("this model has no chat template; pass chat=False and a raw prompt")
+            raise ValueError("this model has no chat template; pass chat=False (CLI: --no-chat) and a raw prompt")
         return self.chat_template.render(messages, add_generation_prompt)
 
     def chat(self, messages: str | Sequence[dict], system: str | None = None) -> str:
