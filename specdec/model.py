@@ -386,7 +386,8 @@ def head_table(model: Llama) -> jax.Array:
     return model.embed.embedding[...] if model.lm_head is None else model.lm_head.kernel[...].T
 
 
-_SHAPE_FIELDS = tuple(f.name for f in fields(LlamaConfig)[:[f.name for f in fields(LlamaConfig)].index("dtype")])
+_CONFIG_FIELDS = [f.name for f in fields(LlamaConfig)]
+_SHAPE_FIELDS = _CONFIG_FIELDS[:_CONFIG_FIELDS.index("dtype")]  # the fields a fingerprint always covers
 
 
 def fingerprint(model: Llama) -> str:

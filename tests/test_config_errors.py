@@ -29,6 +29,21 @@ def test_fixture_configs_are_accepted():
     assert hf_config(raw("llama3")) == CASES["llama3"] and hf_config(raw("gemma3")) == CASES["gemma3"]
 
 
+def test_rope_parameters_format_reads_as_the_legacy_one():
+    """transformers 5 writes ``rope_parameters`` (per layer type for Gemma 3) where older configs have
+    ``rope_theta`` / ``rope_scaling`` / ``rope_local_base_freq``: both read to the same config."""
+    llama = raw("llama3", rope_scaling=None, rope_theta=None)
+    llama["rope_parameters"] = {"rope_theta": 10000.0, **raw("llama3")["rope_scaling"]}
+    assert hf_config(llama) == CASES["llama3"]
+    gemma = raw("gemma3", rope_theta=None, rope_local_base_freq=None)
+    gemma["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    assert hf_config(gemma) == CASES["gemma3"]
+    gemma["rope_parameters"]["sliding_attention"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    with pytest.raises(ConfigError, match="sliding-window layers is not implemented"):
+        hf_config(gemma)
+
+
 @pytest.mark.parametrize("config, message", [
     (raw("llama3", rope_scaling={"rope_type": "longrope", "factor": 2.0}), r"rope_type='longrope' is not implemented"),
     (raw("llama3", rope_scaling={"rope_type": "linear", "factor": 2.0, "short_factor": [1.0]}),
