@@ -44,8 +44,8 @@ import time
 import numpy as np
 
 import specdec
-from specdec.bench import equivalence_summary, pyplot, save_plot, write_results
-from specdec.config import PRECISION_POLICIES
+from specdec.bench import cost_curve_record, equivalence_summary, pyplot, save_plot, write_results
+from specdec.config import PRECISION_POLICIES, precision_name
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from heads.bundled import default_tree, default_trees, heads_for
 from heads.trees import BUILTIN_TREES, load_spec
@@ -272,8 +272,9 @@ def main() -> None:
              "diverged at a token); under 1e-3 the checker calls it a numerical tie",
              "targets: speculative at 8 slots >= 3x the same proposer at 1 slot, and >= autoregressive at 8 slots"]
     write_results(args.results_name, {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, feature draft, "
+        "model": f"{args.model} (precision {precision_name(model.config)}); bundled draft, feature draft, "
                  "Medusa heads and searched tree" + (f" (draft: {args.draft})" if args.draft else ""),
+        **cost_curve_record(model),
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, greedy, "
                    f"through the request pool", "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
         "tuning": {name: {"options": t.options, "measurements": t.rows} for name, t in tuned.items()},

@@ -35,7 +35,7 @@ import specdec
 from drafts.saved import draft_for, read_metadata
 from heads.feature_draft import CONFIG_FILE as FEATURE_FILE
 from heads.feature_draft import feature_draft_dir
-from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
+from specdec.bench import cost_curve_record, greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 
 
@@ -157,6 +157,7 @@ def main() -> None:
                  + ("bundled draft" if args.draft == [None] else "drafts below")
                  + (", feature draft" if feature_dirs else "") + ", Medusa heads",
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
+        **cost_curve_record(model),
         "max_new_tokens": args.new_tokens, "rows": rows, "notes": notes,
     }, ["method", "acceptance_rate", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive",
         "equivalence", "rows_identical"])

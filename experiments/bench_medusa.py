@@ -35,7 +35,7 @@ from heads.bundled import TREE_FILE, default_head_vocab, default_tree, heads_for
 from heads.medusa import read_metadata
 from heads.search import saved_accuracies
 from heads.trees import grow_tree, load_spec, rank_accuracy, tree_buffers
-from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
+from specdec.bench import cost_curve_record, greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 
 
@@ -138,6 +138,7 @@ def main() -> None:
                  + ", ".join(str(d) for d in heads_dirs),
         "prompts": f"{args.humaneval} HumanEval + {args.sharegpt} held-out ShareGPT chat prompts, batch 1, greedy",
         "max_new_tokens": args.new_tokens, "heads_accuracy": accuracy, "rows": rows, "notes": notes,
+        **cost_curve_record(model),
     }, ["prompts", "tree", "tree_nodes", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive",
         "equivalence", "rows_identical"])
     series = {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 import specdec
-from specdec.bench import greedy_summary, target_cost_curve, timed_generations, write_results
+from specdec.bench import cost_curve_record, greedy_summary, timed_generations, write_results
 from specdec.datasets import humaneval_chat_prompts
 
 
@@ -45,19 +45,17 @@ def main() -> None:
     for row in rows:
         row["speedup_vs_autoregressive"] = row["tokens_per_s"] / base
 
-    curve = target_cost_curve(model, args.cost_widths)
-    notes = ["c(k), one target forward over k tokens relative to k = 1 (batch 1, 256-token prefix): "
-             + ", ".join(f"c({k}) = {c:.2f}" for k, c in curve.items())]
+    curve = cost_curve_record(model, args.cost_widths)
     write_results("bench_speculative", {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32",
         "prompts": f"first {args.prompts} HumanEval prompts as chat requests, batch 1, greedy",
-        "max_new_tokens": args.new_tokens, "rows": rows,
-        "cost_curve": [{"k": k, "relative_cost": c} for k, c in curve.items()], "notes": notes,
+        "max_new_tokens": args.new_tokens, "rows": rows, **curve,
+        "notes": ["cost_curve: one target forward over k tokens relative to k = 1 (batch 1, 256-token prefix)"],
     }, ["method", "k", "accepted_per_forward", "tokens_per_s", "speedup_vs_autoregressive", "equivalence",
         "rows_identical"])
     for row in rows:
         print(row)
-    print(notes[0])
+    print(curve)
 
 
 if __name__ == "__main__":

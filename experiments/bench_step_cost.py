@@ -25,7 +25,7 @@ import argparse
 
 import specdec
 from specdec.api import encode_prompts
-from specdec.bench import write_results
+from specdec.bench import cost_curve_record, write_results
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from specdec.tune import step_rates
 
@@ -77,7 +77,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32; bundled draft, feature draft, "
                  "Medusa heads and searched tree",
         "prompts": "HumanEval and held-out ShareGPT chat prompts, alternating; greedy, EOS not applied",
-        "rows": rows,
+        "rows": rows, **cost_curve_record(model),
         "notes": [f"{args.chunks - 1} timed chunks of {args.steps} steps per setting, interleaved across settings",
                   "every setting decodes with the same cache slots (planned for the widest tree)",
                   "step_ms: median over the timed chunks; step_ms_range: fastest-slowest chunk"],

@@ -82,6 +82,9 @@ def write_results(name: str, payload: dict, columns: list[str]) -> Path:
              f"- commit: {payload['commit']}{' (dirty tree)' if payload['dirty'] else ''}",
              f"- command: `{payload['command']}`", f"- model: {payload.get('model')}",
              f"- prompts: {payload.get('prompts')}", ""]
+    if payload.get("cost_curve"):
+        lines += ["- target cost curve on this machine: " + ", ".join(
+            f"c({c['k']}) = {c['relative_cost']:.2f}" for c in payload["cost_curve"]), ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in payload["rows"]:
         cells = []
@@ -221,3 +224,12 @@ def target_cost_curve(lm, widths, *, prefix: int = 256, batch: int = 1, repeats:
     (each timed by :func:`forward_time`)."""
     times = {w: forward_time(lm, w, prefix=prefix, batch=batch, repeats=repeats) for w in sorted(set(widths) | {1})}
     return {w: times[w] / times[1] for w in sorted(widths)}
+
+
+COST_WIDTHS = (1, 2, 4, 8, 16)
+
+
+def cost_curve_record(lm, widths=COST_WIDTHS) -> dict:
+    """``{"cost_curve": [{"k", "relative_cost"}, ...]}``: the target's c(k) measured on this machine
+    (batch 1, a 256-token prefix), which every speculative benchmark result records beside its rows."""
+    return {"cost_curve": [{"k": k, "relative_cost": round(c, 4)} for k, c in target_cost_curve(lm, widths).items()]}
