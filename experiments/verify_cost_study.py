@@ -30,7 +30,8 @@ from tqdm import tqdm
 import specdec
 from specdec.bench import forward_time, median_time, read_bandwidth, write_results
 from specdec.cache import init_cache, write_layer
-from specdec.model import _attend, rope
+from specdec.model import _attend
+from specdec.rope import apply_rotary, rotary
 
 WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)
 
@@ -68,8 +69,8 @@ def class_programs(lm, prefix: int):
         for layer in range(cfg.n_layers):
             q = jnp.broadcast_to(x[..., None, :hd], (b, t, h, hd))
             k = jnp.broadcast_to(x[..., None, :hd], (b, t, kv, hd))
-            theta, scaling = cfg.rope_of(layer)
-            q, k = (rope(y, positions, theta, scaling, cfg.max_seq_len) for y in (q, k))
+            cos, sin = rotary(positions, hd, *cfg.rope_of(layer), cfg.max_seq_len)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             cache = write_layer(cache, layer, k, k)
             visible = jnp.arange(cache.slots)[None, None, :] <= positions[:, :, None]
             out.append(_attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths).sum())

@@ -19,6 +19,9 @@ MATMUL_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Pr
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3", "freq_factors")
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
+GEMMA_ARCHS = ("gemma2", "gemma3")
+# the switches every Gemma 2/3 checkpoint has, whatever its config says (the loaders add the rest)
+GEMMA_SWITCHES = {"norm_plus_one": True, "post_norms": True, "embed_scale": True}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,11 +160,14 @@ class LlamaConfig:
     def replace(self, **changes) -> "LlamaConfig":
         return LlamaConfig(**{**self.__dict__, **changes})
 
-    def switches(self) -> dict:
-        """The architecture switches (fields after ``dtype``) that differ from their defaults."""
+    def identity(self) -> dict:
+        """What makes two configs the same model whatever their precision: the fields before
+        ``dtype`` (the shape) always, the architecture switches after it where they differ from
+        Llama's defaults (so a plain Llama config reads as it did before the switches existed)."""
         names = [f.name for f in fields(self)]
-        return {f.name: getattr(self, f.name) for f in fields(self)[names.index("dtype") + 1:]
-                if getattr(self, f.name) != f.default}
+        start = names.index("dtype")
+        return {f.name: getattr(self, f.name) for i, f in enumerate(fields(self))
+                if i < start or (f.name not in ("dtype", "precision") and getattr(self, f.name) != f.default)}
 
 
 # precision policies (``specdec.load(..., precision=...)``): dtype of parameters and activations,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specdec.config import LlamaConfig, RopeScaling
+from specdec.config import GEMMA_ARCHS, GEMMA_SWITCHES, LlamaConfig, RopeScaling
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -42,7 +42,6 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
-_GEMMA = ("gemma2", "gemma3")
 
 
 class GGUFError(ValueError):
@@ -119,11 +118,11 @@ def gguf_config(reader, dtype: str = "float32", precision: str = "highest") -> L
     max_seq_len = int(field(reader, f"{arch}.context_length", 8192))
     names = {t.name for t in reader.tensors}
     switches = {}
-    if arch in _GEMMA:
+    if arch in GEMMA_ARCHS:
         window = int(field(reader, f"{arch}.attention.sliding_window"))
         pattern = 2 if arch == "gemma2" else 6  # llama.cpp's fixed patterns: every 2nd / 6th layer is global
         switches = dict(
-            sliding_window=window, norm_plus_one=True, post_norms=True, activation="gelu_tanh", embed_scale=True,
+            **GEMMA_SWITCHES, sliding_window=window, activation="gelu_tanh",
             layer_types=tuple("sliding" if (i + 1) % pattern else "full" for i in range(n_layers)),
             query_scale=_gemma_query_scale(arch, d_model, n_heads, head_dim, n_layers),
             attn_softcap=field(reader, f"{arch}.attn_logit_softcapping", 0) or None,
@@ -156,7 +155,7 @@ def gguf_tensors(reader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     from gguf.quants import dequantize
 
     out = {}
-    gemma = cfg.arch in _GEMMA
+    gemma = cfg.arch in GEMMA_ARCHS
     layer_names = {**_LAYER_NAMES, **_GEMMA_NORMS} if gemma else _LAYER_NAMES
     heads = {"attn_q.weight": cfg.n_heads, "attn_k.weight": cfg.n_kv_heads} if cfg.arch == "llama" else {}
     for tensor in reader.tensors:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specdec.config import LlamaConfig, RopeScaling
+from specdec.config import GEMMA_ARCHS, GEMMA_SWITCHES, LlamaConfig, RopeScaling
 
 
 class SafetensorsError(ValueError):
@@ -51,7 +51,6 @@ ARCHITECTURES = {
     "Gemma3ForCausalLM": ("gemma3", "gemma3_text"),
 }
 _BY_MODEL_TYPE = {model_type: arch for arch, model_type in ARCHITECTURES.values()}
-_GEMMA = ("gemma2", "gemma3")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
@@ -141,7 +140,7 @@ def _windows(raw: dict, arch: str, n_layers: int) -> dict:
         if window is not None and types is None:
             types = ["sliding_attention" if i >= raw.get("max_window_layers", n_layers) else "full_attention"
                      for i in range(n_layers)]
-    elif arch in _GEMMA:
+    elif arch in GEMMA_ARCHS:
         window = window or 4096
         pattern = 2 if arch == "gemma2" else raw.get("sliding_window_pattern", 6)
         types = types or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
@@ -166,7 +165,7 @@ def hf_config(raw: dict, dtype: str = "float32", precision: str = "highest") -> 
                      ffn_dim=raw["intermediate_size"])
     except KeyError as err:
         raise ConfigError(f"config.json lacks the required key {err.args[0]!r}") from None
-    gemma = arch in _GEMMA
+    gemma = arch in GEMMA_ARCHS
     act_key = "hidden_activation" if gemma and raw.get("hidden_activation") else "hidden_act"
     activation = raw.get(act_key, "gelu_pytorch_tanh" if gemma else "silu")
     if activation not in _ACTIVATIONS:
@@ -189,10 +188,8 @@ def hf_config(raw: dict, dtype: str = "float32", precision: str = "highest") -> 
         **_ropes(raw, arch, max_seq_len),
         **_windows(raw, arch, n_layers),
         qk_norm=arch in ("qwen3", "gemma3"),
-        norm_plus_one=gemma,
-        post_norms=gemma,
         activation=_ACTIVATIONS[activation],
-        embed_scale=gemma,
+        **(GEMMA_SWITCHES if gemma else {}),
         query_scale=float(raw.get("query_pre_attn_scalar", 256)) if gemma else None,
         attn_softcap=raw.get("attn_logit_softcapping") if gemma else None,
         final_softcap=raw.get("final_logit_softcapping") if gemma else None,
@@ -227,7 +224,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
             out["use_sliding_window"] = True
         if cfg.layer_types is not None:
             out["layer_types"] = [{v: k for k, v in _LAYER_TYPES.items()}[t] for t in cfg.layer_types]
-    if cfg.arch in _GEMMA:
+    if cfg.arch in GEMMA_ARCHS:
         scale = cfg.query_scale or cfg.head_dim
         out.update(hidden_activation=out.pop("hidden_act"), query_pre_attn_scalar=int(scale) if scale == int(scale) else scale,
                    attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import NamedTuple, Sequence
 
 import jax
@@ -24,7 +24,7 @@ from flax import nnx
 
 from specdec.cache import KVCache, causal_mask, init_cache, key_positions, visibility, write_layer
 from specdec.config import LlamaConfig
-from specdec.rope import rope
+from specdec.rope import apply_rotary, rotary
 
 
 class RMSNorm(nnx.Module):
@@ -202,12 +202,14 @@ class Segment(NamedTuple):
 
 class _Rows(NamedTuple):
     """A segment's layout inside the blocks: positions [B, T], visibility [B, T, S] of full-attention
-    and of sliding-window layers (None without such layers), packed [K] | None."""
+    and of sliding-window layers (None without such layers), packed [K] | None, and the RoPE
+    ``(cos, sin)`` of its tokens per (base, scaling) the layers use."""
 
     positions: jax.Array
     visible: jax.Array
     visible_local: jax.Array | None
     packed: jax.Array | None
+    rotary: dict
 
 
 def _rows_of(cfg: LlamaConfig, seg: Segment) -> _Rows:
@@ -221,7 +223,9 @@ def _rows_of(cfg: LlamaConfig, seg: Segment) -> _Rows:
     if any(cfg.window(layer) is not None for layer in range(cfg.n_layers)):
         near = seg.positions[:, :, None] - key_positions(seg.cache.lengths, seg.positions, seg.cache.slots)[:, None]
         local = visible & (near < cfg.sliding_window)
-    return _Rows(seg.positions, visible, local, seg.packed)
+    ropes = {cfg.rope_of(layer) for layer in range(cfg.n_layers)}
+    return _Rows(seg.positions, visible, local, seg.packed,
+                 {r: rotary(seg.positions, cfg.head_dim, *r, cfg.max_seq_len) for r in ropes})
 
 
 def _segment_ends(rows: Sequence[_Rows]) -> list[int]:
@@ -239,8 +243,8 @@ def _self_attention(cfg: LlamaConfig, attn: Attention, layer: int, q: jax.Array,
     v = _unpack(v, rows.packed, b, t).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     if attn.q_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    theta, scaling = cfg.rope_of(layer)
-    q, k = (rope(x, rows.positions, theta, scaling, cfg.max_seq_len) for x in (q, k))
+    cos, sin = rows.rotary[cfg.rope_of(layer)]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     cache = write_layer(cache, layer, k, v)
     visible = rows.visible if cfg.window(layer) is None else rows.visible_local
     return _pack(_attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths), rows.packed), cache
@@ -340,7 +344,8 @@ def forward(
         x = model.embed_input(model.embed(_pack(tokens, packed)))
     else:
         x = _pack(embeds.astype(model.config.jnp_dtype), None)
-    rows = _rows_of(model.config, Segment(cache=cache, tokens=tokens, positions=positions, block_mask=block_mask, packed=packed))
+    rows = _rows_of(model.config, Segment(cache=cache, tokens=tokens, positions=positions, block_mask=block_mask,
+                                          packed=packed))
     run = range(model.config.n_layers) if layers is None else layers
     wanted = set(hidden_layers)
     hiddens = {}
@@ -386,17 +391,10 @@ def head_table(model: Llama) -> jax.Array:
     return model.embed.embedding[...] if model.lm_head is None else model.lm_head.kernel[...].T
 
 
-_CONFIG_FIELDS = [f.name for f in fields(LlamaConfig)]
-_SHAPE_FIELDS = _CONFIG_FIELDS[:_CONFIG_FIELDS.index("dtype")]  # the fields a fingerprint always covers
-
-
 def fingerprint(model: Llama) -> str:
     """A short digest of a model: its shape and a sample of its weights (rounded to bfloat16, so
     float32 and bfloat16 loads of one checkpoint agree). Saved heads and drafts record their target's."""
-    cfg = model.config  # the fields before dtype, then the architecture switches that are not Llama's
-    shape = {**{k: v for k, v in asdict(cfg).items() if k in _SHAPE_FIELDS},
-             **{k: v for k, v in cfg.switches().items() if k != "precision"}}
-    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=asdict).encode())
+    digest = hashlib.sha256(json.dumps(model.config.identity(), sort_keys=True, default=asdict).encode())
     for arr in (model.norm.weight[...], head_table(model)[:64], model.layers[0].attn.q.kernel[...][:, :64]):
         digest.update(np.asarray(jnp.asarray(arr, jnp.bfloat16).astype(jnp.float32)).tobytes())
     return digest.hexdigest()[:16]

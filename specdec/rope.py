@@ -82,21 +82,23 @@ def _dynamic_inv_freq(positions: jax.Array, head_dim: int, theta: float, factor:
     return jnp.exp(-jnp.log(base)[..., None] * exponent)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None,
-         max_seq_len: int = 8192) -> jax.Array:
-    """Rotary embedding in the half-split (Hugging Face) layout, computed in float32.
-
-    x: [B, T, heads, head_dim]; positions: [B, T] int -> [B, T, heads, head_dim] in x's dtype.
-    """
-    head_dim = x.shape[-1]
+def rotary(positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None,
+           max_seq_len: int = 8192) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)``, each ``[B, T, 1, head_dim // 2]`` float32, of tokens at ``positions: [B, T]``
+    (the cos/sin scale of YaRN included): computed once per forward and RoPE base, used by every
+    layer with that base for its queries and keys (:func:`apply_rotary`)."""
     inv_freq, scale = frequencies(head_dim, theta, scaling, max_seq_len)
     if scaling is not None and scaling.type == "dynamic":
-        angles = positions.astype(jnp.float32)[..., None] * _dynamic_inv_freq(
-            positions, head_dim, theta, scaling.factor, max_seq_len)
-    else:
-        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, half]
-    cos = (jnp.cos(angles) * scale)[:, :, None, :]
-    sin = (jnp.sin(angles) * scale)[:, :, None, :]
-    half = head_dim // 2
+        inv_freq = _dynamic_inv_freq(positions, head_dim, theta, scaling.factor, max_seq_len)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, half]
+    return (jnp.cos(angles) * scale)[:, :, None, :], (jnp.sin(angles) * scale)[:, :, None, :]
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding in the half-split (Hugging Face) layout, computed in float32.
+
+    x: [B, T, heads, head_dim]; cos, sin from :func:`rotary` -> [B, T, heads, head_dim] in x's dtype.
+    """
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
