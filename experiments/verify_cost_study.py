@@ -9,7 +9,9 @@ way the forward runs it (same shapes, same product precision), timed by its medi
 - ``attention``: RoPE, scores over the prefix and the block, softmax, values (and the K/V write);
 - ``lm_head``: the final norm and the logits over the whole vocabulary;
 - ``forward``: the whole forward (``specdec.bench.forward_time``). The classes timed alone add
-  up to more than the forward: alone, each pays its own dispatch and cannot overlap with others.
+  up to more than the forward: alone, each pays its own dispatch and cannot overlap with others;
+- ``forward_xla_products``: the whole forward again, in the same run, with every product through
+  XLA's ``dot_general`` instead of specdec's few-row kernel (``specdec.few_rows``).
 
 Beside each: the bandwidth bound (bytes of weights the class reads / measured read bandwidth)
 and the arithmetic bound (its floating-point operations / measured float32 matrix-product peak),
@@ -28,6 +30,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import specdec
+from specdec import few_rows
 from specdec.bench import forward_time, median_time, read_bandwidth, write_results
 from specdec.cache import init_cache, write_layer
 from specdec.model import _attend
@@ -110,9 +113,11 @@ def main() -> None:
             times[name, k] = median_time(lambda: jax.block_until_ready(fn(lm.state, x, cache, positions)),
                                          args.repeats)
         times["forward", k] = forward_time(lm, k, prefix=args.prefix, repeats=args.repeats)
+        with few_rows.xla_products():
+            times["forward_xla_products", k] = forward_time(lm, k, prefix=args.prefix, repeats=args.repeats)
     rows = []
     for k in sorted(set(args.widths) | {1}):
-        for name in (*programs, "forward"):
+        for name in (*programs, "forward", "forward_xla_products"):
             row = {"method": name, "options": {"k": k}, "ms": round(times[name, k] * 1e3, 3),
                    "c_k": round(times[name, k] / times[name, 1], 3)}
             if name in programs:
@@ -120,13 +125,20 @@ def main() -> None:
                 row.update(bandwidth_bound_ms=round(nbytes / bandwidth * 1e3, 3),
                            arithmetic_bound_ms=round(flops * k / peak * 1e3, 3))
             rows.append(row)
-    forward = {k: times["forward", k] / times["forward", 1] for k in sorted(set(args.widths) | {1})}
+    widths = sorted(set(args.widths) | {1})
+    forward = {k: times["forward", k] / times["forward", 1] for k in widths}
+    xla = {k: times["forward_xla_products", k] / times["forward_xla_products", 1] for k in widths}
     print("c(k) of the whole forward:", {k: round(v, 3) for k, v in forward.items()})
+    print("c(k) with XLA's products:", {k: round(v, 3) for k, v in xla.items()})
     payload = {"model": args.model, "prompts": f"none: one row, a committed prefix of {args.prefix} tokens",
                "max_new_tokens": None, "read_bandwidth_GB_s": round(bandwidth / 1e9, 2),
-               "float32_peak_GFLOP_s": round(peak / 1e9, 1), "cost_curve": forward, "rows": rows,
+               "float32_peak_GFLOP_s": round(peak / 1e9, 1), "few_row_kernel": few_rows.available(),
+               "cost_curve": forward, "cost_curve_xla_products": xla, "rows": rows,
                "notes": ["each class timed alone as one jitted program over every layer (medians); alone, "
                          "the classes add up to more than the forward",
+                         "forward_xla_products: the forward with XLA's dot_general for every product, "
+                         "beside the default forward (specdec's few-row kernel for up to "
+                         f"{few_rows.MAX_ROWS} rows)",
                          "bandwidth_bound_ms: weight (or, for attention, K/V cache) bytes the class reads / read "
                          "bandwidth; arithmetic_bound_ms: its flops at width k / the float32 product peak"]}
     path = write_results(f"verify_cost_study_{args.model.replace('-', '_')}", payload,

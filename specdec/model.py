@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from specdec.cache import KVCache, causal_mask, init_cache, key_positions, visibility, write_layer
+from specdec import few_rows
 from specdec.config import LlamaConfig
 from specdec.rope import apply_rotary, rotary
 
@@ -47,7 +48,7 @@ def _norm(cfg: LlamaConfig, dim: int | None = None) -> RMSNorm:
 
 def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
-                      precision=cfg.matmul_precision, rngs=rngs)
+                      precision=cfg.matmul_precision, dot_general=few_rows.dot_general, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -105,8 +106,8 @@ class Llama(nnx.Module):
         if self.lm_head is None:
             # contract against the [vocab, d] table as stored: a transposed copy per step would
             # read and write the whole table again
-            out = jax.lax.dot_general(hidden, self.embed.embedding[...], (((hidden.ndim - 1,), (1,)), ((), ())),
-                                      precision=self.config.matmul_precision, preferred_element_type=jnp.float32)
+            out = few_rows.dot_general(hidden, self.embed.embedding[...], (((hidden.ndim - 1,), (1,)), ((), ())),
+                                       precision=self.config.matmul_precision, preferred_element_type=jnp.float32)
         else:
             out = self.lm_head(hidden)
         return softcap(out.astype(jnp.float32), self.config.final_softcap)

@@ -1,0 +1,91 @@
+"""The few-row CPU kernel: equal to XLA's product, row-independent bitwise, differentiable, and
+used only where it applies."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specdec import few_rows
+
+pytestmark = pytest.mark.skipif(not few_rows.available(), reason="needs g++ and the CPU backend")
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _ref(x, w, out_in):
+    return np.asarray(jax.lax.dot_general(x, w, (((1,), (1 if out_in else 0,)), ((), ())), precision=HIGHEST))
+
+
+@pytest.mark.parametrize("out_in", [False, True])
+@pytest.mark.parametrize("k,n", [(64, 96), (37, 50), (16, 17), (3, 5)])
+def test_equals_xla_product(out_in, k, n):
+    rng = np.random.default_rng(k * n)
+    w = jnp.asarray(rng.standard_normal((n, k) if out_in else (k, n)), jnp.float32)
+    for m in range(1, few_rows.MAX_ROWS + 1):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        got = np.asarray(jax.jit(few_rows.few_rows, static_argnums=2)(x, w, out_in))
+        np.testing.assert_allclose(got, _ref(x, w, out_in), rtol=1e-5, atol=1e-5 * k)
+
+
+@pytest.mark.parametrize("out_in", [False, True])
+def test_a_row_does_not_depend_on_the_rows_beside_it(out_in):
+    rng = np.random.default_rng(1)
+    k, n = 200, 130
+    w = jnp.asarray(rng.standard_normal((n, k) if out_in else (k, n)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((few_rows.MAX_ROWS, k)), jnp.float32)
+    alone = [np.asarray(few_rows.few_rows(x[i:i + 1], w, out_in))[0] for i in range(len(x))]
+    together = np.asarray(few_rows.few_rows(x, w, out_in))
+    for m in (2, 5):
+        np.testing.assert_array_equal(np.asarray(few_rows.few_rows(x[:m], w, out_in)), together[:m])
+    np.testing.assert_array_equal(np.stack(alone), together)
+
+
+def test_gradients_match_xla():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)
+
+    def loss(product):
+        return lambda x, w: jnp.sum(jnp.tanh(product(x, w)))
+
+    got = jax.grad(loss(lambda x, w: few_rows.few_rows(x, w, False)), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: jnp.dot(x, w, precision=HIGHEST)), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def _uses_kernel(lhs, rhs, dims=None):
+    dims = dims or (((lhs.ndim - 1,), (0,)), ((), ()))
+    text = jax.jit(lambda a, b: few_rows.dot_general(a, b, dims)).lower(lhs, rhs).as_text()
+    return few_rows.TARGET in text
+
+
+def test_dot_general_routes_only_few_float32_rows():
+    w = jnp.ones((8, 4), jnp.float32)
+    assert _uses_kernel(jnp.ones((2, 3, 8)), w)                       # 6 rows, leading dims kept
+    assert _uses_kernel(jnp.ones((2, 4)), jnp.ones((3, 4)), (((1,), (1,)), ((), ())))
+    assert not _uses_kernel(jnp.ones((few_rows.MAX_ROWS + 1, 8)), w)  # too many rows
+    assert not _uses_kernel(jnp.ones((2, 8), jnp.bfloat16), w.astype(jnp.bfloat16))
+    out = few_rows.dot_general(jnp.ones((2, 3, 8)), w, (((2,), (0,)), ((), ())))
+    assert out.shape == (2, 3, 4) and np.all(np.asarray(out) == 8.0)
+
+
+def test_model_forward_agrees_with_xla_products(tiny):
+    """The tiny model's logits for a 4-token block, kernel on and off, agree to float32 rounding;
+    ``xla_products`` keeps the kernel out of what is traced inside it."""
+    from specdec.cache import init_cache
+    from specdec.model import forward
+
+    tokens = jnp.asarray([[5, 9, 2, 7]], jnp.int32)
+    positions = jnp.arange(4, dtype=jnp.int32)[None]
+    cache = init_cache(tiny.config, 1, 16)
+
+    def lowered():
+        return jax.jit(lambda: forward(tiny, cache, positions=positions, tokens=tokens).logits).lower()
+
+    kernel = lowered()
+    with few_rows.xla_products():
+        xla = lowered()
+    assert few_rows.TARGET in kernel.as_text() and few_rows.TARGET not in xla.as_text()
+    np.testing.assert_allclose(np.asarray(kernel.compile()()), np.asarray(xla.compile()()), rtol=1e-4, atol=1e-4)
