@@ -133,7 +133,9 @@ def main() -> None:
     payload = {"model": args.model, "prompts": f"none: one row, a committed prefix of {args.prefix} tokens",
                "max_new_tokens": None, "read_bandwidth_GB_s": round(bandwidth / 1e9, 2),
                "float32_peak_GFLOP_s": round(peak / 1e9, 1), "few_row_kernel": few_rows.available(),
-               "cost_curve": forward, "cost_curve_xla_products": xla, "rows": rows,
+               "cost_curve": [{"k": k, "relative_cost": round(c, 4)} for k, c in forward.items()],
+               "cost_curve_xla_products": [{"k": k, "relative_cost": round(c, 4)} for k, c in xla.items()],
+               "rows": rows,
                "notes": ["each class timed alone as one jitted program over every layer (medians); alone, "
                          "the classes add up to more than the forward",
                          "forward_xla_products: the forward with XLA's dot_general for every product, "

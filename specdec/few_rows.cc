@@ -8,7 +8,7 @@
 // Every output element is accumulated in one order whatever m, the thread count or the column
 // split: fused multiply-adds over the contraction index in ascending order (layout "in_out"), or
 // 16 fixed lanes combined in a fixed tree (layout "out_in"). So a row's result does not depend on
-// how many rows share the call: one-token and k-token forwards agree bitwise.
+// how many rows share the call.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
