@@ -16,10 +16,15 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <unistd.h>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -35,97 +40,169 @@ inline Vec Load(const float* p) {
 }
 inline void Store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-constexpr int64_t kRowBlock = 16;   // weight rows per pass over y (layout in_out)
-constexpr int64_t kColBlock = 256;                // columns per pass, so y and W stay in L1
+// Exact fused multiply-add in every lane.
+inline Vec Fma(Vec a, Vec b, Vec c) {
+#ifdef __AVX512F__
+  return _mm512_fmadd_ps(a, b, c);
+#else
+  Vec r;
+  for (int64_t l = 0; l < kLanes; ++l) r[l] = std::fma(a[l], b[l], c[l]);
+  return r;
+#endif
+}
+inline Vec Splat(float s) { return Vec{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 
-// y[:, c0:c1] for W laid out [k, n] (contraction index outer): W streamed kRowBlock rows at a
-// time, each y[j, c] = sum_i x[j, i] W[i, c] as fused multiply-adds in ascending i.
-void InOut(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n, int64_t c0,
-           int64_t c1) {
-  for (int64_t j = 0; j < m; ++j) std::fill(y + j * n + c0, y + j * n + c1, 0.0f);
-  for (int64_t i0 = 0; i0 < k; i0 += kRowBlock) {
-    const int64_t rows = std::min(kRowBlock, k - i0);
-    for (int64_t b0 = c0; b0 < c1; b0 += kColBlock) {
-      const int64_t b1 = std::min(c1, b0 + kColBlock);
-      for (int64_t j = 0; j < m; ++j) {
-        const float* xj = x + j * k + i0;
-        float* yj = y + j * n;
-        if (rows == kRowBlock) {
-          float a[kRowBlock];
-          for (int64_t r = 0; r < kRowBlock; ++r) a[r] = xj[r];
-#pragma GCC ivdep
-          for (int64_t c = b0; c < b1; ++c) {
-            float s = yj[c];
-#pragma GCC unroll 16
-            for (int64_t r = 0; r < kRowBlock; ++r) s = std::fma(a[r], w[(i0 + r) * n + c], s);
-            yj[c] = s;
-          }
-        } else {
-          for (int64_t r = 0; r < rows; ++r) {
-            const float ar = xj[r];
-            const float* wr = w + (i0 + r) * n;
-#pragma GCC ivdep
-            for (int64_t c = b0; c < b1; ++c) yj[c] = std::fma(ar, wr[c], yj[c]);
-          }
-        }
-      }
+// Layout in_out (W is [k, n], the contraction index outer). y[j, c] = sum_i x[j, i] W[i, c] as
+// fused multiply-adds in ascending i within each half of the contraction, then the two halves
+// added. A tile holds up to kGroup rows of y times kPanel vectors of columns in registers while
+// kBlock weight rows stream through it; the weight rows kAhead blocks further down are prefetched
+// into L2 meanwhile, so the next blocks arrive while this one is multiplied.
+constexpr int64_t kPanel = 3;  // column vectors per tile (48 columns)
+constexpr int64_t kBlock = 8;  // weight rows per tile
+constexpr int64_t kAhead = 2;  // prefetch distance in blocks
+constexpr int kGroup = 8;      // rows of x per tile
+
+// y[0:M, c:c+16V] = (first ? 0 : y) + x[0:M, i0:i1] . W[i0:i1, c:c+16V].
+template <int M, int V>
+void Tile(const float* x, int64_t k, const float* w, int64_t n, float* y, int64_t c, int64_t i0,
+          int64_t i1, bool first) {
+  Vec acc[M][V];
+  for (int j = 0; j < M; ++j)
+    for (int v = 0; v < V; ++v) acc[j][v] = first ? Vec{} : Load(y + j * n + c + v * kLanes);
+  for (int64_t i = i0; i < i1; ++i) {
+    Vec wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = Load(w + i * n + c + v * kLanes);
+    for (int j = 0; j < M; ++j) {
+      const Vec xb = Splat(x[j * k + i]);
+      for (int v = 0; v < V; ++v) acc[j][v] = Fma(xb, wv[v], acc[j][v]);
+    }
+  }
+  for (int j = 0; j < M; ++j)
+    for (int v = 0; v < V; ++v) Store(y + j * n + c + v * kLanes, acc[j][v]);
+}
+
+// Columns [c0, c1) of M rows for weight rows [i0, i1): full tiles, single vectors, then scalars.
+// Meanwhile the same columns of `rows` weight rows from `ahead` on (when not null) are prefetched
+// into L2 in address order, an equal share before each tile.
+template <int M>
+void Group(const float* x, int64_t k, const float* w, int64_t n, float* y, int64_t c0, int64_t c1,
+           int64_t i0, int64_t i1, bool first, const float* ahead, int64_t rows) {
+  const int64_t per_row = (c1 - c0 + kLanes - 1) / kLanes;  // cache lines per row
+  const int64_t lines = ahead ? rows * per_row : 0;
+  const int64_t tiles = (c1 - c0) / (kPanel * kLanes) + (c1 - c0) % (kPanel * kLanes) / kLanes + 1;
+  int64_t tile = 0, done = 0;
+  auto prefetch = [&]() {
+    const int64_t upto = lines * ++tile / tiles;
+    for (; done < upto; ++done)
+      __builtin_prefetch(ahead + done / per_row * n + c0 + done % per_row * kLanes, 0, 2);
+  };
+  int64_t c = c0;
+  for (; c + kPanel * kLanes <= c1; c += kPanel * kLanes) {
+    prefetch();
+    Tile<M, kPanel>(x, k, w, n, y, c, i0, i1, first);
+  }
+  for (; c + kLanes <= c1; c += kLanes) {
+    prefetch();
+    Tile<M, 1>(x, k, w, n, y, c, i0, i1, first);
+  }
+  prefetch();
+  for (; c < c1; ++c)
+    for (int j = 0; j < M; ++j) {
+      float s = first ? 0.0f : y[j * n + c];
+      for (int64_t i = i0; i < i1; ++i) s = std::fma(x[j * k + i], w[i * n + c], s);
+      y[j * n + c] = s;
+    }
+}
+
+using GroupFn = decltype(&Group<1>);
+constexpr GroupFn kGroups[kGroup] = {Group<1>, Group<2>, Group<3>, Group<4>,
+                                     Group<5>, Group<6>, Group<7>, Group<8>};
+
+// y[:, c0:c1] = x[:, r0:r1] . W[r0:r1, c0:c1] for all m rows.
+void InOut(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n, int64_t r0,
+           int64_t r1, int64_t c0, int64_t c1) {
+  for (int64_t i0 = r0; i0 < r1; i0 += kBlock) {
+    const int64_t i1 = std::min(r1, i0 + kBlock);
+    const int64_t a = std::min(r1, i0 + kAhead * kBlock), rows = std::min(r1 - a, kBlock);
+    for (int64_t j0 = 0; j0 < m; j0 += kGroup) {
+      const int64_t g = std::min<int64_t>(kGroup, m - j0);
+      kGroups[g - 1](x + j0 * k, k, w, n, y + j0 * n, c0, c1, i0, i1, i0 == r0,
+                     j0 == 0 && rows > 0 ? w + a * n : nullptr, rows);
     }
   }
 }
 
-// Sum of the 16 lanes in a fixed tree.
+// 16-lane sum in a fixed tree: lanes i and i + 8, then i and i + 4, i + 2, i + 1.
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec4 __attribute__((vector_size(16)));
 inline float Reduce(Vec v) {
-  float l[kLanes];
-  Store(l, v);
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
-    for (int64_t i = 0; i < width; ++i) l[i] += l[i + width];
-  return l[0];
+  const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// y[:, c0:c1] for W laid out [n, k] (each output's weights contiguous, as a tied LM head): four
-// outputs at a time, 16 lanes over the contraction index, the k % 16 tail in lane order.
-void OutIn(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n, int64_t c0,
-           int64_t c1) {
+// Layout out_in (W is [n, k], each output's weights contiguous, as a tied LM head): y[j, c] is 16
+// lanes of fused multiply-adds over the contraction index, the k % 16 tail's products in lane
+// order, summed by Reduce.
+// Four outputs times M rows per pass, each weight vector loaded once for the M rows.
+// Meanwhile `lines` cache lines from `ahead` on are prefetched into L2, a share per four outputs.
+template <int M>
+void OutInGroup(const float* x, const float* w, float* y, int64_t k, int64_t n, int64_t c0,
+                int64_t c1, const float* ahead, int64_t lines) {
   const int64_t kb = k - k % kLanes;
-  auto one = [&](const float* xj, const float* wc) {
-    Vec acc{};
-    for (int64_t i = 0; i < kb; i += kLanes) acc += Load(xj + i) * Load(wc + i);
+  const int64_t steps = (c1 - c0 + 3) / 4;
+  int64_t step = 0, done = 0;
+  auto finish = [&](Vec acc, const float* xj, const float* wc) {
+    if (kb == k) return Reduce(acc);
     float tail[kLanes] = {};
     for (int64_t i = kb; i < k; ++i) tail[i - kb] = xj[i] * wc[i];
     return Reduce(acc + Load(tail));
   };
   int64_t c = c0;
   for (; c + 4 <= c1; c += 4) {
-    const float* w0 = w + c * k;
-    for (int64_t j = 0; j < m; ++j) {
-      const float* xj = x + j * k;
-      Vec a0{}, a1{}, a2{}, a3{};
-      for (int64_t i = 0; i < kb; i += kLanes) {
-        const Vec xv = Load(xj + i);
-        a0 += xv * Load(w0 + i);
-        a1 += xv * Load(w0 + k + i);
-        a2 += xv * Load(w0 + 2 * k + i);
-        a3 += xv * Load(w0 + 3 * k + i);
+    for (const int64_t upto = lines * ++step / steps; done < upto; ++done)
+      __builtin_prefetch(ahead + done * kLanes, 0, 2);
+    Vec acc[4][M] = {};
+    for (int64_t i = 0; i < kb; i += kLanes) {
+      Vec wv[4];
+      for (int o = 0; o < 4; ++o) wv[o] = Load(w + (c + o) * k + i);
+      for (int j = 0; j < M; ++j) {
+        const Vec xv = Load(x + j * k + i);
+        for (int o = 0; o < 4; ++o) acc[o][j] = Fma(xv, wv[o], acc[o][j]);
       }
-      float t0[kLanes] = {}, t1[kLanes] = {}, t2[kLanes] = {}, t3[kLanes] = {};
-      for (int64_t i = kb; i < k; ++i) {
-        t0[i - kb] = xj[i] * w0[i];
-        t1[i - kb] = xj[i] * w0[k + i];
-        t2[i - kb] = xj[i] * w0[2 * k + i];
-        t3[i - kb] = xj[i] * w0[3 * k + i];
-      }
-      y[j * n + c] = Reduce(a0 + Load(t0));
-      y[j * n + c + 1] = Reduce(a1 + Load(t1));
-      y[j * n + c + 2] = Reduce(a2 + Load(t2));
-      y[j * n + c + 3] = Reduce(a3 + Load(t3));
     }
+    for (int o = 0; o < 4; ++o)
+      for (int j = 0; j < M; ++j) y[j * n + c + o] = finish(acc[o][j], x + j * k, w + (c + o) * k);
   }
   for (; c < c1; ++c)
-    for (int64_t j = 0; j < m; ++j) y[j * n + c] = one(x + j * k, w + c * k);
+    for (int j = 0; j < M; ++j) {
+      Vec acc{};
+      for (int64_t i = 0; i < kb; i += kLanes) acc = Fma(Load(x + j * k + i), Load(w + c * k + i), acc);
+      y[j * n + c] = finish(acc, x + j * k, w + c * k);
+    }
+}
+
+using OutInFn = decltype(&OutInGroup<1>);
+constexpr OutInFn kOutInGroups[4] = {OutInGroup<1>, OutInGroup<2>, OutInGroup<3>, OutInGroup<4>};
+
+// Outputs [c0, c1) for all m rows, kOutBlock outputs at a time (their weights stay in L2 while
+// the groups of rows pass over them), the block kAhead blocks further on prefetched meanwhile.
+constexpr int64_t kOutBlock = 32;
+void OutIn(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n, int64_t c0,
+           int64_t c1) {
+  for (int64_t b = c0; b < c1; b += kOutBlock) {
+    const int64_t a = std::min(c1, b + kAhead * kOutBlock), outputs = std::min(c1 - a, kOutBlock);
+    for (int64_t j0 = 0; j0 < m; j0 += 4)
+      kOutInGroups[std::min<int64_t>(4, m - j0) - 1](
+          x + j0 * k, w, y + j0 * n, k, n, b, std::min(c1, b + kOutBlock), w + a * k,
+          j0 == 0 ? (outputs * k + kLanes - 1) / kLanes : 0);
+  }
 }
 
 // A persistent pool of helper threads: one call at a time (callers queue on a mutex), split in
-// pieces, piece 0 on the calling thread. Helpers spin briefly between calls, then sleep.
+// pieces; thread t of the pool (t = 0 the caller) runs pieces t, t + size(), ... Helpers spin
+// briefly between calls, then sleep.
 class Pool {
  public:
   explicit Pool(int helpers) {
@@ -142,14 +219,14 @@ class Pool {
   template <typename Part>
   void Run(int pieces, const Part& part) {
     std::lock_guard<std::mutex> lock(mutex_);
-    pieces = std::min(pieces, size());
-    std::function<void(int)> job = [&](int p) { part(p, pieces); };
+    std::function<void(int)> job = [&](int t) {
+      for (int p = t; p < pieces; p += size()) part(p);
+    };
     job_ = &job;
-    pieces_ = pieces;
     done_.store(0, std::memory_order_relaxed);
     generation_.fetch_add(1, std::memory_order_release);
     generation_.notify_all();
-    part(0, pieces);
+    job(0);
     while (done_.load(std::memory_order_acquire) < size() - 1) std::this_thread::yield();
   }
 
@@ -168,7 +245,7 @@ class Pool {
       }
       seen = now;
       if (stop_.load()) return;
-      if (index < pieces_) (*job_)(index);
+      (*job_)(index);
       done_.fetch_add(1, std::memory_order_release);
     }
   }
@@ -179,7 +256,6 @@ class Pool {
   std::atomic<int> done_{0};
   std::atomic<bool> stop_{false};
   std::function<void(int)>* job_ = nullptr;
-  int pieces_ = 1;
 };
 
 Pool& SharedPool() {
@@ -190,16 +266,43 @@ Pool& SharedPool() {
 // The pool's threads do not survive fork(): a forked child computes on its own thread.
 const pid_t kPoolPid = getpid();
 
-// Runs part(c0, c1) over [0, n) in `threads` pieces whose bounds are multiples of `align`.
+// Runs part(p) for p in [0, pieces): on the pool when threads > 1, else (or in a forked child,
+// which the pool's threads do not survive) in order on this thread.
 template <typename Part>
-void Split(int64_t n, int64_t align, int64_t threads, const Part& part) {
+void Parallel(int pieces, int64_t threads, const Part& part) {
+  if (pieces == 1 || threads <= 1 || getpid() != kPoolPid) {
+    for (int p = 0; p < pieces; ++p) part(p);
+    return;
+  }
+  SharedPool().Run(pieces, part);
+}
+
+// Bounds of piece p of `pieces` over [0, n), multiples of `align`.
+inline std::pair<int64_t, int64_t> Bounds(int64_t n, int64_t align, int p, int pieces) {
   const int64_t units = (n + align - 1) / align;
-  const int pieces = static_cast<int>(std::max<int64_t>(1, std::min(threads, units)));
-  if (pieces == 1 || getpid() != kPoolPid) return part(0, n);
-  SharedPool().Run(pieces, [&](int p, int of) {
-    const int64_t lo = std::min(n, units * p / of * align), hi = std::min(n, units * (p + 1) / of * align);
-    if (lo < hi) part(lo, hi);
+  return {std::min(n, units * p / pieces * align), std::min(n, units * (p + 1) / pieces * align)};
+}
+
+// in_out: the contraction is always cut in two halves at a block boundary (so a row's result is
+// the same whatever the thread count); each half's columns are split over threads / 2 pieces.
+// Half 0 accumulates into y, half 1 into a scratch buffer added to y afterwards: each thread reads
+// contiguous weight rows.
+void InOutParallel(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n,
+                   int64_t threads) {
+  const int64_t blocks = (k + kBlock - 1) / kBlock;
+  const int64_t half = std::min(k, (blocks + 1) / 2 * kBlock);
+  thread_local std::vector<float> scratch;  // the caller's: helpers write through `rest`
+  if (half < k) scratch.resize(m * n);
+  float* rest = scratch.data();
+  const int chunks = static_cast<int>(std::max<int64_t>(1, std::min(threads / 2, (n + kLanes - 1) / kLanes)));
+  Parallel(half < k ? 2 * chunks : chunks, threads, [&](int p) {
+    const auto [c0, c1] = Bounds(n, kLanes, p % chunks, chunks);
+    if (c0 >= c1) return;
+    if (p < chunks) InOut(x, w, y, m, k, n, 0, half, c0, c1);
+    else InOut(x, w, rest, m, k, n, half, k, c0, c1);
   });
+  if (half < k)
+    for (int64_t e = 0; e < m * n; ++e) y[e] += rest[e];
 }
 
 ffi::Error FewRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -215,10 +318,15 @@ ffi::Error FewRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  if (out_in)
-    Split(n, 4, threads, [&](int64_t c0, int64_t c1) { OutIn(xp, wp, yp, m, k, n, c0, c1); });
-  else
-    Split(n, kLanes, threads, [&](int64_t c0, int64_t c1) { InOut(xp, wp, yp, m, k, n, c0, c1); });
+  if (!out_in) {
+    InOutParallel(xp, wp, yp, m, k, n, threads);
+  } else {
+    const int pieces = static_cast<int>(std::max<int64_t>(1, std::min(threads, (n + 3) / 4)));
+    Parallel(pieces, threads, [&](int p) {
+      const auto [c0, c1] = Bounds(n, 4, p, pieces);
+      if (c0 < c1) OutIn(xp, wp, yp, m, k, n, c0, c1);
+    });
+  }
   return ffi::Error::Success();
 }
 

@@ -45,6 +45,20 @@ def test_a_row_does_not_depend_on_the_rows_beside_it(out_in):
     np.testing.assert_array_equal(np.stack(alone), together)
 
 
+@pytest.mark.parametrize("out_in", [False, True])
+def test_a_row_does_not_depend_on_the_thread_count(out_in):
+    """One thread (as in a forked child) and the pool give the same bits: the contraction is cut in
+    the same two halves whatever the threads."""
+    rng = np.random.default_rng(3)
+    k, n = 328, 200
+    w = jnp.asarray(rng.standard_normal((n, k) if out_in else (k, n)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((5, k)), jnp.float32)
+    call = jax.ffi.ffi_call(few_rows.TARGET, jax.ShapeDtypeStruct((5, n), jnp.float32))
+    runs = [np.asarray(call(x, w, out_in=np.int64(out_in), threads=np.int64(t))) for t in (1, 2, 4)]
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run, runs[0])
+
+
 def test_gradients_match_xla():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((3, 24)), jnp.float32)
