@@ -199,9 +199,9 @@ def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, y
     return out
 
 
-def forward_time(lm, width: int, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> float:
-    """Median wall time of one jitted target forward over ``width`` causal tokens per row after a
-    committed prefix of ``prefix`` tokens (batch ``batch``), after a warm-up."""
+def _forward_call(lm, width: int, prefix: int, batch: int) -> Callable[[], object]:
+    """A warmed-up call of one jitted target forward over ``width`` causal tokens per row after a
+    committed prefix of ``prefix`` tokens (batch ``batch``), blocking until done."""
     from flax import nnx
 
     from specdec.cache import init_cache
@@ -215,15 +215,29 @@ def forward_time(lm, width: int, *, prefix: int = 256, batch: int = 1, repeats: 
     cache = init_cache(lm.config, batch, prefix + width).with_lengths(jnp.full((batch,), prefix))
     tokens = jnp.ones((batch, width), jnp.int32)
     positions = prefix + jnp.broadcast_to(jnp.arange(width), (batch, width))
-    run(lm.state, cache, tokens, positions).block_until_ready()
-    return median_time(lambda: run(lm.state, cache, tokens, positions).block_until_ready(), repeats)
+    call = lambda: run(lm.state, cache, tokens, positions).block_until_ready()  # noqa: E731
+    call()
+    return call
+
+
+def forward_time(lm, width: int, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> float:
+    """Median wall time of one jitted target forward over ``width`` causal tokens per row after a
+    committed prefix of ``prefix`` tokens (batch ``batch``), after a warm-up."""
+    return median_time(_forward_call(lm, width, prefix, batch), repeats)
 
 
 def target_cost_curve(lm, widths, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> dict[int, float]:
-    """Measured cost of one target forward over ``w`` new tokens relative to ``w = 1``, per width
-    (each timed by :func:`forward_time`)."""
-    times = {w: forward_time(lm, w, prefix=prefix, batch=batch, repeats=repeats) for w in sorted(set(widths) | {1})}
-    return {w: times[w] / times[1] for w in sorted(widths)}
+    """Measured cost of one target forward over ``w`` new tokens relative to ``w = 1``, per width:
+    the widths are timed in turn, one forward each, ``repeats`` rounds (so a slow spell of a shared
+    machine falls on every width alike), and each ratio is the median over rounds."""
+    all_widths = sorted(set(widths) | {1})
+    calls = {w: _forward_call(lm, w, prefix, batch) for w in all_widths}
+    ratios: dict[int, list[float]] = {w: [] for w in all_widths}
+    for _ in range(repeats):
+        times = {w: median_time(call, 1) for w, call in calls.items()}
+        for w in all_widths:
+            ratios[w].append(times[w] / times[1])
+    return {w: float(np.median(ratios[w])) for w in sorted(widths)}
 
 
 COST_WIDTHS = (1, 2, 4, 8, 16)
