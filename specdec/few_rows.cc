@@ -2,13 +2,14 @@
 //
 // XLA's CPU backend streams a weight matrix once for a one-row product but hands two or more rows
 // to a general matrix product that costs about one more weight stream per row on a two-core
-// machine. These kernels read each weight once for all m rows, vectorise over the weight's
-// contiguous dimension and split the output columns over a small pool of helper threads.
+// machine. These kernels read each weight once for all m rows: register tiles of rows times
+// columns, weights streamed in address order by each thread and prefetched a few blocks ahead into
+// L2, the work shared with a small pool of helper threads.
 //
-// Every output element is accumulated in one order whatever m, the thread count or the column
-// split: fused multiply-adds over the contraction index in ascending order (layout "in_out"), or
-// 16 fixed lanes combined in a fixed tree (layout "out_in"). So a row's result does not depend on
-// how many rows share the call.
+// Every output element is accumulated in one order whatever m, the thread count or the split of
+// the work: per half of the contraction, fused multiply-adds in ascending order, then the halves
+// added (layout "in_out"); or 16 fixed lanes of fused multiply-adds combined in a fixed tree
+// (layout "out_in"). So a row's result does not depend on how many rows share the call.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -57,7 +58,7 @@ inline Vec Splat(float s) { return Vec{s, s, s, s, s, s, s, s, s, s, s, s, s, s,
 // added. A tile holds up to kGroup rows of y times kPanel vectors of columns in registers while
 // kBlock weight rows stream through it; the weight rows kAhead blocks further down are prefetched
 // into L2 meanwhile, so the next blocks arrive while this one is multiplied.
-constexpr int64_t kPanel = 3;  // column vectors per tile (48 columns)
+constexpr int64_t kPanel = 2;  // column vectors per tile (32 columns)
 constexpr int64_t kBlock = 8;  // weight rows per tile
 constexpr int64_t kAhead = 2;  // prefetch distance in blocks
 constexpr int kGroup = 8;      // rows of x per tile
