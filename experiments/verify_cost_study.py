@@ -8,8 +8,9 @@ way the forward runs it (same shapes, same product precision), timed by its medi
 - ``mlp``: gate, up, activation, down;
 - ``attention``: RoPE, scores over the prefix and the block, softmax, values (and the K/V write);
 - ``lm_head``: the final norm and the logits over the whole vocabulary;
-- ``forward``: the whole forward (``specdec.bench.forward_time``). The classes timed alone add
-  up to more than the forward: alone, each pays its own dispatch and cannot overlap with others;
+- ``forward``: the whole forward (``specdec.bench.forward_rounds``: the widths timed in turn, round
+  by round; c(k) is the median of the rounds' ratios). The classes timed alone add up to more
+  than the forward: alone, each pays its own dispatch and cannot overlap with others;
 - ``forward_xla_products``: the whole forward again, in the same run, with every product through
   XLA's ``dot_general`` instead of specdec's few-row kernel (``specdec.few_rows``).
 
@@ -26,12 +27,13 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 import specdec
 from specdec import few_rows
-from specdec.bench import forward_time, median_time, read_bandwidth, write_results
+from specdec.bench import forward_rounds, median_time, read_bandwidth, relative_costs, write_results
 from specdec.cache import init_cache, write_layer
 from specdec.model import _attend
 from specdec.rope import apply_rotary, rotary
@@ -112,27 +114,30 @@ def main() -> None:
             jax.block_until_ready(fn(lm.state, x, cache, positions))
             times[name, k] = median_time(lambda: jax.block_until_ready(fn(lm.state, x, cache, positions)),
                                          args.repeats)
-        times["forward", k] = forward_time(lm, k, prefix=args.prefix, repeats=args.repeats)
-        with few_rows.xla_products():
-            times["forward_xla_products", k] = forward_time(lm, k, prefix=args.prefix, repeats=args.repeats)
+    widths = sorted(set(args.widths) | {1})
+    forward = forward_rounds(lm, widths, prefix=args.prefix, repeats=args.repeats)
+    with few_rows.xla_products():
+        xla = forward_rounds(lm, widths, prefix=args.prefix, repeats=args.repeats)
+    c_k = {"forward": relative_costs(forward), "forward_xla_products": relative_costs(xla)}
+    for k in widths:
+        times["forward", k], times["forward_xla_products", k] = np.median(forward[k]), np.median(xla[k])
     rows = []
     for k in sorted(set(args.widths) | {1}):
         for name in (*programs, "forward", "forward_xla_products"):
-            row = {"method": name, "options": {"k": k}, "ms": round(times[name, k] * 1e3, 3),
-                   "c_k": round(times[name, k] / times[name, 1], 3)}
+            c = c_k[name][k] if name in c_k else times[name, k] / times[name, 1]
+            row = {"method": name, "options": {"k": k}, "ms": round(times[name, k] * 1e3, 3), "c_k": round(c, 3)}
             if name in programs:
                 _, nbytes, flops = programs[name]
                 row.update(bandwidth_bound_ms=round(nbytes / bandwidth * 1e3, 3),
                            arithmetic_bound_ms=round(flops * k / peak * 1e3, 3))
             rows.append(row)
-    widths = sorted(set(args.widths) | {1})
-    forward = {k: times["forward", k] / times["forward", 1] for k in widths}
-    xla = {k: times["forward_xla_products", k] / times["forward_xla_products", 1] for k in widths}
+    forward, xla = c_k["forward"], c_k["forward_xla_products"]
     print("c(k) of the whole forward:", {k: round(v, 3) for k, v in forward.items()})
     print("c(k) with XLA's products:", {k: round(v, 3) for k, v in xla.items()})
     payload = {"model": args.model, "prompts": f"none: one row, a committed prefix of {args.prefix} tokens",
                "max_new_tokens": None, "read_bandwidth_GB_s": round(bandwidth / 1e9, 2),
                "float32_peak_GFLOP_s": round(peak / 1e9, 1), "few_row_kernel": few_rows.available(),
+               "few_row_kernel_max_rows": few_rows.max_rows(),
                "cost_curve": [{"k": k, "relative_cost": round(c, 4)} for k, c in forward.items()],
                "cost_curve_xla_products": [{"k": k, "relative_cost": round(c, 4)} for k, c in xla.items()],
                "rows": rows,
@@ -140,7 +145,8 @@ def main() -> None:
                          "the classes add up to more than the forward",
                          "forward_xla_products: the forward with XLA's dot_general for every product, "
                          "beside the default forward (specdec's few-row kernel for up to "
-                         f"{few_rows.MAX_ROWS} rows)",
+                         f"{few_rows.max_rows()} rows, as measured for this machine); the two forwards' "
+                         "widths each timed in turn, round by round, c_k the median of the rounds' ratios",
                          "bandwidth_bound_ms: weight (or, for attention, K/V cache) bytes the class reads / read "
                          "bandwidth; arithmetic_bound_ms: its flops at width k / the float32 product peak"]}
     path = write_results(f"verify_cost_study_{args.model.replace('-', '_')}", payload,

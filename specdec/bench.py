@@ -226,18 +226,26 @@ def forward_time(lm, width: int, *, prefix: int = 256, batch: int = 1, repeats: 
     return median_time(_forward_call(lm, width, prefix, batch), repeats)
 
 
+def forward_rounds(lm, widths, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> dict[int, np.ndarray]:
+    """Wall times ``{width: [repeats]}`` of one target forward per width (as :func:`forward_time`),
+    the widths timed in turn, one forward each, ``repeats`` rounds: a slow spell of a shared
+    machine falls on every width alike."""
+    calls = {w: _forward_call(lm, w, prefix, batch) for w in sorted(set(widths))}
+    rounds = [{w: median_time(call, 1) for w, call in calls.items()} for _ in range(repeats)]
+    return {w: np.asarray([r[w] for r in rounds]) for w in calls}
+
+
+def relative_costs(rounds: dict[int, np.ndarray]) -> dict[int, float]:
+    """c(w) from :func:`forward_rounds` (which must include width 1): the median over rounds of
+    each round's time at ``w`` over its time at 1."""
+    return {w: float(np.median(t / rounds[1])) for w, t in rounds.items()}
+
+
 def target_cost_curve(lm, widths, *, prefix: int = 256, batch: int = 1, repeats: int = 7) -> dict[int, float]:
-    """Measured cost of one target forward over ``w`` new tokens relative to ``w = 1``, per width:
-    the widths are timed in turn, one forward each, ``repeats`` rounds (so a slow spell of a shared
-    machine falls on every width alike), and each ratio is the median over rounds."""
-    all_widths = sorted(set(widths) | {1})
-    calls = {w: _forward_call(lm, w, prefix, batch) for w in all_widths}
-    ratios: dict[int, list[float]] = {w: [] for w in all_widths}
-    for _ in range(repeats):
-        times = {w: median_time(call, 1) for w, call in calls.items()}
-        for w in all_widths:
-            ratios[w].append(times[w] / times[1])
-    return {w: float(np.median(ratios[w])) for w in sorted(widths)}
+    """Measured cost of one target forward over ``w`` new tokens relative to ``w = 1``, per width
+    (:func:`relative_costs` of :func:`forward_rounds`)."""
+    costs = relative_costs(forward_rounds(lm, set(widths) | {1}, prefix=prefix, batch=batch, repeats=repeats))
+    return {w: costs[w] for w in sorted(widths)}
 
 
 COST_WIDTHS = (1, 2, 4, 8, 16)

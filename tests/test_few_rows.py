@@ -1,6 +1,8 @@
 """The few-row CPU kernel: equal to XLA's product, row-independent bitwise, differentiable, and
 used only where it applies."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,7 +81,13 @@ def _uses_kernel(lhs, rhs, dims=None):
     return few_rows.TARGET in text
 
 
-def test_dot_general_routes_only_few_float32_rows():
+@pytest.fixture
+def all_rows(monkeypatch):
+    """The kernel serves up to ``MAX_ROWS`` rows whatever this machine's measured choice."""
+    monkeypatch.setattr(few_rows, "max_rows", lambda: few_rows.MAX_ROWS)
+
+
+def test_dot_general_routes_only_few_float32_rows(all_rows):
     w = jnp.ones((8, 4), jnp.float32)
     assert _uses_kernel(jnp.ones((2, 3, 8)), w)                       # 6 rows, leading dims kept
     assert _uses_kernel(jnp.ones((2, 4)), jnp.ones((3, 4)), (((1,), (1,)), ((), ())))
@@ -89,7 +97,30 @@ def test_dot_general_routes_only_few_float32_rows():
     assert out.shape == (2, 3, 4) and np.all(np.asarray(out) == 8.0)
 
 
-def test_model_forward_agrees_with_xla_products(tiny):
+def test_max_rows_is_measured_once_per_machine_and_routes(tmp_path, monkeypatch):
+    """The per-machine choice is measured when no readable record exists, kept in the cache, and
+    dot_general sends the kernel only that many rows."""
+    measured = []
+    monkeypatch.setattr(few_rows, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(few_rows, "_calibrate", lambda: measured.append(1) or 3)
+    few_rows.max_rows.cache_clear()
+    try:
+        assert few_rows.max_rows() == 3 and len(measured) == 1
+        (record,) = (tmp_path / "kernels").glob("few_rows-*.json")
+        assert json.loads(record.read_text())["max_rows"] == 3
+        w = jnp.ones((8, 4), jnp.float32)
+        assert _uses_kernel(jnp.ones((3, 8)), w) and not _uses_kernel(jnp.ones((4, 8)), w)
+        few_rows.max_rows.cache_clear()
+        assert few_rows.max_rows() == 3 and len(measured) == 1          # read back, not measured
+        record.write_text("{not json")
+        few_rows.max_rows.cache_clear()
+        assert few_rows.max_rows() == 3 and len(measured) == 2          # unreadable: measured again
+        assert json.loads(record.read_text())["max_rows"] == 3
+    finally:
+        few_rows.max_rows.cache_clear()
+
+
+def test_model_forward_agrees_with_xla_products(tiny, all_rows):
     """The tiny model's logits for a 4-token block, kernel on and off, agree to float32 rounding;
     ``xla_products`` keeps the kernel out of what is traced inside it."""
     from specdec.cache import init_cache
