@@ -57,8 +57,9 @@ def command_line() -> str:
 
 
 def git_state() -> dict:
-    """``{"commit": HEAD's hash, "dirty": whether tracked files differ from it}`` of the checkout
-    holding specdec (None values outside a git checkout)."""
+    """``{"commit": HEAD's hash, "dirty": whether tracked files outside experiments/results differ
+    from it}`` of the checkout holding specdec (None values outside a git checkout): results that
+    earlier runs wrote do not change what is measured."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
@@ -66,7 +67,7 @@ def git_state() -> dict:
         return proc.stdout.strip() if proc.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)experiments/results")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
