@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import full_logits
+from specdec import few_rows
 from specdec.cache import causal_mask, init_cache
 from specdec.config import tiny_config
 from specdec.model import Segment, attention_windows, forward, forward_together, init_model, teacher_forced_logits
@@ -197,11 +198,13 @@ def test_untied_head_bias_and_bfloat16():
 @pytest.mark.parametrize("tied", [True, False])
 def test_every_product_asks_for_full_float32(tied):
     """Each matrix product of a forward (projections, attention, the head, tied or not) carries the HIGHEST
-    precision, so no backend may drop to TF32 or bfloat16 passes (the GPU default) behind the checker's back."""
+    precision, so no backend may drop to TF32 or bfloat16 passes (the GPU default) behind the checker's back.
+    Traced with XLA's products, as on a GPU or TPU (the CPU's few-row kernel is float32 throughout)."""
     model = init_model(tiny_config(tie_embeddings=tied), seed=0)
     graphdef, state = nnx.split(model)
     toks = _tokens(2, 6, seed=1)
-    text = jax.jit(lambda s, t: teacher_forced_logits(nnx.merge(graphdef, s), t)).lower(state, toks).as_text()
+    with few_rows.xla_products():
+        text = jax.jit(lambda s, t: teacher_forced_logits(nnx.merge(graphdef, s), t)).lower(state, toks).as_text()
     products = [line for line in text.splitlines() if "dot_general" in line]
     assert len(products) >= 9 * model.config.n_layers + 1, len(products)  # q k v o gate up down, 2 attention; head
     loose = [line.strip() for line in products if "precision = [HIGHEST, HIGHEST]" not in line]
