@@ -56,12 +56,20 @@ inline Vec Splat(float s) { return Vec{s, s, s, s, s, s, s, s, s, s, s, s, s, s,
 // Layout in_out (W is [k, n], the contraction index outer). y[j, c] = sum_i x[j, i] W[i, c] as
 // fused multiply-adds in ascending i within each half of the contraction, then the two halves
 // added. A tile holds up to kGroup rows of y times kPanel vectors of columns in registers while
-// kBlock weight rows stream through it; the weight rows kAhead blocks further down are prefetched
-// into L2 meanwhile, so the next blocks arrive while this one is multiplied.
-constexpr int64_t kPanel = 2;  // column vectors per tile (32 columns)
-constexpr int64_t kBlock = 8;  // weight rows per tile
-constexpr int64_t kAhead = 2;  // prefetch distance in blocks
-constexpr int kGroup = 8;      // rows of x per tile
+// a block of weight rows streams through it (a longer block for more rows: fewer loads and stores
+// of the tile per product); the weight rows a prefetch distance further down are prefetched into
+// L2 meanwhile, so they arrive while this block is multiplied. Where the blocks end does not
+// change any sum (an accumulator stored and reloaded is the same float); where the halves meet
+// does, so that is fixed at a multiple of kHalfUnit rows.
+constexpr int64_t kPanel = 2;     // column vectors per tile (32 columns)
+constexpr int kGroup = 8;         // rows of x per tile
+constexpr int64_t kHalfUnit = 8;  // the halves meet at a multiple of this
+
+struct Blocking {
+  int64_t rows;   // weight rows per block
+  int64_t ahead;  // prefetch distance in weight rows
+};
+inline Blocking BlockingFor(int64_t m) { return m <= 4 ? Blocking{8, 16} : Blocking{24, 24}; }
 
 // y[0:M, c:c+16V] = (first ? 0 : y) + x[0:M, i0:i1] . W[i0:i1, c:c+16V].
 template <int M, int V>
@@ -89,13 +97,14 @@ template <int M>
 void Group(const float* x, int64_t k, const float* w, int64_t n, float* y, int64_t c0, int64_t c1,
            int64_t i0, int64_t i1, bool first, const float* ahead, int64_t rows) {
   const int64_t per_row = (c1 - c0 + kLanes - 1) / kLanes;  // cache lines per row
-  const int64_t lines = ahead ? rows * per_row : 0;
   const int64_t tiles = (c1 - c0) / (kPanel * kLanes) + (c1 - c0) % (kPanel * kLanes) / kLanes + 1;
-  int64_t tile = 0, done = 0;
-  auto prefetch = [&]() {
-    const int64_t upto = lines * ++tile / tiles;
-    for (; done < upto; ++done)
-      __builtin_prefetch(ahead + done / per_row * n + c0 + done % per_row * kLanes, 0, 2);
+  const int64_t share = ahead ? (rows * per_row + tiles - 1) / tiles : 0;  // lines per tile
+  int64_t row = 0, line = 0;  // the next line to prefetch: row of `ahead`, line within the row
+  auto prefetch = [&]() {  // (no division per line: a divide costs more than the line's products)
+    for (int64_t l = 0; l < share && row < rows; ++l) {
+      __builtin_prefetch(ahead + row * n + c0 + line * kLanes, 0, 2);
+      if (++line == per_row) line = 0, ++row;
+    }
   };
   int64_t c = c0;
   for (; c + kPanel * kLanes <= c1; c += kPanel * kLanes) {
@@ -122,9 +131,10 @@ constexpr GroupFn kGroups[kGroup] = {Group<1>, Group<2>, Group<3>, Group<4>,
 // y[:, c0:c1] = x[:, r0:r1] . W[r0:r1, c0:c1] for all m rows.
 void InOut(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n, int64_t r0,
            int64_t r1, int64_t c0, int64_t c1) {
-  for (int64_t i0 = r0; i0 < r1; i0 += kBlock) {
-    const int64_t i1 = std::min(r1, i0 + kBlock);
-    const int64_t a = std::min(r1, i0 + kAhead * kBlock), rows = std::min(r1 - a, kBlock);
+  const Blocking b = BlockingFor(m);
+  for (int64_t i0 = r0; i0 < r1; i0 += b.rows) {
+    const int64_t i1 = std::min(r1, i0 + b.rows);
+    const int64_t a = std::min(r1, i0 + b.ahead), rows = std::min(r1 - a, b.rows);
     for (int64_t j0 = 0; j0 < m; j0 += kGroup) {
       const int64_t g = std::min<int64_t>(kGroup, m - j0);
       kGroups[g - 1](x + j0 * k, k, w, n, y + j0 * n, c0, c1, i0, i1, i0 == r0,
@@ -153,7 +163,8 @@ void OutInGroup(const float* x, const float* w, float* y, int64_t k, int64_t n, 
                 int64_t c1, const float* ahead, int64_t lines) {
   const int64_t kb = k - k % kLanes;
   const int64_t steps = (c1 - c0 + 3) / 4;
-  int64_t step = 0, done = 0;
+  const int64_t share = (lines + steps - 1) / steps;  // lines per four outputs
+  int64_t done = 0;
   auto finish = [&](Vec acc, const float* xj, const float* wc) {
     if (kb == k) return Reduce(acc);
     float tail[kLanes] = {};
@@ -162,7 +173,7 @@ void OutInGroup(const float* x, const float* w, float* y, int64_t k, int64_t n, 
   };
   int64_t c = c0;
   for (; c + 4 <= c1; c += 4) {
-    for (const int64_t upto = lines * ++step / steps; done < upto; ++done)
+    for (const int64_t upto = std::min(lines, done + share); done < upto; ++done)
       __builtin_prefetch(ahead + done * kLanes, 0, 2);
     Vec acc[4][M] = {};
     for (int64_t i = 0; i < kb; i += kLanes) {
@@ -188,12 +199,12 @@ using OutInFn = decltype(&OutInGroup<1>);
 constexpr OutInFn kOutInGroups[4] = {OutInGroup<1>, OutInGroup<2>, OutInGroup<3>, OutInGroup<4>};
 
 // Outputs [c0, c1) for all m rows, kOutBlock outputs at a time (their weights stay in L2 while
-// the groups of rows pass over them), the block kAhead blocks further on prefetched meanwhile.
+// the groups of rows pass over them), the block two blocks further on prefetched meanwhile.
 constexpr int64_t kOutBlock = 32;
 void OutIn(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n, int64_t c0,
            int64_t c1) {
   for (int64_t b = c0; b < c1; b += kOutBlock) {
-    const int64_t a = std::min(c1, b + kAhead * kOutBlock), outputs = std::min(c1 - a, kOutBlock);
+    const int64_t a = std::min(c1, b + 2 * kOutBlock), outputs = std::min(c1 - a, kOutBlock);
     for (int64_t j0 = 0; j0 < m; j0 += 4)
       kOutInGroups[std::min<int64_t>(4, m - j0) - 1](
           x + j0 * k, w, y + j0 * n, k, n, b, std::min(c1, b + kOutBlock), w + a * k,
@@ -290,8 +301,8 @@ inline std::pair<int64_t, int64_t> Bounds(int64_t n, int64_t align, int p, int p
 // contiguous weight rows.
 void InOutParallel(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n,
                    int64_t threads) {
-  const int64_t blocks = (k + kBlock - 1) / kBlock;
-  const int64_t half = std::min(k, (blocks + 1) / 2 * kBlock);
+  const int64_t units = (k + kHalfUnit - 1) / kHalfUnit;
+  const int64_t half = std::min(k, (units + 1) / 2 * kHalfUnit);
   thread_local std::vector<float> scratch;  // the caller's: helpers write through `rest`
   if (half < k) scratch.resize(m * n);
   float* rest = scratch.data();

@@ -124,7 +124,8 @@ def max_rows() -> int:
         return int(json.loads(path.read_text())["max_rows"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    best = _calibrate()
+    with jax.ensure_compile_time_eval():  # first asked while a model is traced: measure eagerly
+        best = _calibrate()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.partial")
     with os.fdopen(fd, "w") as fh:

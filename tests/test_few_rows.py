@@ -120,6 +120,23 @@ def test_max_rows_is_measured_once_per_machine_and_routes(tmp_path, monkeypatch)
         few_rows.max_rows.cache_clear()
 
 
+def test_max_rows_measures_when_first_asked_inside_a_trace(tmp_path, monkeypatch):
+    """A fresh cache: the first product traced (inside jit, as a model's forward asks) measures the
+    machine eagerly and records it."""
+    monkeypatch.setattr(few_rows, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(few_rows, "CALIBRATION_ROWS", (1, 2))
+    monkeypatch.setattr(few_rows, "CALIBRATION_WEIGHTS", (2, 64, 64))
+    few_rows.max_rows.cache_clear()
+    try:
+        dims = (((1,), (0,)), ((), ()))
+        out = jax.jit(lambda a, b: few_rows.dot_general(a, b, dims))(jnp.ones((2, 8)), jnp.ones((8, 4)))
+        assert np.all(np.asarray(out) == 8.0)
+        (record,) = (tmp_path / "kernels").glob("few_rows-*.json")
+        assert json.loads(record.read_text())["max_rows"] in (0, 1, 2)
+    finally:
+        few_rows.max_rows.cache_clear()
+
+
 def test_model_forward_agrees_with_xla_products(tiny, all_rows):
     """The tiny model's logits for a 4-token block, kernel on and off, agree to float32 rounding;
     ``xla_products`` keeps the kernel out of what is traced inside it."""
