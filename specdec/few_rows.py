@@ -126,12 +126,16 @@ def max_rows() -> int:
         pass
     with jax.ensure_compile_time_eval():  # first asked while a model is traced: measure eagerly
         best = _calibrate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.partial")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"max_rows": best, "machine": device_label()[1], "threads": _threads(),
-                   "weights": list(CALIBRATION_WEIGHTS)}, fh)
-    os.replace(tmp, path)
+    record = {"max_rows": best, "machine": device_label()[1], "threads": _threads(), "weights": list(CALIBRATION_WEIGHTS)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.partial")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh)
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only or full cache: use the measurement, measure again next time
+        warnings.warn(f"specdec: could not record the few-row kernel's measurement in {path.parent} ({err})",
+                      stacklevel=2)
     return best
 
 

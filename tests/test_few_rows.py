@@ -116,6 +116,11 @@ def test_max_rows_is_measured_once_per_machine_and_routes(tmp_path, monkeypatch)
         few_rows.max_rows.cache_clear()
         assert few_rows.max_rows() == 3 and len(measured) == 2          # unreadable: measured again
         assert json.loads(record.read_text())["max_rows"] == 3
+        monkeypatch.setattr(few_rows, "cache_dir", lambda: tmp_path / "file" / "x")
+        (tmp_path / "file").write_text("")                              # no cache directory possible
+        few_rows.max_rows.cache_clear()
+        with pytest.warns(UserWarning, match="could not record"):
+            assert few_rows.max_rows() == 3 and len(measured) == 3
     finally:
         few_rows.max_rows.cache_clear()
 
