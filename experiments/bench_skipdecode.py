@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 import specdec
-from specdec.bench import greedy_summary, pyplot, save_plot, timed_generations, write_results
+from specdec.bench import cost_curve_record, greedy_summary, pyplot, save_plot, timed_generations, write_results
 from specdec.datasets import sharegpt_prompts
 from specdec.skipdecode import WEIGHTS_FILE, SkipSchedule, load_finetuned
 from training.skipdecode import SkipTrainConfig, prepare_rows, quality_table
@@ -120,7 +120,7 @@ def main() -> None:
              "SkipDecode is lossy: its rows are not checked for equivalence; early exit is lossless"]
     write_results("bench_skipdecode", {"model": "smollm2-135m", "prompts": f"{len(ids)} held-out ShareGPT",
                                        "new_tokens": args.new_tokens, "quality": quality, "rows": rows,
-                                       "notes": notes},
+                                       "notes": notes, **cost_curve_record(model)},
                   ["method", "batch", "mean_active_layers", "tokens_per_s", "speedup_vs_autoregressive",
                    "ppl_unmodified_skip", "ppl_finetuned_skip", "recovered", "accepted_per_forward", "equivalence",
                    "rows_identical", "wall_s"])
