@@ -78,6 +78,7 @@ void Tile(const float* x, int64_t k, const float* w, int64_t n, float* y, int64_
   Vec acc[M][V];
   for (int j = 0; j < M; ++j)
     for (int v = 0; v < V; ++v) acc[j][v] = first ? Vec{} : Load(y + j * n + c + v * kLanes);
+#pragma GCC unroll 4  // 2-7% faster at 1-16 rows than not unrolled (8: slower above 4 rows)
   for (int64_t i = i0; i < i1; ++i) {
     Vec wv[V];
     for (int v = 0; v < V; ++v) wv[v] = Load(w + i * n + c + v * kLanes);
