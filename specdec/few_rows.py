@@ -10,8 +10,8 @@ XLA's product for 1 to ``MAX_ROWS`` rows (:func:`max_rows`, a few seconds, the c
 machine): it serves the row counts up to the largest where it is faster. Without a compiler, on
 another backend, for other dtypes or more rows, :func:`dot_general` is ``jax.lax.dot_general``.
 
-Each output element is accumulated in one fixed order whatever the number of rows, so a row's
-logits do not depend on how many rows share the forward. ``SPECDEC_FEW_ROWS=0`` turns it off
+Each output element is accumulated in one fixed order whatever the number of rows or threads, so
+a row's logits do not depend on how many rows share the forward. ``SPECDEC_FEW_ROWS=0`` turns it off
 (for the process), :func:`xla_products` for what is traced inside it.
 """
 
