@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import specdec
 from specdec import few_rows
-from specdec.bench import forward_rounds, median_time, read_bandwidth, relative_costs, write_results
+from specdec.bench import curve_rows, forward_rounds, median_time, read_bandwidth, relative_costs, write_results
 from specdec.cache import init_cache, write_layer
 from specdec.model import _attend
 from specdec.rope import apply_rotary, rotary
@@ -106,7 +106,8 @@ def main() -> None:
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, float32 product peak {peak / 1e9:.1f} GFLOP/s")
     programs = {name: (jax.jit(fn), nbytes, flops) for name, (fn, nbytes, flops) in class_programs(lm, args.prefix).items()}
     times: dict[tuple[str, int], float] = {}
-    for k in tqdm(sorted(set(args.widths) | {1}), desc="widths"):
+    widths = sorted(set(args.widths) | {1})
+    for k in tqdm(widths, desc="widths"):
         cache = init_cache(lm.config, 1, args.prefix + k).with_lengths(jnp.asarray([args.prefix]))
         x = jnp.ones((1, k, lm.config.d_model), lm.config.jnp_dtype) * 0.01
         positions = args.prefix + jnp.arange(k)[None]
@@ -114,7 +115,6 @@ def main() -> None:
             jax.block_until_ready(fn(lm.state, x, cache, positions))
             times[name, k] = median_time(lambda: jax.block_until_ready(fn(lm.state, x, cache, positions)),
                                          args.repeats)
-    widths = sorted(set(args.widths) | {1})
     forward = forward_rounds(lm, widths, prefix=args.prefix, repeats=args.repeats)
     with few_rows.xla_products():
         xla = forward_rounds(lm, widths, prefix=args.prefix, repeats=args.repeats)
@@ -122,7 +122,7 @@ def main() -> None:
     for k in widths:
         times["forward", k], times["forward_xla_products", k] = np.median(forward[k]), np.median(xla[k])
     rows = []
-    for k in sorted(set(args.widths) | {1}):
+    for k in widths:
         for name in (*programs, "forward", "forward_xla_products"):
             c = c_k[name][k] if name in c_k else times[name, k] / times[name, 1]
             row = {"method": name, "options": {"k": k}, "ms": round(times[name, k] * 1e3, 3), "c_k": round(c, 3)}
@@ -138,8 +138,7 @@ def main() -> None:
                "max_new_tokens": None, "read_bandwidth_GB_s": round(bandwidth / 1e9, 2),
                "float32_peak_GFLOP_s": round(peak / 1e9, 1), "few_row_kernel": few_rows.available(),
                "few_row_kernel_max_rows": few_rows.max_rows(),
-               "cost_curve": [{"k": k, "relative_cost": round(c, 4)} for k, c in forward.items()],
-               "cost_curve_xla_products": [{"k": k, "relative_cost": round(c, 4)} for k, c in xla.items()],
+               "cost_curve": curve_rows(forward), "cost_curve_xla_products": curve_rows(xla),
                "rows": rows,
                "notes": ["each class timed alone as one jitted program over every layer (medians); alone, "
                          "the classes add up to more than the forward",

@@ -252,7 +252,12 @@ def target_cost_curve(lm, widths, *, prefix: int = 256, batch: int = 1, repeats:
 COST_WIDTHS = (1, 2, 4, 8, 16)
 
 
+def curve_rows(curve: dict[int, float]) -> list[dict]:
+    """``[{"k", "relative_cost"}, ...]``: a cost curve ``{k: c(k)}`` as results files record it."""
+    return [{"k": k, "relative_cost": round(c, 4)} for k, c in curve.items()]
+
+
 def cost_curve_record(lm, widths=COST_WIDTHS) -> dict:
-    """``{"cost_curve": [{"k", "relative_cost"}, ...]}``: the target's c(k) measured on this machine
-    (batch 1, a 256-token prefix), which every speculative benchmark result records beside its rows."""
-    return {"cost_curve": [{"k": k, "relative_cost": round(c, 4)} for k, c in target_cost_curve(lm, widths).items()]}
+    """``{"cost_curve": curve_rows(...)}``: the target's c(k) measured on this machine (batch 1, a
+    256-token prefix), which every speculative benchmark result records beside its rows."""
+    return {"cost_curve": curve_rows(target_cost_curve(lm, widths))}

@@ -276,7 +276,6 @@ Pool& SharedPool() {
   return pool;
 }
 
-// The pool's threads do not survive fork(): a forked child computes on its own thread.
 const pid_t kPoolPid = getpid();
 
 // Runs part(p) for p in [0, pieces): on the pool when threads > 1, else (or in a forked child,

@@ -118,7 +118,8 @@ def max_rows() -> int:
     or unreadable record is measured again). 0 when the kernel is unavailable."""
     if not available():
         return 0
-    machine = hashlib.sha256(f"{device_label()[1]} {_threads()}".encode()).hexdigest()[:12]
+    label = device_label()[1]
+    machine = hashlib.sha256(f"{label} {_threads()}".encode()).hexdigest()[:12]
     path = cache_dir() / "kernels" / f"few_rows-{_key()}-{machine}.json"
     try:
         return int(json.loads(path.read_text())["max_rows"])
@@ -126,7 +127,7 @@ def max_rows() -> int:
         pass
     with jax.ensure_compile_time_eval():  # first asked while a model is traced: measure eagerly
         best = _calibrate()
-    record = {"max_rows": best, "machine": device_label()[1], "threads": _threads(), "weights": list(CALIBRATION_WEIGHTS)}
+    record = {"max_rows": best, "machine": label, "threads": _threads(), "weights": list(CALIBRATION_WEIGHTS)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.partial")
