@@ -349,9 +349,13 @@ def _tune(args) -> int:
              if getattr(args, name) is not None and name in METHOD_OPTIONS[args.method]}
     choices = args.choices and [int(c) if MAIN_OPTION[args.method] == "k" else c for c in args.choices]
     tuned = tune(model, args.method, encode_prompts(model, prompts, True, None), rows=args.rows, choices=choices,
-                 budgets=args.budgets, widths=args.widths, steps=args.steps, chunks=args.chunks, options=fixed,
+                 budgets=args.budgets, widths=args.widths, steps=args.steps, chunks=args.chunks, options=fixed, prune=args.prune,
                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     for row in tuned.rows:
+        if row.get("skipped"):
+            print(f"{row['rows']:>4} rows  {row['setting']:<28} skipped: at most {row['bound_x_vs_autoregressive']:.3f}x "
+                  f"autoregressive (verifying costs {row['verify_cost']:.2f} one-token forwards)")
+            continue
         print(f"{row['rows']:>4} rows  {row['setting']:<28} {row['tokens_per_s']:8.1f} tokens/s  "
               f"{row['x_vs_autoregressive']:.3f}x autoregressive{'  <- chosen' if row.get('chosen') else ''}")
     print(json.dumps(tuned.options))
@@ -496,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_args(tu, 4)
     tu.add_argument("--steps", type=int, default=8, help="steps per timed chunk")
     tu.add_argument("--chunks", type=int, default=6, help="chunks per setting (the first compiles, untimed)")
+    tu.add_argument("--no-prune", dest="prune", action="store_false", help="measure every setting at every load "
+                    "(default: above one row, skip those the target's measured cost curve says cannot beat "
+                    "autoregressive decoding there)")
     tu.add_argument("--draft", help="draft model for --method draft (default: the bundled one)")
     tu.add_argument("--feature-draft", help="feature draft for --method eagle (default: the bundled one)")
     tu.add_argument("--draft-width", type=int, help="candidates per depth for --method draft or eagle; chains "

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from specdec.autoregressive import decode, plan_shapes
+from specdec.bench import target_cost_curve
 from specdec.engine import speculative_decode
 from specdec.methods import build_proposer
 from specdec.pool import dec_of
@@ -42,7 +43,8 @@ WIDTH_METHODS = ("prompt_lookup", "draft", "eagle")  # methods whose draft_width
 class Tuned(NamedTuple):
     """``options``: the schedule as generate options (e.g. ``{"k": {1: 0, 2: 2, 8: 1}, "budget": {1:
     None, 8: 2}}``, with the numeric options it was measured with, e.g. ``"draft_width": 3``);
-    ``rows``: one dict per (running rows, setting) measured."""
+    ``rows``: one dict per (running rows, setting) measured, and one per setting skipped as
+    :func:`hopeless` (``"skipped": True``, with its bound and verify cost)."""
 
     method: str
     options: dict
@@ -141,9 +143,23 @@ def _collapse(by_rows: dict[int, Any]) -> Any:
     return out[1] if len(out) == 1 else out
 
 
+def hopeless(settings: dict[str, dict], tokens_per_step: dict[str, float], verified: Callable[[dict], int],
+             curve: dict[int, float]) -> dict[str, float]:
+    """The unbudgeted settings that cannot beat autoregressive decoding at this load, each with its
+    bound: the tokens a row gained per step at one row (``tokens_per_step``; acceptance depends on the
+    text, not on the load) over the cost of the target forward that verifies the setting's tokens
+    (``curve``: ``{tokens per row: cost relative to one token per row}`` at this load), as if drafting
+    and bookkeeping were free. A setting whose bound is below 1 is slower than autoregressive even then;
+    the setting with the highest bound is never hopeless (tune must have one to pick)."""
+    bounds = {name: tokens_per_step[name] / curve[verified(s)] for name, s in settings.items()
+              if "budget" not in s and name in tokens_per_step}
+    keep = max(bounds, key=bounds.get, default=None)
+    return {name: bound for name, bound in bounds.items() if bound < 1.0 and name != keep}
+
+
 def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int] = (1, 2, 4, 8),
          choices: Sequence | None = None, budgets: Sequence[int] | None = None, widths: Sequence[int] | None = None,
-         steps: int = 8, chunks: int = 6, options: dict | None = None, progress=None) -> Tuned:
+         steps: int = 8, chunks: int = 6, options: dict | None = None, prune: bool = True, progress=None) -> Tuned:
     """Measure every candidate setting (:func:`candidates`) at each count of running rows and keep
     the fastest: a by-load schedule for ``method``.
 
@@ -158,6 +174,9 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
       widths: candidate ``draft_width`` values, picked by load too (methods in ``WIDTH_METHODS``;
         default: not tuned).
       steps, chunks: as in :func:`step_rates`.
+      prune: above one row, measure the target's cost curve at that load first and skip the
+        unbudgeted settings that cannot beat autoregressive decoding there (:func:`hopeless`), with
+        their budgeted variants still measured; the skipped ones are listed with their bound.
       options: the method's other options, the same in every setting (e.g. ``{"draft": ...}``); the
         numeric ones (``draft_width``, ``lookup``, ...) shape what a step verifies, so the schedule
         keeps them.
@@ -189,6 +208,14 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
     table, best = [], {}
     for r in rows:
         tried = candidates(method, r, choices, budgets, drafted, widths)
+        if prune and r > 1:
+            at_one = {t["setting"]: t["tokens_per_step"] for t in table if t["rows"] == 1}
+            plain = {name: o for name, o in tried.items() if "budget" not in o}
+            curve = target_cost_curve(model, {drafted(o) + 1 for o in plain.values()}, batch=r)
+            for name, bound in hopeless(plain, at_one, lambda o: drafted(o) + 1, curve).items():
+                del tried[name]
+                table.append({"rows": r, "setting": name, "skipped": True, "bound_x_vs_autoregressive": bound,
+                              "verify_cost": curve[drafted(plain[name]) + 1]})
         settings = {"autoregressive": None} | {name: (method, {**fixed, **o}) for name, o in tried.items()}
         groups = [ids[i:i + r] for i in range(0, len(ids) // r * r, r)]
         measured = [step_rates(model, group, settings, steps=steps, chunks=chunks,
@@ -203,7 +230,7 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
                           "step_ms": statistics.mean(m[name]["step_ms"] for m in measured),
                           "tokens_per_step": statistics.mean(m[name]["tokens_per_step"] for m in measured)})
         ar = next(t["tokens_per_s"] for t in table if t["rows"] == r and t["setting"] == "autoregressive")
-        mine = [t for t in table if t["rows"] == r]
+        mine = [t for t in table if t["rows"] == r and not t.get("skipped")]
         for t in mine:
             t["x_vs_autoregressive"] = t["tokens_per_s"] / ar
         fastest = max((t for t in mine if t["setting"] != "autoregressive"), key=lambda t: t["tokens_per_s"])

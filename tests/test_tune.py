@@ -9,9 +9,9 @@ import json
 import pytest
 
 import specdec
-from specdec import tune as tune_module
+from specdec import bench, tune as tune_module
 from specdec.cli import _method_options, main as cli_main
-from specdec.tune import candidates, read_schedule, save_schedule, tune
+from specdec.tune import candidates, hopeless, read_schedule, save_schedule, tune
 
 
 def test_candidates_offer_only_budgets_that_can_drop_a_draft_token():
@@ -49,6 +49,12 @@ def test_candidates_reject_bad_input():
         candidates("prompt_lookup", 1, (1,), (0,))
     with pytest.raises(ValueError, match="no candidate k"):
         candidates("prompt_lookup", 1, ())
+
+
+@pytest.fixture(autouse=True)
+def _flat_cost_curve(monkeypatch):
+    """Every forward costs one one-token forward (nothing is hopeless) unless a test says otherwise."""
+    monkeypatch.setattr(tune_module, "target_cost_curve", lambda lm, widths, batch: {w: 1.0 for w in widths})
 
 
 def _fake_rates(fastest: dict[int, str]):
@@ -93,6 +99,36 @@ def test_tune_picks_the_draft_width_by_load(monkeypatch, tiny_lm):
         tune(tiny_lm, "prompt_lookup", [[1]], rows=(1,), widths=(1, 2), options={"draft_width": 2})
 
 
+def test_hopeless_settings_cannot_beat_autoregressive_even_with_free_drafts():
+    settings = {"k=0": {"k": 0}, "k=2": {"k": 2}, "k=4": {"k": 4}, "k=4 budget=1": {"k": 4, "budget": 1}}
+    gained = {"k=0": 1.0, "k=2": 1.5, "k=4": 1.8, "k=4 budget=1": 1.2}
+    curve = {1: 1.0, 3: 1.4, 5: 2.0}
+    assert hopeless(settings, gained, lambda o: o["k"] + 1, curve) == {"k=4": 0.9}  # 1.5 / 1.4 > 1 > 1.8 / 2
+    steep = {1: 1.0, 3: 3.0, 5: 5.0}  # k=0's bound is 1.0: not below autoregressive, and the highest
+    assert set(hopeless(settings, gained, lambda o: o["k"] + 1, steep)) == {"k=2", "k=4"}
+    no_off = {name: o for name, o in settings.items() if name != "k=0"}
+    assert set(hopeless(no_off, gained, lambda o: o["k"] + 1, steep)) == {"k=4"}  # k=2, the best bound, stays
+
+
+def test_tune_skips_the_settings_the_cost_curve_rules_out(monkeypatch, tiny_lm):
+    monkeypatch.setattr(tune_module, "step_rates", _fake_rates({1: "k=2", 2: "k=2 budget=1"}))
+    curves = []
+
+    def curve(lm, widths, batch):
+        curves.append((batch, sorted(widths)))
+        return {w: 1.0 + (w - 1) * batch for w in widths}  # at 2 rows, verifying 3 tokens a row costs 5x
+
+    monkeypatch.setattr(tune_module, "target_cost_curve", curve)
+    tuned = tune(tiny_lm, "prompt_lookup", [[1, 2]] * 2, rows=(1, 2), choices=(0, 2), budgets=(1,))
+    assert curves == [(2, [1, 3])]  # measured above one row only, for the widths the settings verify
+    two = {t["setting"]: t for t in tuned.rows if t["rows"] == 2}
+    assert two["k=2"]["skipped"] and two["k=2"]["bound_x_vs_autoregressive"] == pytest.approx(2.0 / 5.0)
+    assert two["k=2 budget=1"]["chosen"] and "skipped" not in two["k=0"]
+    assert tuned.options == {"k": 2, "budget": {1: None, 2: 1}}
+    everything = tune(tiny_lm, "prompt_lookup", [[1, 2]] * 2, rows=(1, 2), choices=(0, 2), budgets=(1,), prune=False)
+    assert not any(t.get("skipped") for t in everything.rows) and len(curves) == 1
+
+
 def test_a_schedule_and_the_command_line_must_agree(tmp_path):
     path = tmp_path / "wide.json"
     path.write_text(json.dumps({"method": "eagle", "options": {"draft_width": 3, "k": {"1": 2, "8": 1}}}))
@@ -111,8 +147,10 @@ def test_tune_rejects_bad_input(tiny_lm):
         tune(tiny_lm, "draft", [[1]], rows=(1,), options={"k": 2})
 
 
-def test_a_tuned_schedule_decodes_exactly_like_autoregressive(tiny_lm, tmp_path):
-    """A real measurement on the tiny model: whatever it picks, the pool's output is unchanged."""
+def test_a_tuned_schedule_decodes_exactly_like_autoregressive(tiny_lm, tmp_path, monkeypatch):
+    """A real measurement on the tiny model (its cost curve too): whatever it picks or skips, the pool's
+    output is unchanged."""
+    monkeypatch.setattr(tune_module, "target_cost_curve", bench.target_cost_curve)
     prompts = [[5, 9, 14, 2, 5, 9, 14], [1, 2, 3, 1, 2], [8, 9], [10, 11, 12, 10, 11]]
     tuned = tune(tiny_lm, "prompt_lookup", prompts[:2], rows=(1, 2), choices=(0, 2), budgets=(1,), steps=2,
                  chunks=2)
