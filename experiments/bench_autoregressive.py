@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from record_results import write_results
 import specdec
-from specdec.bench import read_bandwidth, write_results
+from specdec.bench import read_bandwidth
 from specdec.datasets import humaneval, humaneval_chat_prompts
 from specdec.fetch import MODELS, model_file
 from specdec.model import teacher_forced_logits

@@ -43,8 +43,9 @@ import time
 
 import numpy as np
 
+from record_results import pyplot, save_plot, write_results
 import specdec
-from specdec.bench import cost_curve_record, equivalence_summary, pyplot, save_plot, write_results
+from specdec.bench import cost_curve_record, equivalence_summary
 from specdec.config import PRECISION_POLICIES, precision_name
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from heads.bundled import default_tree, default_trees, heads_for
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--draft", default=None, help="draft model for the draft proposer (default: the bundled one)")
     parser.add_argument("--results-name", default="bench_batch",
-                        help="file name of the results (.json, .md, .png) under experiments/results/<device>/")
+                        help="file name of the results (.json, .md, .png) in experiments/results/<name>/<machine>-<date>/")
     parser.add_argument("--methods", nargs="+", default=list(PROPOSERS), choices=PROPOSERS,
                         help="speculative proposers to run; autoregressive always runs: it is the reference")
     parser.add_argument("--schedules", nargs="+", default=["fixed", "by-load", "budget", "tuned"],

@@ -31,11 +31,12 @@ import os
 import re
 from pathlib import Path
 
+from record_results import pyplot, save_plot, write_results
 import specdec
 from drafts.saved import draft_for, read_metadata
 from heads.feature_draft import CONFIG_FILE as FEATURE_FILE
 from heads.feature_draft import feature_draft_dir
-from specdec.bench import cost_curve_record, greedy_summary, pyplot, save_plot, timed_generations, write_results
+from specdec.bench import cost_curve_record, greedy_summary, timed_generations
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--medusa-trees", nargs="*", default=[],
                         help="Medusa rows with these trees (built-in names such as tree-64, or JSON files) beside "
                              "the row with the heads' default tree")
-    parser.add_argument("--results-name", default="bench_draft", help="results file name (under results/<device>/)")
+    parser.add_argument("--results-name", default="bench_draft", help="study name: the results go to experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     pyplot()  # fail now, not after the run, without matplotlib
 

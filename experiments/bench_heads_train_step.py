@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from record_results import write_results
 import specdec
 from heads.medusa import new_heads
-from specdec.bench import write_results
 from specdec.model import head_table
 from training.loop import make_optimizer
 from training.medusa import HeadsTrainConfig, train_step
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps timed per setting and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--results-name", default="bench_heads_train_step",
-                        help="file name of the results (.json, .md) under experiments/results/<device>/")
+                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     if 0 not in args.vocabs:
         raise SystemExit("--vocabs must include 0 (the full vocabulary the others are compared with)")

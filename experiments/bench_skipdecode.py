@@ -25,8 +25,9 @@ import argparse
 import json
 from pathlib import Path
 
+from record_results import pyplot, save_plot, write_results
 import specdec
-from specdec.bench import cost_curve_record, greedy_summary, pyplot, save_plot, timed_generations, write_results
+from specdec.bench import cost_curve_record, greedy_summary, timed_generations
 from specdec.datasets import sharegpt_prompts
 from specdec.skipdecode import WEIGHTS_FILE, SkipSchedule, load_finetuned
 from training.skipdecode import SkipTrainConfig, prepare_rows, quality_table

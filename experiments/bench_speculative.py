@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 
+from record_results import write_results
 import specdec
-from specdec.bench import cost_curve_record, greedy_summary, timed_generations, write_results
+from specdec.bench import cost_curve_record, greedy_summary, timed_generations
 from specdec.datasets import humaneval_chat_prompts
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 
+from record_results import write_results
 import specdec
 from specdec.api import encode_prompts
-from specdec.bench import cost_curve_record, write_results
+from specdec.bench import cost_curve_record
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from specdec.tune import step_rates
 
@@ -57,7 +58,7 @@ def main() -> None:
                         help="settings to time (autoregressive always runs: it is the reference); "
                              f"default all: {', '.join(SETTINGS)}")
     parser.add_argument("--results-name", default="bench_step_cost",
-                        help="file name of the results (.json, .md) under experiments/results/<device>/")
+                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     model = specdec.load("smollm2-135m")
     pool = [p for pair in zip(humaneval_chat_prompts(max(args.batch)), sharegpt_prompts(max(args.batch)))

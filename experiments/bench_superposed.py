@@ -30,8 +30,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from record_results import pyplot, save_plot, write_results
 import specdec
-from specdec.bench import pyplot, save_plot, write_results
 from specdec.datasets import sharegpt
 from specdec.model import teacher_forced_logits
 from specdec.ngrams import default_ngram_path, load_ngrams, tokenizer_name

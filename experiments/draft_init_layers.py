@@ -19,8 +19,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from record_results import write_results
 import specdec
-from specdec.bench import write_results
 from training.draft import DraftTrainConfig, train_draft
 
 

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from record_results import pyplot, save_plot, write_results
 import specdec
 from heads.bundled import heads_for
 from heads.medusa import head_vocab_ids, read_metadata
 from heads.search import heldout_accuracy, top1_top5
-from specdec.bench import pyplot, save_plot, write_results
 from specdec.fetch import cache_dir
 from training.feature_draft import FeatureRows
 from training.loop import load_arrays, run_dir_of
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=cache_dir() / "heads-data-scaling",
                         help="where the row subsets and the heads trained on them are kept (reruns reuse them)")
     parser.add_argument("--results-name", default="heads_data_scaling",
-                        help="file name of the results (.json, .md) under experiments/results/<device>/")
+                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     if not all(0 < f < 1 for f in args.fractions):
         raise SystemExit(f"--fractions must lie strictly between 0 and 1 (the reference is every row), "

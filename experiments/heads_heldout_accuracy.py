@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from record_results import write_results
 import specdec
 from heads.bundled import heads_for
 from heads.medusa import head_vocab_ids, read_metadata
 from heads.search import heldout_accuracy, top1_top5
-from specdec.bench import write_results
 from training.medusa import HeadsTrainConfig
 
 TRAINING = ("epochs", "n_layers", "train_vocab", "loss", "steps", "train_positions")
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", required=True, help="directories of saved heads")
     parser.add_argument("--head-vocab", type=int, default=4096, help="tokens each set ranks (0: every token)")
     parser.add_argument("--results-name", default="heads_heldout_accuracy",
-                        help="file name of the results (.json, .md) under experiments/results/<device>/")
+                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     lm = specdec.load("smollm2-135m")
     rows = []

@@ -36,12 +36,12 @@ import argparse
 
 import numpy as np
 
+from record_results import write_results
 import specdec
 from heads.bundled import TREE_FILE, heads_for
 from heads.medusa import read_metadata
 from heads.search import saved_accuracies
 from heads.trees import frequent_tree, grow_tree, rank_accuracy
-from specdec.bench import write_results
 from training.rank_trees import cross_tokens_per_forward, decoded_tokens_per_forward, heads_heldout_ranks, path_shares
 
 SIZES = (1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 4095, 1_000_000)
@@ -53,7 +53,7 @@ def main() -> None:
                         help="ranks counted per head (0 .. max-rank - 1), one table part each")
     parser.add_argument("--heads", help="heads directory (default: the bundled heads)")
     parser.add_argument("--results-name", default="medusa_tree_ceiling",
-                        help="file name of the results (.json, .md) under experiments/results/<device>/")
+                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     lm = specdec.load("smollm2-135m")
     _, heads_dir = heads_for(lm, args.heads)

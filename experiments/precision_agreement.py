@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from record_results import write_results
 import specdec
-from specdec.bench import write_results
 from specdec.cache import init_cache
 from specdec.datasets import humaneval, humaneval_chat_prompts
 from specdec.equivalence import TIE_TOLERANCES, check

@@ -31,9 +31,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from record_results import write_results
 import specdec
 from specdec import few_rows
-from specdec.bench import curve_rows, forward_rounds, median_time, read_bandwidth, relative_costs, write_results
+from specdec.bench import curve_rows, forward_rounds, median_time, read_bandwidth, relative_costs
 from specdec.cache import init_cache, write_layer
 from specdec.model import _attend
 from specdec.rope import apply_rotary, rotary

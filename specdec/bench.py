@@ -1,24 +1,17 @@
-"""Benchmark harness: device labels, bandwidth probe, results files in the DESIGN.md schema."""
+"""Measuring on this device: its label, timing, the bandwidth probe, timed generations and the
+target's cost curve (the experiment scripts write what they measure with experiments/record_results.py)."""
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import platform
 import re
-import shlex
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 
 
 def device_label() -> tuple[str, str]:
@@ -50,54 +43,6 @@ def read_bandwidth(gigabytes: float = 1.0) -> float:
     matvec = jax.jit(lambda w, x: w @ x)
     matvec(w, x).block_until_ready()
     return w.nbytes / median_time(lambda: matvec(w, x).block_until_ready(), repeats=7)
-
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
-
-
-def git_state() -> dict:
-    """``{"commit": HEAD's hash, "dirty": whether tracked files outside experiments/results differ
-    from it}`` of the checkout holding specdec (None values outside a git checkout): results that
-    earlier runs wrote do not change what is measured."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str | None:
-        proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)experiments/results")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
-
-
-def write_results(name: str, payload: dict, columns: list[str]) -> Path:
-    """Write ``results/<device>/<name>.json`` and a Markdown table of ``rows`` beside it."""
-    folder, label = device_label()
-    payload = {"benchmark": name, "device": label, "date": datetime.date.today().isoformat(),
-               "command": command_line(), **git_state(), "jax": jax.__version__, **payload}
-    out = RESULTS / folder
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    lines = [f"# {name}", "", f"- device: {label}", f"- date: {payload['date']}",
-             f"- commit: {payload['commit']}{' (dirty tree)' if payload['dirty'] else ''}",
-             f"- command: `{payload['command']}`", f"- model: {payload.get('model')}",
-             f"- prompts: {payload.get('prompts')}", ""]
-    if payload.get("cost_curve"):
-        lines += ["- target cost curve on this machine: " + ", ".join(
-            f"c({c['k']}) = {c['relative_cost']:.2f}" for c in payload["cost_curve"]), ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in payload["rows"]:
-        cells = []
-        for col in columns:
-            value = row.get(col, row.get("options", {}).get(col, ""))
-            cells.append(f"{value:.3g}" if isinstance(value, float) else "" if value is None else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = payload.get("notes")
-    if notes:
-        lines += ["", *[f"- {n}" for n in notes]]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    return out / f"{name}.json"
 
 
 def timed_generations(model, ids: list[list[int]], methods: dict[str, dict], new_tokens: int,
@@ -157,47 +102,6 @@ def greedy_summary(model, ids: list[list[int]], results: list, reference: list) 
     decode_s = sum(r.stats.wall_s - r.stats.ttft_s for r in results)
     return {"accepted_per_forward": tokens / forwards, "tokens_per_s": tokens / decode_s,
             **equivalence_summary(model, ids, results, reference), "new_tokens": tokens, "target_forwards": forwards}
-
-
-def pyplot():
-    """matplotlib's ``pyplot`` on the file-only Agg backend; a clear error without the ``plots`` extra.
-
-    A plotting benchmark calls it before any timing, so a missing matplotlib stops it at once, not
-    after the run.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise RuntimeError("plots need matplotlib: pip install -e '.[plots]' (or make peers)") from err
-    return plt
-
-
-def save_plot(name: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
-              logx: bool = False, logy: bool = False) -> Path:
-    """Line plot of ``{label: (xs, ys)}`` to ``results/<device>/<name>.png`` (needs the ``plots`` extra)."""
-    plt = pyplot()
-    folder, label = device_label()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name_, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=name_)
-    if logx:
-        ax.set_xscale("log", base=2)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{title}\n({label})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = RESULTS / folder / f"{name}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def _forward_call(lm, width: int, prefix: int, batch: int) -> Callable[[], object]:

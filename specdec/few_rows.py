@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specdec import atomic
 from specdec.bench import device_label, median_time
 from specdec.fetch import cache_dir
 
@@ -129,11 +130,7 @@ def max_rows() -> int:
         best = _calibrate()
     record = {"max_rows": best, "machine": label, "threads": _threads(), "weights": list(CALIBRATION_WEIGHTS)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.partial")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh)
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(record))
     except OSError as err:  # a read-only or full cache: use the measurement, measure again next time
         warnings.warn(f"specdec: could not record the few-row kernel's measurement in {path.parent} ({err})",
                       stacklevel=2)

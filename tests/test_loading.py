@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 import specdec
 from conftest import full_logits
-from specdec.bench import pyplot
+from record_results import pyplot
 from specdec.config import tiny_config
 from specdec.fetch import FetchError, JoinedFile, WheelFile, fetch, sha256_of
 from specdec.gguf_loader import GGUFError
