@@ -23,15 +23,20 @@ cache then keeps only the first chain's guesses, so ``refeed`` must reach back
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from drafts.prompt_lookup import lookup_beside
+from drafts.saved import CONFIG_FILE, draft_for
 from specdec.cache import KVCache, init_cache
-from specdec.config import LlamaConfig
+from specdec.config import LlamaConfig, precision_name
 from specdec.engine import Commit, Proposal, View, draft_branches, draft_length, draft_width, no_proposal
+from specdec.loading import LoadedModel, load
+from specdec.method_spec import DraftTree, build_by_load, option, register, schedule
 from specdec.model import forward
 from specdec.sampling import Sampling, position_key
 from specdec.tree import Tree
@@ -179,3 +184,31 @@ def draft_proposer(target: LlamaConfig, draft_config: LlamaConfig, graphdef: nnx
     branches = draft_branches(branches, target.vocab_size)
     return DraftModelProposer(graphdef=graphdef, k=k, width=draft_width(width, target.vocab_size),
                               refeed=max(k, deepest or 0, 1) if branches > 1 else 1, branches=branches)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Draft(DraftTree):
+    """Draft-model speculation: a small model of the target's vocabulary drafts, the target verifies."""
+
+    name: ClassVar[str] = "draft"
+    summary: ClassVar[str] = "a small draft model proposes k tokens (or a tree), the target verifies them"
+    tuned: ClassVar[str] = "k"
+    tune_choices: ClassVar[tuple] = (0, 1, 2, 4)
+    draft: Any = option(None, "draft model: registry name, .gguf, HF directory or one saved by `specdec "
+                        "train-draft` (default: the bundled one)", cli=str)
+
+    def build(self, target) -> tuple[Any, Any]:
+        draft = self.draft
+        if draft is None or (not isinstance(draft, LoadedModel) and (Path(draft) / CONFIG_FILE).is_file()):
+            draft = draft_for(target, draft)[0]  # the bundled draft, or one saved by `specdec train-draft`
+        elif not isinstance(draft, LoadedModel):
+            draft = load(draft, precision=precision_name(target.config))
+        deepest = max(schedule(self.k).values())  # every proposer of a by-load schedule shares the draft's cache
+
+        def one(k, width):
+            proposer = draft_proposer(target.config, draft.config, draft.graphdef, k=k, width=width,
+                                      branches=self.draft_branches, deepest=deepest)
+            return lookup_beside(self, proposer, draft.state)
+
+        return build_by_load(one, self.budget, k=self.k, width=self.draft_width)

@@ -13,6 +13,7 @@ place; rejected ones lie past the committed length and are overwritten later.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from flax import nnx
 from drafts.draft_model import draft_tree, pick_draft
 from specdec.config import LlamaConfig
 from specdec.engine import Commit, Proposal, View, draft_length, whole_number
+from specdec.method_spec import DEFAULT_K, Speculative, build_by_load, option, register
 from specdec.model import forward
 from specdec.sampling import Sampling
 from specdec.tree import Tree
@@ -79,3 +81,19 @@ def early_exit_proposer(target: LlamaConfig, graphdef: nnx.GraphDef, *, exit_lay
     """Check the exit layer and draft length and build the proposer."""
     exit_layer = whole_number(exit_layer, "exit_layer (a layer of the model)", 1, target.n_layers)
     return EarlyExitProposer(graphdef=graphdef, exit_layer=exit_layer, k=draft_length(k, minimum=1))
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class EarlyExit(Speculative):
+    """Lossless self-speculation: the target's bottom layers draft, the whole target verifies."""
+
+    name: ClassVar[str] = "early_exit"
+    summary: ClassVar[str] = "the target's bottom layers draft k tokens, the whole target verifies them"
+    exit_layer: int | None = option(None, "draft with this many bottom layers (default: half)")
+    k: int | dict = option(DEFAULT_K, "draft tokens per step", by_load=True)
+
+    def build(self, target) -> tuple[Any, Any]:
+        exit_layer = target.config.n_layers // 2 if self.exit_layer is None else self.exit_layer
+        return build_by_load(lambda k: (early_exit_proposer(target.config, target.graphdef, exit_layer=exit_layer,
+                                                            k=k), target.state), k=self.k)

@@ -10,16 +10,19 @@ are deterministic, so lossless sampling treats them as point masses.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from specdec.engine import Commit, Proposal, View, draft_length, no_proposal, whole_number
+from specdec.engine import Commit, Proposal, View, draft_length, draft_width, no_proposal, whole_number
+from specdec.method_spec import DEFAULT_K, Budgeted, WithLookup, build_by_load, option, register
 from specdec.sampling import Sampling, argmax
 from specdec.tree import Tree
-from specdec.union import union_tree
+from specdec.union import UnionProposer, union_tree
 
 
 def lookup(history: jax.Array, lengths: jax.Array, *, k: int, max_ngram: int, min_ngram: int,
@@ -95,3 +98,42 @@ class PromptLookupProposer:
 
     def commit(self, params, state, commit: Commit):
         return state
+
+
+def with_lookup(proposer, params, k: int, **lookup) -> tuple[Any, Any]:
+    """``(proposer, params)`` with ``k``-token prompt-lookup chains beside the proposer's tree
+    (``lookup``: the chains' width, max_ngram and min_ngram); k 0 returns them unchanged."""
+    k = whole_number(k, "lookup (prompt-lookup tokens beside the tree)")
+    if k == 0:
+        return proposer, params
+    if hasattr(proposer, "refeed"):  # a draft model re-writes any path the union may accept
+        proposer = dataclasses.replace(proposer, refeed=max(proposer.refeed, proposer.tree.max_depth, k))
+    return UnionProposer((proposer, PromptLookupProposer(k=k, **lookup))), (params, None)
+
+
+def lookup_beside(spec: WithLookup, proposer, params) -> tuple[Any, Any]:
+    """``(proposer, params)`` with the prompt-lookup chains ``spec.lookup`` and ``spec.lookup_width`` ask for."""
+    width = whole_number(spec.lookup_width, "lookup_width (prompt-lookup chains beside the tree)", 1)
+    return with_lookup(proposer, params, spec.lookup, width=width)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class PromptLookup(Budgeted):
+    """Prompt lookup: drafts copied from the row's own context (no draft model)."""
+
+    name: ClassVar[str] = "prompt_lookup"
+    summary: ClassVar[str] = "copies the continuation of the context's last n-gram from earlier in the context"
+    tuned: ClassVar[str] = "k"
+    tune_choices: ClassVar[tuple] = (0, 1, 2, 4)
+    k: int | dict = option(DEFAULT_K, "draft tokens per step (0 turns speculation off)", by_load=True)
+    max_ngram: int = option(3, "longest n-gram matched")
+    min_ngram: int = option(1, "shortest n-gram matched")
+    draft_width: int | dict = option(1, "chains copied from distinct matches", by_load=True)
+
+    def build(self, target) -> tuple[Any, Any]:
+        def one(k, width):
+            return PromptLookupProposer(k=k, width=draft_width(width, target.config.vocab_size),
+                                        max_ngram=self.max_ngram, min_ngram=self.min_ngram), None
+
+        return build_by_load(one, self.budget, k=self.k, width=self.draft_width)

@@ -50,7 +50,7 @@ from specdec.config import PRECISION_POLICIES, precision_name
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from heads.bundled import default_tree, default_trees, heads_for
 from heads.trees import BUILTIN_TREES, load_spec
-from specdec.tune import MAIN_OPTION, WIDTH_METHODS, tune
+from specdec.tune import tunable, tune
 
 # By-load schedules (k 0 / "chain-0": speculation off), from bench_step_cost on the 2-core AVX2 CPU
 # (results/cpu/bench_step_cost.md): there one row decodes with matrix-vector products, which any
@@ -109,8 +109,9 @@ def tune_all(model, args, draft: dict) -> dict:
     out = {}
     for name in args.methods:
         start = time.perf_counter()
-        widths = args.tune_widths if args.tune_widths and name in WIDTH_METHODS else None
-        choices = args.tune_choices if MAIN_OPTION[name] == "k" else None
+        spec = tunable()[name]
+        widths = args.tune_widths if args.tune_widths and "draft_width" in spec.option_names() else None
+        choices = args.tune_choices if spec.tuned == "k" else None
         out[name] = tune(model, name, ids, rows=tune_rows(args), choices=choices, widths=widths,
                          options=draft if name == "draft" else None, progress=print)
         print(f"{name} tuned in {time.perf_counter() - start:.0f} s: {out[name].options}", flush=True)
@@ -128,7 +129,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--draft", default=None, help="draft model for the draft proposer (default: the bundled one)")
     parser.add_argument("--results-name", default="bench_batch",
-                        help="file name of the results (.json, .md, .png) in experiments/results/<name>/<machine>-<date>/")
+                        help="study name: the results (.json, .md, .png) go to "
+                        "experiments/results/<name>/<machine>-<date>/")
     parser.add_argument("--methods", nargs="+", default=list(PROPOSERS), choices=PROPOSERS,
                         help="speculative proposers to run; autoregressive always runs: it is the reference")
     parser.add_argument("--schedules", nargs="+", default=["fixed", "by-load", "budget", "tuned"],

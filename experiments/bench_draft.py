@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--medusa-trees", nargs="*", default=[],
                         help="Medusa rows with these trees (built-in names such as tree-64, or JSON files) beside "
                              "the row with the heads' default tree")
-    parser.add_argument("--results-name", default="bench_draft", help="study name: the results go to experiments/results/<name>/<machine>-<date>/")
+    parser.add_argument("--results-name", default="bench_draft", help="study name: the results go to "
+                        "experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     pyplot()  # fail now, not after the run, without matplotlib
 

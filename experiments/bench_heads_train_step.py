@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps timed per setting and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--results-name", default="bench_heads_train_step",
-                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
+                        help="study name: the results (.json, .md) go to "
+                        "experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     if 0 not in args.vocabs:
         raise SystemExit("--vocabs must include 0 (the full vocabulary the others are compared with)")

@@ -58,7 +58,8 @@ def main() -> None:
                         help="settings to time (autoregressive always runs: it is the reference); "
                              f"default all: {', '.join(SETTINGS)}")
     parser.add_argument("--results-name", default="bench_step_cost",
-                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
+                        help="study name: the results (.json, .md) go to "
+                        "experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     model = specdec.load("smollm2-135m")
     pool = [p for pair in zip(humaneval_chat_prompts(max(args.batch)), sharegpt_prompts(max(args.batch)))

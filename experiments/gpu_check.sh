@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The accelerator check: on a machine with a GPU (or TPU), strict equivalence and the request-pool
 # benchmark of prompt lookup, in bfloat16 ("bf16") and float32 ("highest"), for SmolLM2-135M-Instruct
-# and Gemma-3-270M. Results land under experiments/results/<device>/ (bench_batch_*.json/.md, each
-# naming its device, commit and command; gpu_check_*.txt, the equivalence tables). Exits non-zero on
-# any MISMATCH. Usage, from the repository root after `make peers` (or any .venv with specdec):
+# and Gemma-3-270M. Results land in experiments/results/<study>/<machine>-<date>/ (the bench_batch_*
+# studies, each naming its device, commit and command, and gpu_check, the equivalence tables). Exits
+# non-zero on any MISMATCH. Usage, from the repository root after `make peers` (or any .venv with specdec):
 #
 #     bash experiments/gpu_check.sh            # PY=python3 bash experiments/gpu_check.sh elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=$("$PY" -c "from specdec.bench import RESULTS, device_label; print(RESULTS / device_label()[0])")
+OUT=$("$PY" -c "import sys; sys.path.insert(0, 'experiments'); from record_results import run_folder
+print(run_folder('gpu_check'))")
 mkdir -p "$OUT"
 status=0
 for model in smollm2-135m gemma3-270m; do

@@ -93,7 +93,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=cache_dir() / "heads-data-scaling",
                         help="where the row subsets and the heads trained on them are kept (reruns reuse them)")
     parser.add_argument("--results-name", default="heads_data_scaling",
-                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
+                        help="study name: the results (.json, .md) go to "
+                        "experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     if not all(0 < f < 1 for f in args.fractions):
         raise SystemExit(f"--fractions must lie strictly between 0 and 1 (the reference is every row), "

@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", required=True, help="directories of saved heads")
     parser.add_argument("--head-vocab", type=int, default=4096, help="tokens each set ranks (0: every token)")
     parser.add_argument("--results-name", default="heads_heldout_accuracy",
-                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
+                        help="study name: the results (.json, .md) go to "
+                        "experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     lm = specdec.load("smollm2-135m")
     rows = []

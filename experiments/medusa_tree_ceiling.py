@@ -53,7 +53,8 @@ def main() -> None:
                         help="ranks counted per head (0 .. max-rank - 1), one table part each")
     parser.add_argument("--heads", help="heads directory (default: the bundled heads)")
     parser.add_argument("--results-name", default="medusa_tree_ceiling",
-                        help="file name of the results (.json, .md) in experiments/results/<name>/<machine>-<date>/")
+                        help="study name: the results (.json, .md) go to "
+                        "experiments/results/<name>/<machine>-<date>/")
     args = parser.parse_args()
     lm = specdec.load("smollm2-135m")
     _, heads_dir = heads_for(lm, args.heads)

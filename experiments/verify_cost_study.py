@@ -36,7 +36,7 @@ import specdec
 from specdec import few_rows
 from specdec.bench import curve_rows, forward_rounds, median_time, read_bandwidth, relative_costs
 from specdec.cache import init_cache, write_layer
-from specdec.model import _attend
+from specdec.model import attend
 from specdec.rope import apply_rotary, rotary
 
 WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -79,7 +79,7 @@ def class_programs(lm, prefix: int):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             cache = write_layer(cache, layer, k, k)
             visible = jnp.arange(cache.slots)[None, None, :] <= positions[:, :, None]
-            out.append(_attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths).sum())
+            out.append(attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths).sum())
         return jnp.stack(out)
 
     def lm_head(state, x, cache, positions):

@@ -22,17 +22,20 @@ A spec of rank paths (``paths``) drafts any tree instead, one depth per draft fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from drafts.draft_model import draft_chain, draft_tree
+from drafts.prompt_lookup import lookup_beside
+from heads.feature_draft import FeatureDraft, feature_draft_for
 from heads.feature_tree import draft_ranked_tree
 from heads.trees import load_spec
 from specdec.cache import KVCache, init_cache
 from specdec.engine import Commit, View, draft_branches, draft_length, draft_width, no_proposal
+from specdec.method_spec import DEFAULT_K, DraftTree, build_by_load, option, register, schedule
 from specdec.sampling import Sampling
 from specdec.tree import Tree
 
@@ -123,3 +126,45 @@ def feature_draft_proposer(target, draft, *, k=None, width: int = 1, span: int |
         raise ValueError(f"span must be >= k + 1 = {k + 1}, got {span}")
     return FeatureDraftProposer(graphdef=nnx.split(draft)[0], k=k, width=width, span=span,
                                 branches=draft_branches(branches, target.config.vocab_size), paths=paths)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Eagle(DraftTree):
+    """EAGLE-style feature drafts: a one-layer draft on the target's features proposes a chain or a tree."""
+
+    name: ClassVar[str] = "eagle"
+    summary: ClassVar[str] = "a one-layer draft on the target's hidden features proposes k tokens or a tree"
+    tuned: ClassVar[str] = "k"
+    tune_choices: ClassVar[tuple] = (0, 1, 2, 4)
+    feature_draft: Any = option(None, "feature draft directory (default: the bundled one)", cli=str)
+    k: int | dict | None = option(None, f"draft tokens per step (default {DEFAULT_K}; 0 turns speculation off)",
+                                  by_load=True)
+    draft_width: int | dict | None = option(None, "candidates per depth (default 1)", by_load=True)
+    draft_branches: int | None = option(None, "a chain of k below each of the root's this many likeliest "
+                                        "children (default 1)")
+    tree: Any = option(None, "a tree of draft ranks instead of k (e.g. from `specdec draft-tree`)", cli=str,
+                       by_load=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tree is not None and any(v is not None for v in (self.k, self.draft_width, self.draft_branches)):
+            raise ValueError("method 'eagle' takes a tree (of draft ranks) or k / draft_width / draft_branches, "
+                             "not both: drop one")
+
+    def build(self, target) -> tuple[Any, Any]:
+        draft = self.feature_draft
+        if not isinstance(draft, FeatureDraft):
+            draft = feature_draft_for(target, draft)  # the bundled one, or one saved by `specdec train-feature-draft`
+        params = nnx.state(draft)
+        if self.tree is not None:  # a tree of draft ranks, by load or one
+            depth = max(max((len(p) for p in load_spec(t)), default=0) for t in schedule(self.tree).values())
+            span = max(depth, self.lookup) + 1
+            return build_by_load(lambda tree: lookup_beside(
+                self, feature_draft_proposer(target, draft, tree=tree, span=span), params), self.budget, tree=self.tree)
+        k = DEFAULT_K if self.k is None else self.k
+        branches = 1 if self.draft_branches is None else self.draft_branches
+        span = max(*schedule(k).values(), self.lookup) + 1  # one state layout for every tree of a by-load schedule
+        return build_by_load(lambda k, width: lookup_beside(
+            self, feature_draft_proposer(target, draft, k=k, width=width, branches=branches, span=span), params),
+            self.budget, k=k, width=1 if self.draft_width is None else self.draft_width)

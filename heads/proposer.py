@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from heads.medusa import checked_vocab
-from heads.trees import TreeBuffers, candidate_tokens, tree_buffers
+from drafts.prompt_lookup import lookup_beside
+from heads.bundled import default_head_vocab, default_trees, heads_for
+from heads.medusa import MedusaHeads, checked_vocab, head_vocab_ids
+from heads.trees import TreeBuffers, candidate_tokens, load_spec, tree_buffers
 from specdec.engine import Commit, Proposal, View, no_proposal
+from specdec.method_spec import WithLookup, build_by_load, option, register
 from specdec.sampling import Sampling
 from specdec.tree import Tree
 
@@ -91,3 +95,30 @@ def medusa_proposer(target, heads, spec, vocab=None) -> tuple[MedusaProposer, di
         table = table[vocab]
     spec = tuple(tuple(p) for p in spec)
     return MedusaProposer(graphdef=graphdef, spec=spec), {"heads": state, "table": table, "vocab": vocab}
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Medusa(WithLookup):
+    """Medusa heads on the target's last hidden state propose a tree, verified with tree attention."""
+
+    name: ClassVar[str] = "medusa"
+    summary: ClassVar[str] = "heads on the target's hidden state propose a tree of candidates, verified at once"
+    tuned: ClassVar[str] = "tree"
+    tune_choices: ClassVar[tuple] = ("chain-0", "chain-1", "chain-2", "tree-8", "tree-16")
+    heads: Any = option(None, "Medusa heads directory (default: the bundled heads)", cli=str)
+    tree: Any = option(None, "a built-in tree (chain-0..4, tree-8/16/32/64; chain-0: speculation off) or a JSON "
+                       "file of paths (default: the searched tree saved with the heads)", cli=str, by_load=True)
+    head_vocab: int | None = option(None, "the heads propose only the N tokens they were most often trained on (a "
+                                    "cheaper projection; lossless; 0: every token; default: the one the heads' tree "
+                                    "was searched with, else their training vocabulary)")
+
+    def build(self, target) -> tuple[Any, Any]:
+        heads, heads_dir = self.heads, None
+        if not isinstance(heads, MedusaHeads):
+            heads, heads_dir = heads_for(target, heads)
+        tree = default_trees(heads_dir) if self.tree is None else self.tree  # read beside the heads only then
+        head_vocab = default_head_vocab(heads_dir) if self.head_vocab is None else self.head_vocab
+        vocab = head_vocab_ids(target, head_vocab, heads_dir)
+        return build_by_load(lambda tree: lookup_beside(self, *medusa_proposer(target, heads, load_spec(tree), vocab)),
+                             self.budget, tree=tree)

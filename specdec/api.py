@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from specdec.autoregressive import DecodeShapes, decode, plan_shapes, prompt_arrays, prompt_bucket
+from specdec.autoregressive import DecodeShapes, StepConfig, decode, plan_shapes, prompt_arrays, prompt_bucket
 from specdec.engine import by_load, speculative_decode, whole_number
-from specdec.loading import LoadedModel, load_once
-from specdec.methods import METHOD_OPTIONS, build_proposer
+from specdec.loading import LoadedModel, as_model
+from specdec.method_spec import MethodSpec, all_options, method_spec
+from specdec.methods import build_proposer
 from specdec.pool import SlotUse, admit_autoregressive, admit_speculative, dec_of, pool_states, put_rows
 from specdec.sampling import Sampling
 from specdec.skipdecode import finetuned_for, schedule_for
@@ -73,10 +74,6 @@ class Draft:
     finish_reason: str  # "eos" or "length"
 
 
-def _resolve(model) -> LoadedModel:
-    return load_once(model) if isinstance(model, str) else model
-
-
 def encode_prompts(lm: LoadedModel, prompts, chat: bool, system: str | None) -> list[list[int]]:
     """Token ids of each prompt as ``generate`` feeds them: text through the chat template (``chat``,
     ``system``) and the tokenizer, id lists checked against the vocabulary."""
@@ -112,19 +109,17 @@ class _Run:
     """Shared set-up of generate/stream: encoded prompts, shapes, stop handling; the ``Requests``
     the pool (``specdec.pool``) decodes, and each request's outcome once it finished."""
 
-    def __init__(self, model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                 system, stop, stop_tokens, ignore_eos, max_cache_len, method, slots, chunk_steps, merge_admissions,
-                 **method_options):
-        self.lm = _resolve(model)
-        self.method, self.options = method, method_options
+    def __init__(self, model, prompts, spec: MethodSpec, o: GenerateOptions):
+        self.lm = as_model(model)
+        self.spec, self.method, method_options = spec, spec.name, spec.options()  # an option a method lacks: None
         self.schedule = None
-        if method == "skipdecode":
-            if slots is not None:
+        if self.method == "skipdecode":
+            if o.slots is not None:
                 raise ValueError("method 'skipdecode' shares one layer schedule across a batch's steps, so rows "
                                  "cannot join mid-way: drop slots= (decode the prompts as one batch)")
             if method_options.get("weights") is not None:
                 self.lm = finetuned_for(self.lm, method_options["weights"])
-        built = build_proposer(method, self.lm, method_options)
+        built = build_proposer(spec, self.lm)
         self.proposer, self.pparams = built if built is not None else (None, None)
         self.rule = method_options.get("verification") or "exact"
         self.times = [] if method_options.get("profile") else None
@@ -132,27 +127,27 @@ class _Run:
         prompts = [prompts] if self.single else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
-        self.sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.ids = encode_prompts(self.lm, prompts, chat, system)
+        self.sampling = Sampling(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p)
+        self.ids = encode_prompts(self.lm, prompts, o.chat, o.system)
         self.n = len(self.ids)
-        self.max_new = _per_row(max_new_tokens, self.n, "max_new_tokens")
-        self.seeds = _per_row(seed, self.n, "seed")
-        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
+        self.max_new = _per_row(o.max_new_tokens, self.n, "max_new_tokens")
+        self.seeds = _per_row(o.seed, self.n, "seed")
+        self.stop = [o.stop] if isinstance(o.stop, str) else list(o.stop or [])
         if self.stop and self.lm.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         self.width = 1 if method_options.get("block_width") is None else method_options["block_width"]
         self.width = whole_number(self.width, "block_width", 1)
-        self.slots = self.n if slots is None else whole_number(slots, "slots (batch rows on device)", 1)
+        self.slots = self.n if o.slots is None else whole_number(o.slots, "slots (batch rows on device)", 1)
         extra = self.proposer.tree.size if self.proposer is not None else self.width - 1
-        self.shapes = plan_shapes(self.lm.config, [len(p) for p in self.ids], self.max_new, max_cache_len, extra)
+        self.shapes = plan_shapes(self.lm.config, [len(p) for p in self.ids], self.max_new, o.max_cache_len, extra)
         tok = self.lm.tokenizer
-        eos = set(tok.eos_ids) if tok is not None and not ignore_eos else set()
-        self.eos = tuple(sorted(eos | set(stop_tokens or ())))
-        pooled = slots is not None
-        self.chunk_steps = chunk_steps or (POOL_CHUNK_STEPS if self.stop or pooled else None)
+        eos = set(tok.eos_ids) if tok is not None and not o.ignore_eos else set()
+        self.eos = tuple(sorted(eos | set(o.stop_tokens or ())))
+        pooled = o.slots is not None
+        self.chunk_steps = o.chunk_steps or (POOL_CHUNK_STEPS if self.stop or pooled else None)
         self.end_on_finish = pooled and self.slots > 1  # a freed slot refills at once (one slot: no-op)
         early_exit = self.proposer is not None and hasattr(by_load(self.proposer).steps[0][1], "verify_from")
-        self.merge_admissions = merge_admissions and not early_exit  # SkipDecode: no slots=, no admissions
+        self.merge_admissions = o.merge_admissions and not early_exit  # SkipDecode: no slots=, no admissions
         self.stopped = [None] * self.n
         self.outcomes: list[tuple[list[int], int, list[int] | None] | None] = [None] * self.n
         self.use = SlotUse()
@@ -166,12 +161,12 @@ class _Run:
         """The decode generator over ``requests`` (indices into the prompts)."""
         shapes = self.shapes_of(requests)
         common = dict(max_new=[self.max_new[r] for r in requests], seeds=[self.seeds[r] for r in requests],
-                      sampling=self.sampling, eos_ids=self.eos, shapes=shapes, chunk_steps=self.chunk_steps,
-                      end_on_finish=self.end_on_finish)
+                      config=StepConfig(sampling=self.sampling, eos_ids=self.eos, shapes=shapes,
+                                        chunk_steps=self.chunk_steps, end_on_finish=self.end_on_finish))
         ids = [self.ids[r] for r in requests]
         if self.method == "skipdecode":
             end = max(len(i) for i in ids)
-            self.schedule = schedule_for(self.lm.config.n_layers, self.options, prompt_end=end,
+            self.schedule = schedule_for(self.lm.config.n_layers, self.spec, prompt_end=end,
                                          max_length=end + max(common["max_new"]))
             return decode(self.lm.graphdef, self.lm.state, ids, layer_masks=self.schedule.step_masks(shapes.out),
                           **common)
@@ -247,14 +242,38 @@ class _Run:
         return text[:self.stopped[request][0]] if self.stopped[request] is not None else text
 
 
-_METHOD_OPTIONS = sorted({o for opts in METHOD_OPTIONS.values() for o in opts})
 POOL_CHUNK_STEPS = 16
 """On-device steps between host visits when the host has work between chunks (stop strings, a pool)."""
 
-_DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True,
-                 system=None, stop=None, stop_tokens=None, ignore_eos=False, max_cache_len=None, slots=None,
-                 chunk_steps=None, merge_admissions=True,
-                 method="autoregressive", **{o: None for o in _METHOD_OPTIONS})
+@dataclass(frozen=True, kw_only=True)
+class GenerateOptions:
+    """``generate``'s options other than the method's (documented there)."""
+
+    max_new_tokens: int | Sequence[int] = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | Sequence[int] = 0
+    chat: bool = True
+    system: str | None = None
+    stop: str | Sequence[str] | None = None
+    stop_tokens: Sequence[int] | None = None
+    ignore_eos: bool = False
+    max_cache_len: int | None = None
+    slots: int | None = None
+    chunk_steps: int | None = None
+    merge_admissions: bool = True
+
+
+def _split(options: dict) -> tuple[MethodSpec, GenerateOptions]:
+    """``generate``'s keyword options as (the method's spec, the others)."""
+    methods = all_options()  # read now: a method registered after import is known too
+    general = {f.name for f in dataclasses.fields(GenerateOptions)}
+    known = {"method", *general, *methods}
+    if unknown := set(options) - known:
+        raise TypeError(f"unknown generate options {sorted(unknown)}; known: {sorted(known)}")
+    spec = method_spec(options.get("method", "autoregressive"), {o: v for o, v in options.items() if o in methods})
+    return spec, GenerateOptions(**{o: v for o, v in options.items() if o in general})
 
 
 def generate(model, prompts, **options) -> Generation | list[Generation]:
@@ -282,76 +301,21 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
         first (a baseline). Outputs do not depend on it. Early exit always prefills alone.
       chunk_steps: on-device steps between host visits (default: all at once, or 16 with stop strings
         or slots).
-      method: "autoregressive" (default), "draft" (a draft model proposes), "prompt_lookup"
-        (n-gram match against the row's own context), "medusa" (Medusa heads propose a tree),
-        "eagle" (a feature draft: one decoder layer over the target's own hidden states drafts
-        k tokens), "early_exit" (the target's bottom layers propose), "skipdecode" (LOSSY early
-        exit) or "superposed" (k drafts per prompt from one pass, see below).
-        Speculative options:
-        draft: the draft model (``LoadedModel``, registry name or path; same vocabulary);
-        k: draft tokens per step (default 4); draft_width: candidates per depth (default 1, a chain);
-        draft_branches (methods "draft", "eagle"): a chain of k below each of the root's this many
-        likeliest children, drafted side by side (default 1; see ``drafts.draft_model.draft_tree``);
-        k, draft_width (and Medusa's tree) may also be a dict by load, ``{running rows: value}`` with a key 1,
-        picked at each chunk's start: e.g. ``k={1: 4, 8: 2}`` verifies fewer candidates once 8 rows
-        run, where a batched target forward is compute-bound (with slots=, or chunk_steps=);
-        k=0 (Medusa: tree "chain-0") turns speculation off, e.g. ``k={1: 4, 8: 0}``;
-        budget (draft, prompt_lookup, medusa, eagle; verification "exact"): verify at most this many
-        draft tokens per step, all rows together, those the proposer rates likeliest to be
-        accepted (the target computes only the rows' roots and them; see ``specdec.budget``):
-        e.g. ``k=1, budget=3`` at 8 slots verifies 11 tokens a step instead of 16; it may be a
-        dict by load too, e.g. ``k={1: 4, 2: 1}, budget={1: 4, 8: 2}``;
-        max_ngram, min_ngram: prompt lookup's n-gram sizes (default 3 and 1); its draft_width copies
-        that many chains, from the best matches whose continuations start with distinct tokens;
-        lookup (methods "medusa", "eagle" and "draft"): also propose this many prompt-lookup tokens (n-grams 3
-        down to 1) as a second branch under the root, verified in the same target forward; the
-        deepest accepted path wins, whichever branch it is in (see ``specdec.union``; default 0);
-        lookup_width: that many prompt-lookup chains of ``lookup`` tokens (default 1);
-        feature_draft (method "eagle"): a ``FeatureDraft`` or a directory saved by ``specdec
-        train-feature-draft`` (default: the one bundled for the model); it takes k, draft_width and draft_branches;
-        heads: Medusa heads (``MedusaHeads`` or a saved directory; default: the heads bundled for
-        the model); tree: a built-in tree name, a JSON file or a list of paths (default: the
-        searched tree saved with the heads, else "tree-16"); head_vocab: the heads project onto
-        these token ids only (a list), or onto the N they were most often trained on (an int N,
-        from the heads' ``token_counts.npy``; EOS kept): a far cheaper projection than the whole
-        vocabulary, lossless since the target verifies (default: the ``head_vocab`` recorded in the
-        heads' ``tree.json`` by ``specdec search-tree --head-vocab N --save``, else the vocabulary
-        they were trained over (``specdec train-heads --train-vocab N``), else every token; 0: every
-        token);
-        exit_layer (method "early_exit", lossless self-speculation): draft with the target's
-        first exit_layer layers, then verify with the rest (default: half the layers);
-        verification: "exact" (default; greedy, or coupled sampling: token-identical to
-        autoregressive with the same seeds), "rejection" (lossless speculative sampling, exact
-        in distribution) or "typical" (Medusa typical acceptance, LOSSY);
-        profile: time proposer and target apart (steps driven from the host, slower), reported
-        in ``stats.proposer_s`` and ``stats.target_s``.
-        block_width (autoregressive only): run each step as a forward over this many tokens
-        (the newest plus hidden padding): the strict reference for a speculative method whose
-        candidate tree has this many nodes (see ``specdec.equivalence.check(strict=True)``).
-        method "skipdecode" (SkipDecode early exit, LOSSY: not the target's output): every
-        generated position runs warmup_layers bottom layers (default 1) and the top ones, their
-        number decaying linearly from max_active to min_active over the batch's generation;
-        target_speedup (default 2) picks the two so that n_layers / mean active layers matches
-        it. weights: a directory written by ``specdec train-skipdecode`` (parameters fine-tuned
-        with the schedule). Not with slots=.
-        method "superposed" (Superposed Decoding: k drafts for about the cost of one greedy run;
-        not the target's greedy output): num_drafts k (default 3); tau, the shared distribution's
-        temperature (default 0.06); n_token_sample (default 3k); alpha, the n-gram weight
-        (default 0.54; 0 for the LM alone); ngrams: an ``NgramModel`` or a file from
-        ``specdec build-ngrams`` (default: the model's tables in the cache, built from ShareGPT
-        on first use); ngram_weights, lambda per n (default 0.01, 0.04, 0.15, 0.18, 0.12 for
-        n = 2..6); reset_every (default 0, never). Each result's ``drafts`` lists the k drafts
-        best first with their scores; ``tokens``/``text`` are the best one's. Not with
-        temperature, top_k, top_p, stop, slots or chunk_steps.
+      method: a method spec, e.g. ``Medusa(tree="tree-16")`` or ``PromptLookup(k=2, budget=3)`` (see
+        ``specdec.method_spec`` and each method's page under docs/methods/), or its registered name
+        ("autoregressive", the default; "draft", "prompt_lookup", "medusa", "eagle", "early_exit",
+        "skipdecode", "superposed") with the method's options as keywords beside it (e.g.
+        ``method="draft", k=2``). By-load options (k, draft_width, tree, budget) may be
+        ``{running rows: value}`` dicts with a key 1, picked at each chunk's start.
+        Superposed decoding returns each prompt's drafts best first in ``drafts``; it takes none of
+        temperature, top_k, top_p, stop, slots or chunk_steps. SkipDecode does not take slots.
     Returns:
       a ``Generation`` for a single prompt, else a list in input order.
     """
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown generate options {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-    if options.get("method") == "superposed":
-        return _superposed(model, prompts, {**_DEFAULTS, **options})
-    run = _Run(model, prompts, **{**_DEFAULTS, **options})
+    spec, general = _split(options)
+    if spec.name == "superposed":
+        return _superposed(model, prompts, spec, general)
+    run = _Run(model, prompts, spec, general)
     start = time.perf_counter()
     ttft = None
     for st, _ in run.states():
@@ -362,7 +326,7 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
     stats = DecodeStats(ttft_s=ttft, wall_s=wall, new_tokens=sum(len(o[0]) for o in run.outcomes),
                         target_forwards=run.use.forwards, rows=run.n,
                         row_forwards=sum(o[1] for o in run.outcomes),
-                        slot_utilisation=run.use.utilisation if options.get("slots") is not None else None,
+                        slot_utilisation=run.use.utilisation if general.slots is not None else None,
                         prefill_s=run.use.prefill_s,
                         mean_active_layers=run.schedule.mean_active if run.schedule is not None else None)
     if run.times is not None:
@@ -380,10 +344,11 @@ def generate(model, prompts, **options) -> Generation | list[Generation]:
 
 def stream(model, prompts, *, chunk_steps: int = 8, **options) -> Iterator[list[str]]:
     """Like ``generate`` but yields, after each on-device chunk, each row's new text."""
-    if options.get("method") == "superposed":
+    spec, general = _split(options)
+    if spec.name == "superposed":
         raise ValueError("stream does not support method 'superposed' (its drafts are ranked at the end): "
                          "use generate")
-    run = _Run(model, prompts, **{**_DEFAULTS, **options, "chunk_steps": chunk_steps})
+    run = _Run(model, prompts, spec, dataclasses.replace(general, chunk_steps=chunk_steps))
     if run.lm.tokenizer is None:
         raise ValueError("stream needs a tokenizer to produce text; use generate with token ids")
     shown = [""] * run.n
@@ -404,22 +369,21 @@ def stream(model, prompts, *, chunk_steps: int = 8, **options) -> Iterator[list[
 _NOT_SUPERPOSED = ("temperature", "top_k", "top_p", "stop", "slots", "chunk_steps")
 
 
-def _superposed(model, prompts, options: dict) -> Generation | list[Generation]:
+def _superposed(model, prompts, spec, options: GenerateOptions) -> Generation | list[Generation]:
     """``generate(method="superposed")``: k drafts per prompt from one superposed pass."""
     from specdec.ngrams import NgramModel, build_ngram_file, default_ngram_path, load_ngrams, tokenizer_name
-    from specdec.superposed import PUBLISHED, superposed_decode
+    from specdec.superposed import superposed_decode
 
-    given = [o for o in _NOT_SUPERPOSED if options[o] != _DEFAULTS[o]]
+    given = [o for o in _NOT_SUPERPOSED if getattr(options, o) != getattr(GenerateOptions(), o)]
     if given:
         raise ValueError(f"method 'superposed' does not take {given}: it draws from its own shared distribution "
                          f"(tau, n_token_sample) and decodes every prompt as one batch")
-    build_proposer("superposed", None, {o: options[o] for o in _METHOD_OPTIONS})  # rejects foreign options
-    lm = _resolve(model)
+    lm = as_model(model)
     single = _is_single(prompts)
-    ids = encode_prompts(lm, [prompts] if single else list(prompts), options["chat"], options["system"])
+    ids = encode_prompts(lm, [prompts] if single else list(prompts), options.chat, options.system)
     if not ids:
         raise ValueError("no prompts given")
-    ngrams, alpha = options["ngrams"], options["alpha"]
+    ngrams, alpha = spec.ngrams, spec.alpha
     if alpha != 0 and not isinstance(ngrams, NgramModel):
         if ngrams is None:
             if lm.tokenizer is None:
@@ -430,19 +394,14 @@ def _superposed(model, prompts, options: dict) -> Generation | list[Generation]:
                 build_ngram_file(lm.tokenizer, ngrams)
         ngrams = load_ngrams(ngrams, vocab_size=lm.config.vocab_size,
                              tokenizer=tokenizer_name(lm.tokenizer) if lm.tokenizer is not None else None)
-    eos = set(lm.tokenizer.eos_ids) if lm.tokenizer is not None and not options["ignore_eos"] else set()
-    eos |= set(options["stop_tokens"] or ())
-    if isinstance(options["max_new_tokens"], (list, tuple)):
+    eos = set(lm.tokenizer.eos_ids) if lm.tokenizer is not None and not options.ignore_eos else set()
+    eos |= set(options.stop_tokens or ())
+    if isinstance(options.max_new_tokens, (list, tuple)):
         raise ValueError("method 'superposed' takes one max_new_tokens for all prompts (its drafts advance together)")
-    new = int(options["max_new_tokens"])
+    new = int(options.max_new_tokens)
     start = time.perf_counter()
-    per_prompt = superposed_decode(
-        lm.graphdef, lm.state, ids, max_new_tokens=new,
-        num_drafts=3 if options["num_drafts"] is None else options["num_drafts"],
-        ngrams=None if alpha == 0 else ngrams, alpha=alpha,
-        temperature=PUBLISHED["temperature"] if options["tau"] is None else options["tau"],
-        n_token_sample=options["n_token_sample"], lambdas=options["ngram_weights"],
-        reset_every=options["reset_every"] or 0, eos_ids=tuple(eos), max_cache_len=options["max_cache_len"])
+    spec = dataclasses.replace(spec, ngrams=None if alpha == 0 else ngrams)
+    per_prompt = superposed_decode(lm.graphdef, lm.state, ids, spec, max_new_tokens=new, eos_ids=tuple(eos), max_cache_len=options.max_cache_len)
     wall = time.perf_counter() - start
     decode = lm.tokenizer.decode if lm.tokenizer is not None else None
     results = []

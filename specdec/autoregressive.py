@@ -216,20 +216,32 @@ def run_chunks(state, chunk: Callable, finished: Callable) -> Iterator:
         state = chunk(state)
 
 
-def decode(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new: Sequence[int],
-           seeds: Sequence[int], sampling: Sampling, eos_ids: tuple[int, ...], shapes: DecodeShapes,
-           chunk_steps: int | None = None, width: int = 1, layer_masks: np.ndarray | None = None,
-           end_on_finish: bool = False) -> Iterator[DecodeState]:
-    """Decode ``prompts`` (token id lists), yielding the state after prefill and after each chunk.
+@dataclass(frozen=True, kw_only=True)
+class StepConfig:
+    """What every decode step of a run shares, autoregressive or speculative: the sampling, the EOS
+    ids, the shapes, the on-device steps between host visits (``chunk_steps``; None: all at once)
+    and whether a chunk ends once a row finishes (``end_on_finish``, see :func:`chunk_loop`)."""
+
+    sampling: Sampling
+    eos_ids: tuple[int, ...]
+    shapes: DecodeShapes
+    chunk_steps: int | None = None
+    end_on_finish: bool = False
+
+
+def decode(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new: Sequence[int], seeds: Sequence[int],
+           config: StepConfig, width: int = 1, layer_masks: np.ndarray | None = None) -> Iterator[DecodeState]:
+    """Decode ``prompts`` (token id lists; ``max_new`` tokens and a seed each), yielding the state
+    after prefill and after each chunk.
 
     The caller may mark rows done between chunks (``state.replace(done=...)``) via ``send``.
-    ``width``: tokens per step's forward; ``layer_masks``: layers per step; ``end_on_finish``: end a
-    chunk once a row finishes (see :func:`decode_chunk`).
+    ``width``: tokens per step's forward; ``layer_masks``: layers per step.
     """
-    st = prefill(graphdef, params, *prompt_arrays(prompts, shapes, max_new, seeds), shapes=shapes,
-                 sampling=sampling, eos_ids=eos_ids)
-    steps = jnp.int32(chunk_steps or shapes.out)
+    c = config
+    st = prefill(graphdef, params, *prompt_arrays(prompts, c.shapes, max_new, seeds), shapes=c.shapes,
+                 sampling=c.sampling, eos_ids=c.eos_ids)
+    steps = jnp.int32(c.chunk_steps or c.shapes.out)
     masks = None if layer_masks is None else jnp.asarray(layer_masks)
-    return run_chunks(st, lambda st: decode_chunk(graphdef, params, st, steps, masks, sampling=sampling,
-                                                  eos_ids=eos_ids, width=width, end_on_finish=end_on_finish),
+    return run_chunks(st, lambda st: decode_chunk(graphdef, params, st, steps, masks, sampling=c.sampling,
+                                                  eos_ids=c.eos_ids, width=width, end_on_finish=c.end_on_finish),
                       lambda st: bool(jnp.all(st.done)))

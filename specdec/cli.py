@@ -13,100 +13,15 @@ from pathlib import Path
 from specdec.compile_cache import use_compile_cache
 from specdec.config import PRECISION_POLICIES
 from specdec.loading import load_once
-from specdec.methods import METHOD_OPTIONS, METHODS
-
-BRANCHES_HELP = ("--method draft or eagle: a chain of k below each of the root's this many likeliest children "
-                 "(default 1)")
-
-
-def _method_options(args) -> dict:
-    """The speculative options given on the command line (absent ones left to the method's defaults),
-    with those of ``--schedule``."""
-    names = {o for opts in METHOD_OPTIONS.values() for o in opts}
-    options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if getattr(args, "schedule", None):
-        from specdec.tune import read_schedule
-
-        tuned = read_schedule(args.schedule, args.method)
-        if clash := sorted(name for name in set(tuned) & set(options) if tuned[name] != options[name]):
-            raise ValueError(f"--schedule {args.schedule} sets {', '.join(f'{c}={tuned[c]}' for c in clash)}; "
-                             f"drop {', '.join('--' + c.replace('_', '-') for c in clash)} or the schedule")
-        options.update(tuned)
-    return options
-
-
-def _by_load(cast):
-    """argparse type: ``VALUE``, or ``ROWS:VALUE,ROWS:VALUE,...`` (by running rows, from 1) as a dict."""
-
-    def parse(text: str):
-        if ":" not in text:
-            return cast(text)
-        try:
-            pairs = [part.split(":", 1) for part in text.split(",")]
-            return {int(rows): cast(value) for rows, value in pairs}
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected VALUE or ROWS:VALUE,ROWS:VALUE,... (e.g. 1:4,8:2), "
-                                             f"got {text!r}") from None
-
-    return parse
-
-
-def _add_method_args(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--method", default=default, choices=METHODS)
-    parser.add_argument("--k", type=_by_load(int), help="draft tokens per step (speculative methods; default 4); "
-                        "ROWS:K,ROWS:K,... picks k by running rows (e.g. 1:4,8:2); "
-                        "k 0 turns speculation off (e.g. 1:4,8:0)")
-    parser.add_argument("--budget", type=_by_load(int), help="draft tokens verified per step, all rows together: "
-                        "those the proposer rates likeliest to be accepted (draft, prompt_lookup, medusa, eagle; "
-                        "default: all); ROWS:BUDGET,... picks it by running rows (e.g. 1:4,8:2)")
-    parser.add_argument("--schedule", help="k (or Medusa tree), budget and draft width by load from a file written by "
-                        "`specdec tune --out FILE` (measured on this device)")
-    parser.add_argument("--draft", help="draft model for --method draft: registry name, .gguf or HF directory")
-    parser.add_argument("--draft-width", type=_by_load(int), help="candidates per depth for --method draft or "
-                        "eagle; chains copied from distinct matches for --method prompt_lookup (default 1); "
-                        "ROWS:WIDTH,... picks it by running rows (e.g. 1:3,4:1)")
-    parser.add_argument("--draft-branches", type=int, help=BRANCHES_HELP)
-    parser.add_argument("--feature-draft", help="feature draft directory for --method eagle (default: the bundled one)")
-    parser.add_argument("--heads", help="Medusa heads directory for --method medusa (default: the bundled heads)")
-    parser.add_argument("--tree", type=_by_load(str), help="Medusa tree: a built-in name (chain-0..4, "
-                        "tree-8/16/32/64) or a JSON file of paths (default: the searched tree saved with the heads); "
-                        "ROWS:TREE,ROWS:TREE,... picks the tree by running rows (chain-0: speculation off); "
-                        "--method eagle: a tree of draft ranks instead of --k (e.g. from `specdec draft-tree`)")
-    parser.add_argument("--head-vocab", type=int, help="--method medusa: the heads propose only the N tokens they "
-                        "were most often trained on (a cheaper projection; lossless; 0: every token; default: "
-                        "the one the heads' tree was searched with, else their --train-vocab)")
-    parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
-    parser.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
-    parser.add_argument("--lookup", type=int, help="--method medusa, eagle or draft: also propose this many "
-                        "prompt-lookup tokens beside the tree, verified in the same forward (default 0)")
-    parser.add_argument("--lookup-width", type=int, help="--lookup chains copied from distinct matches (default 1)")
-    parser.add_argument("--exit-layer", type=int, help="--method early_exit: draft with this many bottom layers "
-                                                        "(default: half)")
-    parser.add_argument("--target-speedup", type=float, help="--method skipdecode (LOSSY): layers / mean active "
-                                                             "layers (default 2)")
-    parser.add_argument("--warmup-layers", type=int, help="--method skipdecode: bottom layers always run (default 1)")
-    parser.add_argument("--min-active", type=int, help="--method skipdecode: fewest layers run (instead of a speedup)")
-    parser.add_argument("--max-active", type=int, help="--method skipdecode: most layers run (instead of a speedup)")
-    parser.add_argument("--weights", help="--method skipdecode: fine-tuned weights from `specdec train-skipdecode`")
-    parser.add_argument("--num-drafts", type=int, help="--method superposed: drafts per prompt (default 3)")
-    parser.add_argument("--ngrams", help="--method superposed: n-gram file from `specdec build-ngrams` "
-                                         "(default: the model's, built on first use)")
-    parser.add_argument("--alpha", type=float, help="--method superposed: n-gram weight (default 0.54; 0 = LM only)")
-    parser.add_argument("--tau", type=float, help="--method superposed: temperature of the shared distribution "
-                                                  "(default 0.06)")
-    parser.add_argument("--n-token-sample", type=int, help="--method superposed: candidates per step (default 3k)")
-    parser.add_argument("--reset-every", type=int, help="--method superposed: reset period in steps (default: never)")
-    parser.add_argument("--verification", choices=["exact", "rejection", "typical"],
-                        help="exact (default; greedy/coupled, seed-identical to autoregressive), rejection "
-                             "(lossless in distribution) or typical (LOSSY)")
-
+from specdec.cli_methods import add_method_args, method_options
+from specdec.method_spec import REGISTRY
 
 def _generate(args) -> int:
     import specdec
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, chat=not args.no_chat, system=args.system,
-                   stop=args.stop, method=args.method, **_method_options(args))
+                   stop=args.stop, method=args.method, **method_options(args))
     model = load_once(args.model, precision=args.precision)
     if args.stream:
         for deltas in specdec.stream(model, args.prompt, **options):
@@ -164,7 +79,7 @@ def _add_prompt_args(parser: argparse.ArgumentParser, each: int) -> None:
 def _batch(args) -> int:
     import specdec
 
-    options = _method_options(args)
+    options = method_options(args)
     model = load_once(args.model, precision=args.precision)
     prompts = _read_prompts(args)
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -192,7 +107,7 @@ def _check(args) -> int:
     from specdec.datasets import humaneval, humaneval_chat_prompts
     from specdec.equivalence import check
 
-    options = _method_options(args)
+    options = method_options(args)
     model = load_once(args.model, precision=args.precision)
     chat = model.tokenizer.chat_template is not None  # a base model without one takes raw text
     prompts = args.prompt or (humaneval_chat_prompts(args.humaneval) if chat
@@ -340,14 +255,12 @@ def _search_tree(args) -> int:
 def _tune(args) -> int:
     from specdec.api import encode_prompts
     from specdec.bench import device_label
-    from specdec.tune import MAIN_OPTION, save_schedule, tune
+    from specdec.tune import save_schedule, tune
 
     prompts = _read_prompts(args)
     model = load_once(args.model)
-    fixed = {name: getattr(args, name) for name in ("draft", "draft_width", "draft_branches", "feature_draft",
-                                                    "heads", "lookup", "lookup_width", "max_ngram", "min_ngram")
-             if getattr(args, name) is not None and name in METHOD_OPTIONS[args.method]}
-    choices = args.choices and [int(c) if MAIN_OPTION[args.method] == "k" else c for c in args.choices]
+    fixed = method_options(args)
+    choices = args.choices and [int(c) if REGISTRY[args.method].tuned == "k" else c for c in args.choices]
     tuned = tune(model, args.method, encode_prompts(model, prompts, True, None), rows=args.rows, choices=choices,
                  budgets=args.budgets, widths=args.widths, steps=args.steps, chunks=args.chunks, options=fixed, prune=args.prune,
                  progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -374,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF directory")
     gen.add_argument("--prompt", required=True)
-    _add_method_args(gen, "autoregressive")
+    add_method_args(gen, "autoregressive")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
@@ -395,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--chunk-steps", type=int, default=None, help="on-device steps between admissions (16)")
     bat.add_argument("--prefill-alone", action="store_true",
                      help="prefill each admitted prompt by itself, not in a decode step of the running rows")
-    _add_method_args(bat, "autoregressive")
+    add_method_args(bat, "autoregressive")
     bat.add_argument("--max-new-tokens", type=int, default=128)
     bat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     bat.add_argument("--top-k", type=int, default=0)
@@ -408,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check", help="compare a method with autoregressive decoding, row by row "
                                        "(exit status 1 on any MISMATCH)")
     chk.add_argument("--model", default="smollm2-135m")
-    _add_method_args(chk, "prompt_lookup")
+    add_method_args(chk, "prompt_lookup")
     chk.add_argument("--prompt", action="append",
                      help="a prompt (repeatable; a chat request where the model has a chat template, else raw "
                           "text); default: HumanEval prompts")
@@ -489,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="measure which k (or Medusa tree) and budget decode fastest on this device at "
                                      "each number of running rows: a by-load schedule (for --schedule)")
     tu.add_argument("--model", default="smollm2-135m")
-    tu.add_argument("--method", default="prompt_lookup", choices=["prompt_lookup", "draft", "medusa", "eagle"])
+    add_method_args(tu, "prompt_lookup", tuning=True)
     tu.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="running-row counts to tune for, "
                     "from 1 (a larger load takes the largest below it)")
     tu.add_argument("--choices", nargs="+", help="k values (draft, prompt_lookup) or trees (medusa) to try "
@@ -503,17 +416,6 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--no-prune", dest="prune", action="store_false", help="measure every setting at every load "
                     "(default: above one row, skip those the target's measured cost curve says cannot beat "
                     "autoregressive decoding there)")
-    tu.add_argument("--draft", help="draft model for --method draft (default: the bundled one)")
-    tu.add_argument("--feature-draft", help="feature draft for --method eagle (default: the bundled one)")
-    tu.add_argument("--draft-width", type=int, help="candidates per depth for --method draft or eagle; chains "
-                    "copied from distinct matches for --method prompt_lookup (default 1)")
-    tu.add_argument("--draft-branches", type=int, help=BRANCHES_HELP)
-    tu.add_argument("--heads", help="Medusa heads directory (default: the bundled heads)")
-    tu.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
-    tu.add_argument("--min-ngram", type=int, help="shortest n-gram prompt lookup matches (default 1)")
-    tu.add_argument("--lookup", type=int, help="--method medusa, eagle or draft: prompt-lookup tokens beside the "
-                    "tree")
-    tu.add_argument("--lookup-width", type=int, help="--lookup chains copied from distinct matches (default 1)")
     tu.add_argument("--out", help="save the schedule (with the numeric options it was tuned with, e.g. "
                     "--draft-width) and every measurement as JSON")
     tu.set_defaults(func=_tune)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from specdec.autoregressive import (DecodeShapes, DecodeState, chunk_loop, prefill_with_hidden, prompt_arrays,
-                                    run_chunks)
+from specdec.autoregressive import (DecodeShapes, DecodeState, StepConfig, chunk_loop, prefill_with_hidden,
+                                    prompt_arrays, run_chunks)
 from specdec.cache import KVCache
 from specdec.model import ForwardOutput, Segment, forward, forward_together
 from specdec.sampling import Sampling
@@ -302,8 +302,8 @@ class StepTimes(NamedTuple):
     target_s: float  # wall time of the target forward + verify + commit halves
 
 
-_propose_jit = jax.jit(propose_part, static_argnames=("graphdef", "proposer", "sampling", "rule"))
-_verify_jit = jax.jit(verify_part, static_argnames=_STATIC)
+propose_jit = jax.jit(propose_part, static_argnames=("graphdef", "proposer", "sampling", "rule"))
+verify_jit = jax.jit(verify_part, static_argnames=_STATIC)
 
 
 def timed_steps(graphdef, params, proposer, pparams, st: SpecState, steps: int, *, sampling: Sampling, rule: str,
@@ -318,10 +318,10 @@ def timed_steps(graphdef, params, proposer, pparams, st: SpecState, steps: int, 
         if bool(jnp.all(st.dec.done)) or (end_on_finish and int(st.dec.done.sum()) > at_start):
             break
         t0 = time.perf_counter()
-        pstate, prop = jax.block_until_ready(_propose_jit(graphdef, params, proposer, pparams, st, sampling=sampling,
+        pstate, prop = jax.block_until_ready(propose_jit(graphdef, params, proposer, pparams, st, sampling=sampling,
                                                           rule=rule))
         t1 = time.perf_counter()
-        st = jax.block_until_ready(_verify_jit(graphdef, params, proposer, pparams, st, pstate, prop,
+        st = jax.block_until_ready(verify_jit(graphdef, params, proposer, pparams, st, pstate, prop,
                                                sampling=sampling, rule=rule, eos_ids=eos_ids))
         prop_s += t1 - t0
         target_s += time.perf_counter() - t1
@@ -329,25 +329,23 @@ def timed_steps(graphdef, params, proposer, pparams, st: SpecState, steps: int, 
 
 
 def speculative_decode(graphdef, params, proposer, pparams, prompts: Sequence[Sequence[int]], *,
-                       max_new: Sequence[int], seeds: Sequence[int], sampling: Sampling, rule: str,
-                       eos_ids: tuple[int, ...], shapes: DecodeShapes, chunk_steps: int | None = None,
-                       times: list[StepTimes] | None = None, end_on_finish: bool = False) -> Iterator[SpecState]:
+                       max_new: Sequence[int], seeds: Sequence[int], config: StepConfig, rule: str,
+                       times: list[StepTimes] | None = None) -> Iterator[SpecState]:
     """Decode ``prompts`` speculatively, yielding the state after prefill and after each chunk.
 
     Like :func:`specdec.autoregressive.decode`, the caller may ``send`` back a state with
     more rows marked done. ``proposer``: a :class:`Proposer` or a :class:`ByLoad` schedule (picked
     at each chunk's start). ``shapes.slots`` must leave room for a whole tree past the budget.
     ``times``: when a list, steps run from the host via :func:`timed_steps` and each chunk's
-    :class:`StepTimes` is appended to it (profiling; slower). ``end_on_finish``: end a chunk once a
-    row finishes (see :func:`specdec.autoregressive.chunk_loop`).
+    :class:`StepTimes` is appended to it (profiling; slower).
     """
     if rule not in RULES:
         raise ValueError(f"unknown verification rule {rule!r}; known: {', '.join(RULES)}")
-    load = by_load(proposer)
-    st = spec_prefill(graphdef, params, load.steps[0][1], pparams, *prompt_arrays(prompts, shapes, max_new, seeds),
-                      shapes=shapes, sampling=sampling, eos_ids=eos_ids, max_depth=load.max_depth)
-    steps = chunk_steps or shapes.out
-    static = dict(sampling=sampling, rule=rule, eos_ids=eos_ids, end_on_finish=end_on_finish)
+    c, load = config, by_load(proposer)
+    st = spec_prefill(graphdef, params, load.steps[0][1], pparams, *prompt_arrays(prompts, c.shapes, max_new, seeds),
+                      shapes=c.shapes, sampling=c.sampling, eos_ids=c.eos_ids, max_depth=load.max_depth)
+    steps = c.chunk_steps or c.shapes.out
+    static = dict(sampling=c.sampling, rule=rule, eos_ids=c.eos_ids, end_on_finish=c.end_on_finish)
 
     def chunk(st: SpecState) -> SpecState:
         chosen = load.pick(int((~st.dec.done).sum())) if len(load.steps) > 1 else load.steps[0][1]

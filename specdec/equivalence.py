@@ -31,6 +31,9 @@ from flax import nnx
 
 from specdec.api import Generation, encode_prompts, generate
 from specdec.config import precision_name
+from specdec.engine import ByLoad
+from specdec.loading import as_model
+from specdec.method_spec import MethodSpec, all_options, method_spec
 from specdec.model import teacher_forced_logits
 from specdec.sampling import Sampling, gumbel_noise
 
@@ -134,9 +137,9 @@ def classify(model, prompt: list[int], ours: Generation, ref: Generation, *, sam
     return RowReport("tie" if abs(gap) < tolerance else "MISMATCH", divergence=i, gap=gap)
 
 
-def check(model, prompts, method: str, *, batch_size: int | None = None, reference_batch_size: int | None = None,
-          tolerance: float | None = None, reference: list[Generation] | None = None, strict: bool = False,
-          **options) -> Report:
+def check(model, prompts, method: str | MethodSpec, *, batch_size: int | None = None,
+          reference_batch_size: int | None = None, tolerance: float | None = None,
+          reference: list[Generation] | None = None, strict: bool = False, **options) -> Report:
     """Run ``method`` and autoregressive decoding on ``prompts`` and classify every row.
 
     Args:
@@ -150,26 +153,21 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
         model's precision, 1e-3 in float32).
       strict: run the reference as wide as the method's tree, in the method's batches, and
         allow no tie (tolerance 0): bitwise in any precision.
+      method: a method spec or a registered name (its options then among ``options``).
       options: ``generate`` options; method-only options (k, draft, ...) go to the method.
     """
-    from specdec.api import _resolve
-    from specdec.methods import METHOD_OPTIONS
-
-    lm = _resolve(model)
+    lm = as_model(model)
     tolerance = tie_tolerance(lm.config) if tolerance is None else tolerance
     prompts = list(prompts)
-    method_only = {k: options.pop(k) for k in list(options) if any(k in o for o in METHOD_OPTIONS.values())}
-    ours = _batched(lm, prompts, batch_size or len(prompts), method=method, **options, **method_only)
+    spec = method_spec(method, {k: options.pop(k) for k in list(options) if k in all_options()})
+    ours = _batched(lm, prompts, batch_size or len(prompts), method=spec, **options)
     ref_options = dict(options)
     if strict:
-        from specdec.engine import ByLoad
-        from specdec.methods import build_proposer
-
-        built = build_proposer(method, lm, method_only)
+        built = spec.build(lm)
         if built is not None and isinstance(built[0], ByLoad):
             raise ValueError("strict=True compares forwards of one width: give k (or tree) one value, not a "
                              "by-load dict")
-        if method_only.get("budget") is not None:
+        if getattr(spec, "budget", None) is not None:
             raise ValueError("strict=True compares forwards of one width: a budget packs each step's tokens "
                              "into a narrower forward; leave budget out")
         ref_options["block_width"] = built[0].tree.size if built is not None else None
@@ -184,7 +182,7 @@ def check(model, prompts, method: str, *, batch_size: int | None = None, referen
     encoded = [_prompt_ids(lm, p, options) for p in prompts]
     rows = [classify(lm, encoded[i], ours[i], ref[i], sampling=sampling, seed=seeds[i], eos_ids=eos,
                      tolerance=tolerance) for i in range(len(prompts))]
-    return Report(method=method, rows=rows, results=ours, reference=ref)
+    return Report(method=spec.name, rows=rows, results=ours, reference=ref)
 
 
 def _prompt_ids(lm, prompt, options) -> list[int]:

@@ -73,6 +73,11 @@ def load(name_or_path: str | Path, *, precision: str | None = None) -> LoadedMod
     return LoadedModel.from_module(model_from_hf(cfg, tensors.__getitem__), tokenizer, name)
 
 
+def as_model(model: LoadedModel | str | Path) -> LoadedModel:
+    """``model`` itself, or the model a registry name or path names (:func:`load_once`)."""
+    return model if isinstance(model, LoadedModel) else load_once(model)
+
+
 def load_once(name_or_path: str | Path, *, precision: str | None = None) -> LoadedModel:
     """``load``, memoised in this process per name or path and precision policy. A registry name loads once (its
     download was verified then); a path loads again once its file, or a file of its directory, has a

@@ -160,7 +160,7 @@ def _attend_dense(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, vi
     return out.reshape(b, kvh, t, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.n_heads * d).astype(q.dtype)
 
 
-def _attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+def attend(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
             lengths: jax.Array) -> jax.Array:
     """Attention of ``q: [B, T, H, D]`` over the leading window of the cache that the longest row
     needs (``lengths: [B]`` + T slots, see :func:`attention_windows`), not every slot: a slot past
@@ -248,7 +248,7 @@ def _self_attention(cfg: LlamaConfig, attn: Attention, layer: int, q: jax.Array,
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     cache = write_layer(cache, layer, k, v)
     visible = rows.visible if cfg.window(layer) is None else rows.visible_local
-    return _pack(_attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths), rows.packed), cache
+    return _pack(attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths), rows.packed), cache
 
 
 def _block(cfg: LlamaConfig, block: Block, layer: int, x: jax.Array, rows: Sequence[_Rows],

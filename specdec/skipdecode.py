@@ -15,8 +15,11 @@ LOSSY: the output is not the full model's. Fine-tuning with the schedule active
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
+
+from specdec.method_spec import MethodSpec, option, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,16 +94,13 @@ class SkipSchedule:
         return best
 
 
-def schedule_for(n_layers: int, options: dict, *, prompt_end: int, max_length: int) -> SkipSchedule:
-    """The schedule the API's skipdecode options ask for: ``min_active``/``max_active`` layers given
-    directly, else ``target_speedup`` (default 2); ``warmup_layers`` default 1."""
-    warmup = 1 if options.get("warmup_layers") is None else int(options["warmup_layers"])
-    low, high, speedup = options.get("min_active"), options.get("max_active"), options.get("target_speedup")
+def schedule_for(n_layers: int, spec: SkipDecode, *, prompt_end: int, max_length: int) -> SkipSchedule:
+    """The schedule a :class:`SkipDecode` spec asks for: ``min_active``/``max_active`` layers given
+    directly, else ``target_speedup`` (default 2)."""
+    low, high, speedup, warmup = spec.min_active, spec.max_active, spec.target_speedup, int(spec.warmup_layers)
     if low is None and high is None:
         return SkipSchedule.for_speedup(n_layers, 2.0 if speedup is None else float(speedup),
                                         prompt_end=prompt_end, max_length=max_length, warmup=warmup)
-    if speedup is not None:
-        raise ValueError("give either target_speedup or min_active/max_active for skipdecode, not both")
     high = n_layers if high is None else int(high)
     return SkipSchedule(n_layers=n_layers, warmup=warmup, max_active=high, min_active=high if low is None else int(low),
                         prompt_end=prompt_end, max_length=max_length)
@@ -164,3 +164,23 @@ def load_finetuned(target, path):
     nnx.replace_by_pure_dict(tuned, jax.tree.map(lambda a, b: a.astype(b.dtype), saved, nnx.to_pure_dict(tuned)))
     nnx.update(base, tuned)
     return LoadedModel.from_module(base, target.tokenizer, f"{target.name}+skipdecode")
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class SkipDecode(MethodSpec):
+    """SkipDecode (LOSSY): each position runs only the top of a non-increasing layer schedule."""
+
+    name: ClassVar[str] = "skipdecode"
+    lossless: ClassVar[bool] = False
+    summary: ClassVar[str] = "token-level early exit: later positions skip more bottom layers (LOSSY)"
+    target_speedup: float | None = option(None, "layers / mean active layers (default 2)", cli=float)
+    warmup_layers: int = option(1, "bottom layers always run")
+    min_active: int | None = option(None, "fewest layers run (instead of a speedup)")
+    max_active: int | None = option(None, "most layers run (instead of a speedup)")
+    weights: Any = option(None, "fine-tuned weights from `specdec train-skipdecode`", cli=str)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target_speedup is not None and (self.min_active is not None or self.max_active is not None):
+            raise ValueError("give either target_speedup or min_active/max_active for skipdecode, not both")

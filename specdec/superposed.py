@@ -26,7 +26,8 @@ Scores include the EOS step for finished drafts; their token lists end with the 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from flax import nnx, struct
 
 from specdec.autoregressive import plan_shapes, prompt_arrays
 from specdec.cache import KVCache, init_cache
+from specdec.method_spec import MethodSpec, option, register
 from specdec.model import forward
 from specdec.ngrams import NgramModel, default_lambdas, ngram_probs
 
@@ -137,10 +139,22 @@ def _reset_forward(model, st: SuperposedState, t, temperature, every: int) -> Su
                       alive_score=score, context=_take(st.context, keep), context_len=_take(st.context_len, keep))
 
 
+@struct.dataclass
+class Scoring:
+    """How a draft's candidates are scored: the LM's log-probs interpolated with ``ngrams`` (None:
+    the LM alone) by ``alpha``, ``lambdas`` ``[len(ngrams.ns)]`` per n, ``penalty`` where the n-grams
+    do not support a candidate (see :func:`candidate_logp`)."""
+
+    ngrams: NgramModel | None
+    alpha: jax.Array
+    lambdas: jax.Array
+    penalty: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "slots", "num_drafts", "n_token_sample", "steps",
                                              "reset_every", "eos_ids"))
-def superposed_core(graphdef, params, tokens, prompt_lens, ngrams: NgramModel | None, alpha, temperature, lambdas,
-                    penalty, *, slots: int, num_drafts: int, n_token_sample: int, steps: int, reset_every: int,
+def superposed_core(graphdef, params, tokens, prompt_lens, scoring: Scoring, temperature, *, slots: int,
+                    num_drafts: int, n_token_sample: int, steps: int, reset_every: int,
                     eos_ids: tuple[int, ...]) -> SuperposedState:
     """Prefill ``tokens: [B, P]`` (rows left-aligned, ``prompt_lens: [B]``) and run ``steps`` superposed steps.
 
@@ -150,7 +164,7 @@ def superposed_core(graphdef, params, tokens, prompt_lens, ngrams: NgramModel | 
     model = nnx.merge(graphdef, params)
     b, p = tokens.shape
     k, n = num_drafts, steps
-    width = ngrams.context_width if ngrams is not None else 1
+    width = scoring.ngrams.context_width if scoring.ngrams is not None else 1
     res = forward(model, init_cache(model.config, b, slots), tokens=tokens,
                   positions=jnp.broadcast_to(jnp.arange(p), (b, p)), logits_at=(prompt_lens - 1)[:, None])
     logp, ids = truncate(res.logits[:, 0], temperature, n_token_sample)
@@ -164,7 +178,8 @@ def superposed_core(graphdef, params, tokens, prompt_lens, ngrams: NgramModel | 
         fin=jnp.zeros((b, k, n), jnp.int32), fin_score=jnp.full((b, k), NEG_INF), fin_len=jnp.zeros((b, k), jnp.int32))
 
     def select(st, t):
-        lp = candidate_logp(st.logp, st.ids, st.context, st.context_len, ngrams, alpha, lambdas, penalty)
+        lp = candidate_logp(st.logp, st.ids, st.context, st.context_len, scoring.ngrams, scoring.alpha, scoring.lambdas,
+                            scoring.penalty)
         return _select(st, lp, t, eos_ids)
 
     def body(st, t):
@@ -178,39 +193,38 @@ def superposed_core(graphdef, params, tokens, prompt_lens, ngrams: NgramModel | 
     return select(st, n - 1)
 
 
-def superposed_decode(graphdef, params, prompts: Sequence[Sequence[int]], *, num_drafts: int = 3,
-                      max_new_tokens: int = 10, ngrams: NgramModel | None = None, alpha: float | None = None,
-                      temperature: float = PUBLISHED["temperature"], n_token_sample: int | None = None,
-                      lambdas: Sequence[float] | None = None, penalty: float = PUBLISHED["penalty"],
-                      reset_every: int = 0, eos_ids: Sequence[int] = (),
+def superposed_decode(graphdef, params, prompts: Sequence[Sequence[int]], spec: Superposed | None = None, *,
+                      max_new_tokens: int = 10, eos_ids: Sequence[int] = (),
                       max_cache_len: int | None = None) -> list[list[tuple[list[int], float]]]:
-    """Superposed decoding of token-id ``prompts``: per prompt, up to ``num_drafts`` drafts, best first.
+    """Superposed decoding of token-id ``prompts``: per prompt, up to ``spec.num_drafts`` drafts, best first.
 
     Args:
       graphdef, params: the split model (``nnx.split``).
-      num_drafts: k drafts per prompt.
+      spec: the method's options (default ``Superposed()``): num_drafts k; ngrams, the n-gram tables
+        (an :class:`specdec.ngrams.NgramModel` here; None scores with the LM alone, alpha must be 0);
+        alpha, the n-gram weight (default 0.54 with n-grams, 0 without; 0 ignores ngrams); tau, the
+        shared distribution's temperature (published 0.06; > 0); n_token_sample, tokens kept from
+        it (default 3k); ngram_weights, the lambdas, one > 0 per n in ``ngrams.ns`` (default the
+        published 0.01, 0.04, 0.15, 0.18, 0.12); reset_every, the reset period in steps (None or 0:
+        never; see the module docstring).
       max_new_tokens: steps; alive drafts have exactly this many tokens, finished ones fewer (ending in EOS).
-      ngrams: n-gram tables (:mod:`specdec.ngrams`); ``None`` scores with the LM alone (alpha must be 0).
-      alpha: n-gram weight, default 0.54 with n-grams and 0 without; ``alpha=0`` ignores ``ngrams``.
-      temperature: tau of the shared distribution (published 0.06; must be > 0).
-      n_token_sample: tokens kept from the shared distribution, default ``3 * num_drafts`` (9 for k = 3).
-      lambdas: one weight > 0 per n in ``ngrams.ns``, default the published 0.01, 0.04, 0.15, 0.18, 0.12.
-      penalty: subtracted from a candidate's score when the n-gram model does not support it.
-      reset_every: reset period s in steps (0: never); see the module docstring.
       eos_ids: tokens that end a draft.
     Returns:
       per prompt, a list of ``(tokens, score)``, distinct, sorted by score (best first): the best
       k of the alive and finished drafts, ``score`` the sum of the per-step interpolated log-probs.
     """
+    spec = spec or Superposed()
+    ngrams, alpha, lambdas, reset_every = spec.ngrams, spec.alpha, spec.ngram_weights, spec.reset_every or 0
+    temperature = PUBLISHED["temperature"] if spec.tau is None else spec.tau
     cfg = nnx.merge(graphdef, params).config
-    k = num_drafts
-    n_token_sample = 3 * k if n_token_sample is None else n_token_sample
+    k = spec.num_drafts
+    n_token_sample = 3 * k if spec.n_token_sample is None else spec.n_token_sample
     if alpha is None:
         alpha = PUBLISHED["alpha"] if ngrams is not None else 0.0
     if not 1 <= k <= n_token_sample <= cfg.vocab_size:
         raise ValueError(f"need 1 <= num_drafts ({k}) <= n_token_sample ({n_token_sample}) <= vocab ({cfg.vocab_size})")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 for superposed decoding, got {temperature}")
+        raise ValueError(f"tau (the temperature) must be > 0 for superposed decoding, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if ngrams is None and alpha != 0:
@@ -225,12 +239,14 @@ def superposed_decode(graphdef, params, prompts: Sequence[Sequence[int]], *, num
                              f"the model has {cfg.vocab_size}")
         lambdas = default_lambdas(ngrams.ns) if lambdas is None else tuple(lambdas)
         if len(lambdas) != len(ngrams.ns) or min(lambdas) <= 0:
-            raise ValueError(f"lambdas must be {len(ngrams.ns)} weights > 0 (for n = {ngrams.ns}), got {lambdas}")
+            raise ValueError(f"ngram_weights (lambdas) must be {len(ngrams.ns)} weights > 0 (for n = {ngrams.ns}), "
+                             f"got {lambdas}")
     lens = [len(p) for p in prompts]
     shapes = plan_shapes(cfg, lens, [max_new_tokens] * len(prompts), max_cache_len)
     tokens, prompt_lens, _, _ = prompt_arrays(prompts, shapes, [max_new_tokens] * len(prompts), [0] * len(prompts))
-    st = superposed_core(graphdef, params, tokens, prompt_lens, ngrams, jnp.float32(alpha), jnp.float32(temperature),
-                         jnp.asarray(lambdas or (), jnp.float32), jnp.float32(penalty), slots=shapes.slots,
+    scoring = Scoring(ngrams=ngrams, alpha=jnp.float32(alpha), lambdas=jnp.asarray(lambdas or (), jnp.float32),
+                      penalty=jnp.float32(PUBLISHED["penalty"]))
+    st = superposed_core(graphdef, params, tokens, prompt_lens, scoring, jnp.float32(temperature), slots=shapes.slots,
                          num_drafts=k, n_token_sample=n_token_sample, steps=max_new_tokens,
                          reset_every=reset_every, eos_ids=tuple(sorted(set(map(int, eos_ids)))))
     return collect(st)
@@ -247,3 +263,24 @@ def collect(st: SuperposedState) -> list[list[tuple[list[int], float]]]:
         drafts = sorted((d for d in drafts if d[1] > -float("inf")), key=lambda d: -d[1])
         out.append(drafts[:alive.shape[1]])
     return out
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Superposed(MethodSpec):
+    """Superposed decoding (LOSSY): k drafts per prompt from one batch-1 forward per step."""
+
+    name: ClassVar[str] = "superposed"
+    lossless: ClassVar[bool] = False
+    summary: ClassVar[str] = "k drafts per prompt from one superposed forward per step, ranked with n-grams (LOSSY)"
+    num_drafts: int = option(3, "drafts per prompt")
+    ngrams: Any = option(None, "n-gram file from `specdec build-ngrams` (default: the model's, built on first use)",
+                         cli=str)
+    alpha: float | None = option(None, f"n-gram weight (default {PUBLISHED['alpha']} with n-grams; 0 = LM only)",
+                                 cli=float)
+    tau: float | None = option(None, f"temperature of the shared distribution (default {PUBLISHED['temperature']})",
+                               cli=float)
+    n_token_sample: int | None = option(None, "candidates per step (default 3 x num_drafts)")
+    ngram_weights: Sequence[float] | None = option(None, "one weight per n-gram order (default: the published ones)",
+                                                   cli=None)
+    reset_every: int | None = option(None, "reset period in steps (default: never)")

@@ -24,20 +24,23 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from specdec.autoregressive import decode, plan_shapes
+from heads.trees import load_spec
+from specdec.autoregressive import StepConfig, decode, plan_shapes
 from specdec.bench import target_cost_curve
 from specdec.engine import speculative_decode
+from specdec.method_spec import REGISTRY, MethodSpec
 from specdec.methods import build_proposer
 from specdec.pool import dec_of
 from specdec.sampling import Sampling
 
-# The main option of each tunable method, its default candidates (first: speculation off) and the
-# default budgets tried beside "no cap" (draft tokens verified per step, all rows together).
-MAIN_OPTION = {"prompt_lookup": "k", "draft": "k", "medusa": "tree", "eagle": "k"}
-DEFAULT_CHOICES = {"prompt_lookup": (0, 1, 2, 4), "draft": (0, 1, 2, 4), "eagle": (0, 1, 2, 4),
-                   "medusa": ("chain-0", "chain-1", "chain-2", "tree-8", "tree-16")}
-DEFAULT_BUDGETS = (1, 2, 4)
-WIDTH_METHODS = ("prompt_lookup", "draft", "eagle")  # methods whose draft_width tune can pick by load
+DEFAULT_BUDGETS = (1, 2, 4)  # tried beside "no cap" (draft tokens verified per step, all rows together)
+
+
+def tunable() -> dict[str, type[MethodSpec]]:
+    """The registered methods whose main option (their spec's ``tuned``: k or a tree) tune picks by
+    load, from the spec's ``tune_choices`` unless given; those with a ``draft_width`` option and a
+    ``budget`` get those picked too."""
+    return {name: cls for name, cls in REGISTRY.items() if cls.tuned}
 
 
 class Tuned(NamedTuple):
@@ -70,8 +73,8 @@ def step_rates(model, ids: Sequence[Sequence[int]], settings: dict[str, tuple[st
     new_tokens = 4 * steps * chunks
     shapes = plan_shapes(model.config, [max(len(i), longest_prompt) for i in ids], [new_tokens] * len(ids), None,
                          extra)
-    common = dict(max_new=[new_tokens] * len(ids), seeds=[0] * len(ids), sampling=Sampling(), eos_ids=(),
-                  shapes=shapes, chunk_steps=steps)
+    common = dict(max_new=[new_tokens] * len(ids), seeds=[0] * len(ids),
+                  config=StepConfig(sampling=Sampling(), eos_ids=(), shapes=shapes, chunk_steps=steps))
     gens = {name: decode(model.graphdef, model.state, ids, **common) if name not in built else
             speculative_decode(model.graphdef, model.state, *built[name], ids, rule="exact", **common)
             for name in settings}
@@ -104,21 +107,21 @@ def candidates(method: str, rows: int, choices: Sequence | None = None, budgets:
     each budget that can drop a draft token there (below ``rows`` x the setting's draft tokens per
     row: ``drafted(setting)``, by default k x width or the Medusa tree's nodes); speculation off
     ("k=0", "tree=chain-0") takes no budget and no width."""
-    from heads.trees import load_spec
-
-    if method not in MAIN_OPTION:
-        raise ValueError(f"tune picks k or a Medusa tree by load: method must be one of {', '.join(MAIN_OPTION)}, "
+    if method not in tunable():
+        raise ValueError(f"tune picks k or a Medusa tree by load: method must be one of {', '.join(tunable())}, "
                          f"got {method!r}")
-    option = MAIN_OPTION[method]
-    choices = DEFAULT_CHOICES[method] if choices is None else tuple(choices)
+    spec = tunable()[method]
+    option = spec.tuned
+    choices = spec.tune_choices if choices is None else tuple(choices)
     budgets = DEFAULT_BUDGETS if budgets is None else tuple(budgets)
     if not choices:
         raise ValueError(f"no candidate {option} values to tune over")
     for name, values in (("budgets", budgets), ("widths", widths or ())):
         if any(isinstance(v, bool) or int(v) != v or v < 1 for v in values):
             raise ValueError(f"{name} must be integers >= 1, got {list(values)}")
-    if widths is not None and method not in WIDTH_METHODS:
-        raise ValueError(f"widths (draft_width) are tuned for methods {', '.join(WIDTH_METHODS)}, not {method!r}")
+    if widths is not None and "draft_width" not in spec.option_names():
+        wide = [name for name, cls in tunable().items() if "draft_width" in cls.option_names()]
+        raise ValueError(f"widths (draft_width) are tuned for methods {', '.join(wide)}, not {method!r}")
     out = {}
     for choice in choices:
         off = choice in (0, "chain-0")
@@ -169,9 +172,9 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
       ids: [N] prompts as token ids, N >= max(rows); at r rows they decode in groups of r
         (the first N // r * r of them), each group timed beside autoregressive decoding.
       rows: running-row counts to tune for, from 1 (a larger load uses the largest tuned below it).
-      choices, budgets: candidate k values (or trees) and budgets (default: ``DEFAULT_CHOICES``,
+      choices, budgets: candidate k values (or trees) and budgets (default: the spec's ``tune_choices``,
         ``DEFAULT_BUDGETS``).
-      widths: candidate ``draft_width`` values, picked by load too (methods in ``WIDTH_METHODS``;
+      widths: candidate ``draft_width`` values, picked by load too (methods with that option;
         default: not tuned).
       steps, chunks: as in :func:`step_rates`.
       prune: above one row, measure the target's cost curve at that load first and skip the
@@ -192,7 +195,7 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
     if len(ids) < rows[-1]:
         raise ValueError(f"tuning for {rows[-1]} rows needs at least {rows[-1]} prompts, got {len(ids)}")
     fixed = dict(options or {})
-    option = MAIN_OPTION.get(method)
+    option = tunable()[method].tuned if method in tunable() else None
     picked = [option, "budget"] + ([] if widths is None else ["draft_width"])
     if set(picked) & set(fixed):
         raise ValueError(f"options must not set {' or '.join(map(repr, picked))}: those are what tune picks")

@@ -9,12 +9,11 @@ forward from the target's output at the accepted path alone, never from its own
 node ids: prompt lookup (no state), Medusa heads and the feature draft qualify
 (``commits_any_path``); a draft model, whose cache holds its own guesses, does
 when it re-writes as many committed tokens each step as the union's tree is deep
-(its ``refeed``; :func:`with_lookup` sets it).
+(its ``refeed``; :func:`drafts.prompt_lookup.with_lookup` sets it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Sequence
@@ -22,12 +21,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from specdec.engine import Commit, Proposal, View, whole_number
+from specdec.engine import Commit, Proposal, View
 from specdec.sampling import Sampling
 from specdec.tree import Tree
-
-LOOKUP = "lookup (prompt-lookup tokens beside the tree)"  # the option, in errors
-
 
 def union_tree(trees: Sequence[Tree]) -> Tree:
     """One tree holding every tree's non-root nodes under a shared root, in order: tree ``t``'s node
@@ -93,17 +89,4 @@ def _union_probs(props: Sequence[Proposal], batch: int) -> jax.Array | None:
     per_part = [prop.draft_probs[:, 1:] if prop.draft_probs is not None
                 else jax.nn.one_hot(prop.tokens, vocab, dtype=dtype) for prop in props]
     return jnp.concatenate([jnp.zeros((batch, 1, vocab), dtype)] + per_part, axis=1)
-
-
-def with_lookup(proposer, params, k: int, **lookup) -> tuple[Any, Any]:
-    """``(proposer, params)`` with ``k``-token prompt-lookup chains beside the proposer's tree
-    (``lookup``: the chains' width, max_ngram and min_ngram); k 0 returns them unchanged."""
-    from drafts.prompt_lookup import PromptLookupProposer
-
-    k = whole_number(k, LOOKUP)
-    if k == 0:
-        return proposer, params
-    if hasattr(proposer, "refeed"):  # a draft model re-writes any path the union may accept
-        proposer = dataclasses.replace(proposer, refeed=max(proposer.refeed, proposer.tree.max_depth, k))
-    return UnionProposer((proposer, PromptLookupProposer(k=k, **lookup))), (params, None)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from heads.medusa import new_heads
 from specdec.compile_cache import use_compile_cache
 from specdec.config import tiny_config
 from specdec.fetch import cache_dir
@@ -133,3 +134,14 @@ def greedy_rows(lm, rows: int, seed: int, length: int = 32):
     prompts = [rng.integers(0, lm.config.vocab_size, rng.integers(2, 8)).tolist() for _ in range(rows)]
     outs = specdec.generate(lm, prompts, max_new_tokens=24, ignore_eos=True)
     return pack([Example(p + o.tokens, [0] * len(p) + [1] * len(o.tokens)) for p, o in zip(prompts, outs)], length)
+
+
+def random_heads(model, seed: int, scale: float, **kw):
+    """Heads whose residual blocks have random weights (``scale`` 0: fresh, identity heads)."""
+    heads = new_heads(model, base_name="tiny", **kw)
+    state = nnx.state(heads, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    nnx.update(heads, jax.tree.unflatten(treedef, noisy))
+    return heads

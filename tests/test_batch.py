@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import specdec
 from specdec.api import Generation
 from specdec.autoregressive import plan_shapes, prompt_arrays
-from specdec.engine import _propose_jit, _verify_jit, spec_prefill
+from specdec.engine import propose_jit, verify_jit, spec_prefill
 from specdec.equivalence import DEFAULT_TOLERANCE, Report, check, classify
 from specdec.methods import build_proposer
 from specdec.pool import SlotUse, next_power_of_two, put_rows, take_rows
@@ -178,7 +178,7 @@ def test_pool_with_proposers_by_load_equals_each_prompt_alone(tiny_lm, methods, 
 
 
 def test_by_load_schedule_picks_by_running_rows_and_rejects_bad_schedules(tiny_lm):
-    from specdec.cli import _by_load
+    from specdec.cli_methods import by_load_type
     from specdec.engine import ByLoad
 
     sched, _ = build_proposer("prompt_lookup", tiny_lm, {"k": {8: 2, 1: 4, 3: 3}})
@@ -190,9 +190,9 @@ def test_by_load_schedule_picks_by_running_rows_and_rejects_bad_schedules(tiny_l
         build_proposer("prompt_lookup", tiny_lm, {"k": {"1": 4}})
     with pytest.raises(ValueError, match="strict=True"):
         check(tiny_lm, [[1, 2, 3]], method="prompt_lookup", k={1: 4, 2: 1}, strict=True, max_new_tokens=4)
-    assert _by_load(int)("1:4,8:2") == {1: 4, 8: 2} and _by_load(int)("3") == 3
+    assert by_load_type(int)("1:4,8:2") == {1: 4, 8: 2} and by_load_type(int)("3") == 3
     with pytest.raises(argparse.ArgumentTypeError, match="ROWS:VALUE"):
-        _by_load(int)("1:4,8")
+        by_load_type(int)("1:4,8")
     with pytest.raises(ValueError, match="distinct ascending"):
         ByLoad(((1, sched.pick(1)), (1, sched.pick(8))))
 
@@ -241,8 +241,8 @@ def _buggy_batch_decode(lm, method: dict, prompts, max_new: int, bug: str | None
         if bug == "shared_position":
             shared = st.dec.cache.with_lengths(jnp.full_like(lengths, lengths.max()))
             st = st.replace(dec=st.dec.replace(cache=shared))
-        pstate, prop = _propose_jit(lm.graphdef, lm.state, proposer, pparams, st, sampling=sampling, rule="exact")
-        new = _verify_jit(lm.graphdef, lm.state, proposer, pparams, st, pstate, prop, sampling=sampling, rule="exact",
+        pstate, prop = propose_jit(lm.graphdef, lm.state, proposer, pparams, st, sampling=sampling, rule="exact")
+        new = verify_jit(lm.graphdef, lm.state, proposer, pparams, st, pstate, prop, sampling=sampling, rule="exact",
                           eos_ids=eos)
         if bug == "min_advance":
             step = new.dec.cache.lengths - lengths

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import specdec
 from drafts.prompt_lookup import lookup
-from specdec.autoregressive import decode, plan_shapes
+from specdec.autoregressive import StepConfig, decode, plan_shapes
 from specdec.engine import Proposal, speculative_decode
 from specdec.sampling import Sampling
 from specdec.tree import Tree
@@ -86,12 +86,13 @@ def test_any_tree_shape_commits_exactly(tiny, data, batch, temperature):
     rng = np.random.default_rng(size)
     prompts = [rng.integers(0, 97, rng.integers(1, 30)).tolist() for _ in range(batch)]
     max_new = [int(n) for n in rng.integers(1, 40, batch)]
-    common = dict(max_new=max_new, seeds=list(range(batch)), sampling=Sampling(temperature=temperature),
-                  eos_ids=(), chunk_steps=None)
-    lens = [len(p) for p in prompts]
-    *_, ar = decode(graphdef, params, prompts, shapes=plan_shapes(tiny.config, lens, max_new), **common)
+    lens, sampling = [len(p) for p in prompts], Sampling(temperature=temperature)
+    common = dict(max_new=max_new, seeds=list(range(batch)))
+    *_, ar = decode(graphdef, params, prompts, **common, config=StepConfig(
+        sampling=sampling, eos_ids=(), shapes=plan_shapes(tiny.config, lens, max_new)))
     *_, sp = speculative_decode(graphdef, params, RepeatTreeProposer(tree, repeat), None, prompts, rule="exact",
-                                shapes=plan_shapes(tiny.config, lens, max_new, extra=size), **common)
+                                **common, config=StepConfig(sampling=sampling, eos_ids=(),
+                                                            shapes=plan_shapes(tiny.config, lens, max_new, extra=size)))
     for r in range(batch):
         assert np.asarray(sp.dec.out[r, :max_new[r]]).tolist() == np.asarray(ar.out[r, :max_new[r]]).tolist()
 
@@ -104,10 +105,11 @@ def test_deep_path_through_later_siblings(tiny):
     tree = Tree((-1, 0, 0, 1, 2, 4))
     proposer = RepeatTreeProposer(tree, (False, False, True, False, True, True))
     prompts, max_new = [[1, 2, 3, 4, 5]], [30]  # the tiny model falls into a one-token loop here
-    common = dict(max_new=max_new, seeds=[0], sampling=Sampling(), eos_ids=(), chunk_steps=None)
-    *_, ar = decode(graphdef, params, prompts, shapes=plan_shapes(tiny.config, [5], max_new), **common)
-    *_, sp = speculative_decode(graphdef, params, proposer, None, prompts, rule="exact",
-                                shapes=plan_shapes(tiny.config, [5], max_new, extra=tree.size), **common)
+    *_, ar = decode(graphdef, params, prompts, max_new=max_new, seeds=[0], config=StepConfig(
+        sampling=Sampling(), eos_ids=(), shapes=plan_shapes(tiny.config, [5], max_new)))
+    *_, sp = speculative_decode(graphdef, params, proposer, None, prompts, rule="exact", max_new=max_new, seeds=[0],
+                                config=StepConfig(sampling=Sampling(), eos_ids=(),
+                                                  shapes=plan_shapes(tiny.config, [5], max_new, extra=tree.size)))
     assert np.asarray(sp.dec.out[0, :30]).tolist() == np.asarray(ar.out[0, :30]).tolist()
     assert int(sp.accepted_hist[0, 3]) > 0, sp.accepted_hist
 
@@ -220,7 +222,7 @@ def test_bad_speculative_input(tiny_lm):
         specdec.generate(tiny_lm, [1, 2], method="prompt_lookup", draft=tiny_lm)
     with pytest.raises(ValueError, match="ships no draft for .tiny.: pass draft="):
         specdec.generate(tiny_lm, [1, 2], method="draft")
-    with pytest.raises(ValueError, match="unknown verification rule"):
+    with pytest.raises(ValueError, match="unknown verification 'maybe'; known: exact, rejection, typical"):
         specdec.generate(tiny_lm, [1, 2], method="prompt_lookup", verification="maybe")
     with pytest.raises(ValueError, match="plus 9 for the candidate tree"):
         specdec.generate(tiny_lm, [1] * 500, method="prompt_lookup", k=8, max_new_tokens=4)

@@ -19,13 +19,13 @@ from heads.feature_draft import default_spec, feature_draft_for, load_feature_dr
 from specdec.autoregressive import plan_shapes, prompt_arrays
 from specdec.cache import init_cache
 from specdec.config import tiny_config
-from specdec.engine import _propose_jit, _verify_jit, spec_prefill
+from specdec.engine import propose_jit, verify_jit, spec_prefill
 from specdec.loading import LoadedModel
 from specdec.methods import build_proposer
 from specdec.model import forward, init_model
 from specdec.sampling import Sampling
 from training.rank_trees import path_shares, write_draft_trees
-from training.feature_draft import FeatureDraftTrainConfig, _unrolled, batch_arrays, evaluate, fit, initial_draft, \
+from training.feature_draft import FeatureDraftTrainConfig, unrolled, batch_arrays, evaluate, fit, initial_draft, \
     reply_ranks, target_rows
 from training.loop import run_dir_of
 
@@ -65,7 +65,7 @@ def _kl_to_target(tiny, draft, data) -> float:
     cached next features) to the draft's, over the entries training scores; computed here, not by the
     training loss under test."""
     batch = batch_arrays(data, slice(None), None, tiny.config.vocab_size)
-    log_q = jax.nn.log_softmax(next(_unrolled(draft, batch, 1))[1], axis=-1)
+    log_q = jax.nn.log_softmax(next(unrolled(draft, batch, 1))[1], axis=-1)
     p = jax.nn.softmax(tiny.logits(jnp.asarray(batch["features"][:, 1:], jnp.float32)), axis=-1)
     kl = jnp.sum(p * (jnp.log(jnp.maximum(p, 1e-30)) - log_q), axis=-1)
     scored = batch["valid"] & (batch["labels"] >= 0)
@@ -192,13 +192,13 @@ def test_every_proposal_is_the_draft_run_over_the_committed_features(tiny, tiny_
                       eos_ids=(), max_depth=k)
     accepted = []
     while not bool(jnp.all(st.dec.done)):
-        pstate, prop = _propose_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, sampling=sampling,
+        pstate, prop = propose_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, sampling=sampling,
                                     rule="exact")
         history, lengths = np.asarray(st.history), np.asarray(st.dec.cache.lengths)
         for row in np.flatnonzero(~np.asarray(st.dec.done)):
             seq = history[row, :lengths[row] + 1].tolist()
             assert np.asarray(prop.tokens[row]).tolist() == chain(seq, k), (row, seq)
-        new = _verify_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, pstate, prop, sampling=sampling,
+        new = verify_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, pstate, prop, sampling=sampling,
                           rule="exact", eos_ids=())
         accepted += (np.asarray(new.dec.cache.lengths) - lengths - 1)[~np.asarray(st.dec.done)].tolist()
         st = new
@@ -219,7 +219,7 @@ def test_every_node_of_a_tree_of_ranks_is_its_paths_draft_token(tiny, tiny_lm, t
                       *prompt_arrays(prompts, shapes, [8] * 2, [0] * 2), shapes=shapes, sampling=sampling,
                       eos_ids=(), max_depth=3)
     for _ in range(3):
-        pstate, prop = _propose_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, sampling=sampling,
+        pstate, prop = propose_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, sampling=sampling,
                                     rule="exact")
         history, lengths = np.asarray(st.history), np.asarray(st.dec.cache.lengths)
         for row in range(len(prompts)):
@@ -228,7 +228,7 @@ def test_every_node_of_a_tree_of_ranks_is_its_paths_draft_token(tiny, tiny_lm, t
                 order = np.argsort(-logits(seq, [node[path[:d]] for d in range(1, len(path))]), kind="stable")
                 node[path] = int(order[path[-1]])
                 assert int(prop.tokens[row, i]) == node[path], (row, seq, path)
-        st = _verify_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, pstate, prop, sampling=sampling,
+        st = verify_jit(tiny_lm.graphdef, tiny_lm.state, proposer, pparams, st, pstate, prop, sampling=sampling,
                          rule="exact", eos_ids=())
 
 

@@ -18,7 +18,7 @@ from conftest import full_logits
 from specdec.hf_checkpoint import config_to_hf, hf_config, read_hf_dir, write_safetensors
 from specdec.model import init_model
 from specdec.weights import hf_tensors
-from test_loading import TINY_TOKENS, _llama_cpp_permute, add_tiny_tokenizer
+from test_loading import TINY_TOKENS, llama_cpp_permute, add_tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from archs import CASES, ROOT, TOKENS  # noqa: E402
@@ -100,7 +100,7 @@ def write_gguf(path: Path, source: Path) -> Path:
         array = np.asarray(array, np.float32)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = raw["num_attention_heads"] if "q_proj" in name else raw["num_key_value_heads"]
-            array = _llama_cpp_permute(array, heads)
+            array = llama_cpp_permute(array, heads)
         if gemma and name.endswith("norm.weight"):
             array = array + 1.0
         w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array)

@@ -93,7 +93,7 @@ def test_truncated_safetensors_and_other_config_are_clear_errors(tmp_path):
         model_from_hf(tiny_config(tie_embeddings=False), hf_tensors(model).__getitem__)
 
 
-def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """The row order llama.cpp's converter writes for Q/K (interleaved RoPE pairs)."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -141,9 +141,9 @@ def _write_gguf(path, model, quant_embed: bool):
             layer, rest = name[len("model.layers."):].split(".", 1)
             gname = f"blk.{layer}.{per_layer[rest]}"
             if rest.startswith("self_attn.q_proj"):
-                array = _llama_cpp_permute(array, cfg.n_heads)
+                array = llama_cpp_permute(array, cfg.n_heads)
             elif rest.startswith("self_attn.k_proj"):
-                array = _llama_cpp_permute(array, cfg.n_kv_heads)
+                array = llama_cpp_permute(array, cfg.n_kv_heads)
         else:
             gname = names[name]
         if gname == "token_embd.weight" and quant_embed:

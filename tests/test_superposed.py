@@ -20,7 +20,7 @@ from specdec.cache import init_cache
 from specdec.model import forward
 from specdec.ngrams import (NgramReference, build_ngrams, build_ngrams_from_texts, corpus_texts, default_lambdas,
                             load_ngrams, ngram_probs, save_ngrams)
-from specdec.superposed import candidate_logp, superpose, superposed_core, superposed_decode
+from specdec.superposed import Scoring, Superposed, candidate_logp, superpose, superposed_core, superposed_decode
 from specdec.tokenizer import TextTokenizer
 
 PROMPTS = [[5, 17, 3], [42] * 11, [1, 2, 3, 4, 5, 6, 7], [60]]
@@ -49,12 +49,18 @@ def corpus():
 # ----------------------------------------------------------------------------- decoding
 
 
+def decode_superposed(split, prompts, *, max_new_tokens=10, eos_ids=(), temperature=None, lambdas=None, **spec):
+    """``superposed_decode`` with the paper's names for tau (temperature) and the lambdas."""
+    return superposed_decode(*split, prompts, Superposed(tau=temperature, ngram_weights=lambdas, **spec),
+                             max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+
+
 def test_one_draft_without_ngrams_is_greedy(tiny, split):
-    out = superposed_decode(*split, PROMPTS, num_drafts=1, max_new_tokens=9, n_token_sample=4)
+    out = decode_superposed(split, PROMPTS, num_drafts=1, max_new_tokens=9, n_token_sample=4)
     for prompt, drafts in zip(PROMPTS, out):
         assert len(drafts) == 1 and drafts[0][0] == sampling_reference(tiny, prompt, 9)
     eos = out[2][0][0][4]  # a draft that hits EOS stops there, EOS included
-    stopped = superposed_decode(*split, PROMPTS, num_drafts=1, max_new_tokens=9, n_token_sample=4, eos_ids=[eos])
+    stopped = decode_superposed(split, PROMPTS, num_drafts=1, max_new_tokens=9, n_token_sample=4, eos_ids=[eos])
     for free, cut in zip(out, stopped):
         toks = free[0][0]
         assert cut[0][0] == (toks[:toks.index(eos) + 1] if eos in toks else toks)
@@ -74,7 +80,7 @@ def test_superposition_weights(split, scores, token):
 
 
 def test_first_step_drafts_are_top_k(tiny, split):
-    out = superposed_decode(*split, PROMPTS, num_drafts=3, max_new_tokens=1, temperature=TAU)
+    out = decode_superposed(split, PROMPTS, num_drafts=3, max_new_tokens=1, temperature=TAU)
     for prompt, drafts in zip(PROMPTS, out):
         top, ids = jax.lax.top_k(last_logits(tiny, prompt)[0], 9)
         assert [d[0] for d in drafts] == [[int(i)] for i in ids[:3]]
@@ -130,7 +136,7 @@ def test_matches_python_reference_and_scores_are_step_sums(split, corpus, case):
     lambdas = default_lambdas(ng.ns)
     opts = dict(num_drafts=case["k"], max_new_tokens=6, n_token_sample=3 * case["k"], temperature=TAU,
                 reset_every=case.get("reset", 0), eos_ids=case.get("eos", ()))
-    out = superposed_decode(*split, PROMPTS, ngrams=ng if alpha else None, alpha=alpha, **opts)
+    out = decode_superposed(split, PROMPTS, ngrams=ng if alpha else None, alpha=alpha, **opts)
     for prompt, drafts in zip(PROMPTS, out):
         want = reference_decode(split, prompt, k=case["k"], steps=6, c=3 * case["k"], alpha=alpha,
                                 ngram=ref if alpha else None, lambdas=lambdas, reset=case.get("reset", 0),
@@ -144,7 +150,7 @@ def test_matches_python_reference_and_scores_are_step_sums(split, corpus, case):
 @given(prompts=st.lists(st.lists(st.integers(0, 96), min_size=1, max_size=14), min_size=3, max_size=3))
 def test_drafts_are_distinct_sorted_and_well_formed(split, corpus, k, reset, ngrams, prompts):
     eos = (36, 90)
-    out = superposed_decode(*split, prompts, num_drafts=k, max_new_tokens=7, ngrams=corpus[0] if ngrams else None,
+    out = decode_superposed(split, prompts, num_drafts=k, max_new_tokens=7, ngrams=corpus[0] if ngrams else None,
                             reset_every=reset, eos_ids=eos)
     for drafts in out:
         toks = [tuple(d[0]) for d in drafts]
@@ -162,7 +168,8 @@ def test_cache_batch_does_not_depend_on_k(tiny, split):
     for k in (1, 4):
         st_ = jax.eval_shape(functools.partial(superposed_core, slots=shapes.slots, num_drafts=k, n_token_sample=8,
                                                steps=5, reset_every=0, eos_ids=()),
-                             *split, tokens, lens, None, 0.0, TAU, jnp.zeros(0), 200.0)
+                             *split, tokens, lens, Scoring(ngrams=None, alpha=jnp.float32(0.0), lambdas=jnp.zeros(0),
+                                                           penalty=jnp.float32(200.0)), TAU)
         caches.append(st_.cache.k[0].shape)
         assert st_.alive.shape == (len(PROMPTS), k, 5)
     assert caches[0] == caches[1] and caches[0][0] == len(PROMPTS)
@@ -170,13 +177,13 @@ def test_cache_batch_does_not_depend_on_k(tiny, split):
 
 def test_argument_errors(split, corpus):
     with pytest.raises(ValueError, match="ngrams="):
-        superposed_decode(*split, PROMPTS, alpha=0.5)
+        decode_superposed(split, PROMPTS, alpha=0.5)
     with pytest.raises(ValueError, match="n_token_sample"):
-        superposed_decode(*split, PROMPTS, num_drafts=4, n_token_sample=3)
+        decode_superposed(split, PROMPTS, num_drafts=4, n_token_sample=3)
     with pytest.raises(ValueError, match="temperature"):
-        superposed_decode(*split, PROMPTS, temperature=0.0)
+        decode_superposed(split, PROMPTS, temperature=0.0)
     with pytest.raises(ValueError, match="lambdas"):
-        superposed_decode(*split, PROMPTS, ngrams=corpus[0], lambdas=[0.5, 0.5])
+        decode_superposed(split, PROMPTS, ngrams=corpus[0], lambdas=[0.5, 0.5])
 
 
 # ----------------------------------------------------------------------------- n-grams
@@ -267,7 +274,7 @@ def test_generate_superposed(tiny_lm, tiny, corpus, tmp_path):
     path = save_ngrams(corpus[0], tmp_path / "ng.npz")
     out = specdec.generate(tiny_lm, PROMPTS, method="superposed", num_drafts=3, ngrams=str(path),
                            max_new_tokens=6, stop_tokens=[11])
-    direct = superposed_decode(*nnx.split(tiny), PROMPTS, num_drafts=3, max_new_tokens=6, ngrams=corpus[0],
+    direct = decode_superposed(nnx.split(tiny), PROMPTS, num_drafts=3, max_new_tokens=6, ngrams=corpus[0],
                                eos_ids=[11])
     for r, d in zip(out, direct):
         assert [(x.tokens, x.score) for x in r.drafts] == [(t[:-1] if t and t[-1] == 11 else t, s) for t, s in d]

@@ -10,7 +10,8 @@ import pytest
 
 import specdec
 from specdec import bench, tune as tune_module
-from specdec.cli import _method_options, main as cli_main
+from specdec.cli import main as cli_main
+from specdec.cli_methods import method_options
 from specdec.tune import candidates, hopeless, read_schedule, save_schedule, tune
 
 
@@ -133,9 +134,9 @@ def test_a_schedule_and_the_command_line_must_agree(tmp_path):
     path = tmp_path / "wide.json"
     path.write_text(json.dumps({"method": "eagle", "options": {"draft_width": 3, "k": {"1": 2, "8": 1}}}))
     args = argparse.Namespace(schedule=str(path), method="eagle", draft_width=3, lookup=4)
-    assert _method_options(args) == {"draft_width": 3, "lookup": 4, "k": {1: 2, 8: 1}}
+    assert method_options(args) == {"draft_width": 3, "lookup": 4, "k": {1: 2, 8: 1}}
     with pytest.raises(ValueError, match="sets draft_width=3; drop --draft-width or the schedule"):
-        _method_options(argparse.Namespace(schedule=str(path), method="eagle", draft_width=2))
+        method_options(argparse.Namespace(schedule=str(path), method="eagle", draft_width=2))
 
 
 def test_tune_rejects_bad_input(tiny_lm):

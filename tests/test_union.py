@@ -15,13 +15,13 @@ import pytest
 
 import specdec
 from drafts.draft_model import draft_proposer
-from drafts.prompt_lookup import PromptLookupProposer
+from drafts.prompt_lookup import PromptLookupProposer, with_lookup
 from specdec.engine import View
 from specdec.equivalence import check
 from specdec.methods import build_proposer
 from specdec.sampling import Sampling
 from specdec.tree import Tree
-from specdec.union import UnionProposer, part_offsets, union_tree, with_lookup
+from specdec.union import UnionProposer, part_offsets, union_tree
 
 
 def test_union_tree_places_each_tree_under_the_shared_root():
@@ -125,7 +125,7 @@ def test_union_rejects_bad_parts_and_options(tiny_lm, methods):
     for bad in (-1, 1.5, "4", True):
         with pytest.raises(ValueError, match="lookup .* must be an integer >= 0"):
             with_lookup(PromptLookupProposer(k=2), None, bad)
-    with pytest.raises(ValueError, match="take one value, not one by load"):
+    with pytest.raises(ValueError, match="takes one value, not one by load"):
         build_proposer("medusa", tiny_lm, {"heads": methods["medusa"]["heads"], "lookup": {1: 4, 4: 2}})
     with pytest.raises(ValueError, match="lookup_width .* must be an integer >= 1"):
         specdec.generate(tiny_lm, [1, 2], lookup=2, lookup_width=0, **methods["medusa"])

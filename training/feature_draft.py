@@ -143,7 +143,7 @@ def batch_arrays(data: FeatureRows, rows, vocab_map: np.ndarray | None, vocab_si
             "valid": (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0) & data.mask[rows][:, 1:]}
 
 
-def _unrolled(draft: FeatureDraft, batch: dict, unroll: int):
+def unrolled(draft: FeatureDraft, batch: dict, unroll: int):
     """Yield the draft's ``(guess [B, T, d] float32, logits [B, T, N])`` at drafting depths 1 .. ``unroll``:
     the first pass reads the target's features; pass ``s`` feeds entry j the guess pass ``s - 1`` made
     for f_j (the first entry of a segment: f_j)."""
@@ -171,7 +171,7 @@ def depth_terms(draft: FeatureDraft, batch: dict, unroll: int, soft: bool = Fals
     out = {"ce": [], "feature": [], "hits": []} | ({"soft": []} if soft else {})
     if soft:  # the target's next-token distribution at j + 1, restricted to the draft's vocabulary
         target_p = jax.nn.softmax(draft.body.draft_logits(wanted.astype(draft.config.jnp_dtype)), axis=-1)
-    for guess, logits in _unrolled(draft, batch, unroll):
+    for guess, logits in unrolled(draft, batch, unroll):
         logp = jax.nn.log_softmax(logits, axis=-1)
         ce = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
         l1 = jnp.mean(optax.huber_loss(guess, wanted), axis=-1)
@@ -263,7 +263,7 @@ def _label_ranks(graphdef, state, batch: dict, depth: int, max_rank: int) -> jax
     """[B, T, depth] rank of each entry's label among the draft's logits at each drafting depth
     (``max_rank`` where it ranks lower or is outside the draft's vocabulary)."""
     labels, out = batch["labels"], []
-    for _, logits in _unrolled(nnx.merge(graphdef, state), batch, depth):
+    for _, logits in unrolled(nnx.merge(graphdef, state), batch, depth):
         label = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)
         out.append(jnp.where(labels >= 0, jnp.minimum(jnp.sum(logits > label, axis=-1), max_rank), max_rank))
     return jnp.stack(out, axis=-1)
