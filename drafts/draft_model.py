@@ -140,10 +140,10 @@ class DraftModelProposer:
     def tree(self) -> Tree:
         return draft_tree(self.k, self.width, self.branches)
 
-    def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, slots: int, hidden=None) -> KVCache:
+    def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, capacity: int, hidden=None) -> KVCache:
         model = nnx.merge(self.graphdef, params)
         b, p = tokens.shape
-        cache = init_cache(model.config, b, slots)
+        cache = init_cache(model.config, b, capacity)
         res = forward(model, cache, tokens=tokens, positions=jnp.broadcast_to(jnp.arange(p), (b, p)),
                       compute_logits=False)
         return res.cache.with_lengths(prompt_lens - 1)  # the last prompt token is re-fed next step

@@ -44,7 +44,7 @@ class EarlyExitProposer:
     def verify_from(self) -> int:
         return self.exit_layer
 
-    def prefill(self, params, tokens, prompt_lens, slots: int, hidden=None) -> None:
+    def prefill(self, params, tokens, prompt_lens, capacity: int, hidden=None) -> None:
         return None  # no state of its own: the bottom layers' K/V are the target's
 
     def _bottom(self, model, cache, token: jax.Array, position: jax.Array, logits: bool):

@@ -83,7 +83,7 @@ class PromptLookupProposer:
     def tree(self) -> Tree:
         return union_tree([Tree.chain(self.k)] * self.width)
 
-    def prefill(self, params, tokens, prompt_lens, slots, hidden=None):
+    def prefill(self, params, tokens, prompt_lens, capacity, hidden=None):
         return None
 
     def propose(self, params, state, view: View, sampling: Sampling, rule: str):

@@ -49,7 +49,7 @@ from specdec.bench import cost_curve_record, equivalence_summary
 from specdec.config import PRECISION_POLICIES, precision_name
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 from heads.bundled import default_tree, default_trees, heads_for
-from heads.trees import BUILTIN_TREES, load_spec
+from specdec.tree import BUILTIN_TREES, load_spec
 from specdec.tune import tunable, tune
 
 # By-load schedules (k 0 / "chain-0": speculation off), from bench_step_cost on the 2-core AVX2 CPU

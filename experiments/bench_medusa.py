@@ -34,8 +34,9 @@ from record_results import pyplot, save_plot, write_results
 import specdec
 from heads.bundled import TREE_FILE, default_head_vocab, default_tree, heads_for
 from heads.medusa import read_metadata
-from heads.search import saved_accuracies
-from heads.trees import grow_tree, load_spec, rank_accuracy, tree_buffers
+from heads.tree_search import saved_accuracies
+from specdec.tree import grow_tree, load_spec, tree_buffers
+from heads.tree_search import rank_accuracy
 from specdec.bench import cost_curve_record, greedy_summary, timed_generations
 from specdec.datasets import humaneval_chat_prompts, sharegpt_prompts
 

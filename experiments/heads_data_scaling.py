@@ -6,7 +6,7 @@ their training rows (``rows_from``), keeping the same held-out rows; then, for
 each set and the reference heads (every row), with every set ranking its
 ``--head-vocab`` most trained-on tokens:
 
-- top1 / top5: held-out accuracy per head (:func:`heads.search.heldout_accuracy`);
+- top1 / top5: held-out accuracy per head (:func:`training.medusa.heldout_accuracy`);
 - cross_N: greedy tokens per target forward of the N-node tree of the rank paths
   that held most often on every other held-out reply, replayed on the rest
   (:func:`training.rank_trees.cross_tokens_per_forward`, as
@@ -35,7 +35,8 @@ from record_results import pyplot, save_plot, write_results
 import specdec
 from heads.bundled import heads_for
 from heads.medusa import head_vocab_ids, read_metadata
-from heads.search import heldout_accuracy, top1_top5
+from training.medusa import heldout_accuracy
+from heads.tree_search import top1_top5
 from specdec.fetch import cache_dir
 from training.feature_draft import FeatureRows
 from training.loop import load_arrays, run_dir_of

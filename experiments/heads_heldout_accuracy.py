@@ -1,7 +1,7 @@
 """Held-out accuracy of several sets of Medusa heads, each ranking the same number of tokens.
 
 For each ``--heads`` directory: per-head top-1 and top-5 accuracy on the held-out
-split of that heads' own training run (:func:`heads.search.heldout_accuracy`; runs
+split of that heads' own training run (:func:`training.medusa.heldout_accuracy`; runs
 made with the same data settings share it, the ``heldout`` column names it by its
 data key), the heads ranking only the ``--head-vocab`` tokens they were most often
 trained on (their decoding default; 0: every token). Heads trained with
@@ -20,7 +20,8 @@ from record_results import write_results
 import specdec
 from heads.bundled import heads_for
 from heads.medusa import head_vocab_ids, read_metadata
-from heads.search import heldout_accuracy, top1_top5
+from training.medusa import heldout_accuracy
+from heads.tree_search import top1_top5
 from training.medusa import HeadsTrainConfig
 
 TRAINING = ("epochs", "n_layers", "train_vocab", "loss", "steps", "train_positions")

@@ -5,7 +5,7 @@ training run (:func:`training.medusa.heads_reply_ranks`; the heads rank their
 default head vocabulary) give, for each tree size N (drafts besides the root):
 
 - frequent: the N rank paths that held most often on those replies
-  (:func:`heads.trees.frequent_tree`), the best N-node tree for them;
+  (:func:`heads.tree_search.frequent_tree`), the best N-node tree for them;
 - replay_own: greedy decoding of those replies replayed with it
   (:func:`training.rank_trees.decoded_tokens_per_forward`): optimistic for large
   trees, which keep paths seen once;
@@ -40,8 +40,9 @@ from record_results import write_results
 import specdec
 from heads.bundled import TREE_FILE, heads_for
 from heads.medusa import read_metadata
-from heads.search import saved_accuracies
-from heads.trees import frequent_tree, grow_tree, rank_accuracy
+from heads.tree_search import saved_accuracies
+from heads.tree_search import frequent_tree, rank_accuracy
+from specdec.tree import grow_tree
 from training.rank_trees import cross_tokens_per_forward, decoded_tokens_per_forward, heads_heldout_ranks, path_shares
 
 SIZES = (1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 4095, 1_000_000)

@@ -78,7 +78,7 @@ def class_programs(lm, prefix: int):
             cos, sin = rotary(positions, hd, *cfg.rope_of(layer), cfg.max_seq_len)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             cache = write_layer(cache, layer, k, k)
-            visible = jnp.arange(cache.slots)[None, None, :] <= positions[:, :, None]
+            visible = jnp.arange(cache.capacity)[None, None, :] <= positions[:, :, None]
             out.append(attend(cfg, q, cache.k[layer], cache.v[layer], visible, cache.lengths).sum())
         return jnp.stack(out)
 

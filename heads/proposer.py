@@ -22,7 +22,7 @@ from flax import nnx
 from drafts.prompt_lookup import lookup_beside
 from heads.bundled import default_head_vocab, default_trees, heads_for
 from heads.medusa import MedusaHeads, checked_vocab, head_vocab_ids
-from heads.trees import TreeBuffers, candidate_tokens, load_spec, tree_buffers
+from specdec.tree import TreeBuffers, candidate_tokens, load_spec, tree_buffers
 from specdec.engine import Commit, Proposal, View, no_proposal
 from specdec.method_spec import WithLookup, build_by_load, option, register
 from specdec.sampling import Sampling
@@ -46,7 +46,7 @@ class MedusaProposer:
     def tree(self) -> Tree:
         return self.buffers.tree
 
-    def prefill(self, params, tokens, prompt_lens, slots, hidden: jax.Array) -> jax.Array:
+    def prefill(self, params, tokens, prompt_lens, capacity, hidden: jax.Array) -> jax.Array:
         return jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]  # the last prompt token's
 
     def propose(self, params, hidden: jax.Array, view: View, sampling: Sampling, rule: str):

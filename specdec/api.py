@@ -401,7 +401,8 @@ def _superposed(model, prompts, spec, options: GenerateOptions) -> Generation | 
     new = int(options.max_new_tokens)
     start = time.perf_counter()
     spec = dataclasses.replace(spec, ngrams=None if alpha == 0 else ngrams)
-    per_prompt = superposed_decode(lm.graphdef, lm.state, ids, spec, max_new_tokens=new, eos_ids=tuple(eos), max_cache_len=options.max_cache_len)
+    per_prompt = superposed_decode(lm.graphdef, lm.state, ids, spec, max_new_tokens=new, eos_ids=tuple(eos),
+                                   max_cache_len=options.max_cache_len)
     wall = time.perf_counter() - start
     decode = lm.tokenizer.decode if lm.tokenizer is not None else None
     results = []

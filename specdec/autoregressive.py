@@ -52,7 +52,7 @@ class DecodeShapes:
 
     batch: int
     prompt: int
-    slots: int
+    capacity: int
     out: int
 
 
@@ -79,7 +79,7 @@ def plan_shapes(cfg: LlamaConfig, prompt_lens: Sequence[int], max_new: Sequence[
                 f"more than the {limit} of {what}: shorten the prompt or lower max_new_tokens")
     need = max(p + n for p, n in zip(prompt_lens, max_new)) + extra
     return DecodeShapes(batch=len(prompt_lens), prompt=prompt_bucket(max(prompt_lens)),
-                        slots=min(round_up(need, 64), limit), out=round_up(max(max_new), 64))
+                        capacity=min(round_up(need, 64), limit), out=round_up(max(max_new), 64))
 
 
 def _record(st: DecodeState, active: jax.Array, token: jax.Array, eos_ids: tuple[int, ...]) -> DecodeState:
@@ -92,11 +92,11 @@ def _record(st: DecodeState, active: jax.Array, token: jax.Array, eos_ids: tuple
                       last=jnp.where(active, token, st.last))
 
 
-def prompt_segment(cfg: LlamaConfig, tokens: jax.Array, prompt_lens: jax.Array, slots: int) -> Segment:
+def prompt_segment(cfg: LlamaConfig, tokens: jax.Array, prompt_lens: jax.Array, capacity: int) -> Segment:
     """The prefill forward of the padded prompts ``tokens: [B, P]`` (lengths ``prompt_lens: [B]``) into
-    a fresh cache of ``slots``: logits at each row's last prompt token, the last layer's states."""
+    a fresh cache of ``capacity``: logits at each row's last prompt token, the last layer's states."""
     b, p = tokens.shape
-    return Segment(cache=init_cache(cfg, b, slots), tokens=tokens, positions=jnp.broadcast_to(jnp.arange(p), (b, p)),
+    return Segment(cache=init_cache(cfg, b, capacity), tokens=tokens, positions=jnp.broadcast_to(jnp.arange(p), (b, p)),
                    logits_at=(prompt_lens - 1)[:, None], hidden_layers=(cfg.n_layers - 1,))
 
 
@@ -120,7 +120,7 @@ def prefill_with_hidden(graphdef, params, tokens, prompt_lens, max_new, seeds, *
     caller that ignores them costs nothing: they are dropped when compiled).
     """
     model = nnx.merge(graphdef, params)
-    (res,) = forward_together(model, [prompt_segment(model.config, tokens, prompt_lens, shapes.slots)])
+    (res,) = forward_together(model, [prompt_segment(model.config, tokens, prompt_lens, shapes.capacity)])
     return prefilled(model, res, prompt_lens, max_new, seeds, out=shapes.out, sampling=sampling, eos_ids=eos_ids)
 
 

@@ -73,8 +73,8 @@ class Budgeted:
     def tree(self) -> Tree:
         return self.proposer.tree
 
-    def prefill(self, params, tokens, prompt_lens, slots, hidden):
-        return self.proposer.prefill(params, tokens, prompt_lens, slots, hidden)
+    def prefill(self, params, tokens, prompt_lens, capacity, hidden):
+        return self.proposer.prefill(params, tokens, prompt_lens, capacity, hidden)
 
     def propose(self, params, state, view: View, sampling: Sampling, rule: str) -> tuple[Any, Proposal]:
         if not verifies_exactly(rule, sampling):

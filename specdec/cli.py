@@ -233,7 +233,8 @@ def _rank_tree_parser(sub, name: str, help_text: str, max_rank: int):
 
 def _search_tree(args) -> int:
     from heads.bundled import heads_for
-    from heads.search import describe, saved_accuracies, search_for_heads
+    from heads.tree_search import describe, saved_accuracies, search_for_heads, search_vocab
+    from training.medusa import heldout_accuracy
 
     topk = None
     if args.accuracy_from:  # read before the model loads: a bad file fails at once
@@ -244,7 +245,9 @@ def _search_tree(args) -> int:
                              "or drop --accuracy-from")
     lm = load_once(args.model)
     heads, heads_dir = heads_for(lm, args.heads)
-    result = search_for_heads(lm, heads, heads_dir, max_nodes=args.max_nodes, topk=topk, rows=tuple(args.rows),
+    if topk is None:  # measured on the held-out split of the heads' own training run
+        topk = heldout_accuracy(lm, heads, heads_dir, search_vocab(lm, heads_dir, args.head_vocab)[1])
+    result = search_for_heads(lm, heads, heads_dir, topk, max_nodes=args.max_nodes, rows=tuple(args.rows),
                               head_vocab=args.head_vocab, save=args.save)
     print(describe(result))
     if args.save:

@@ -107,7 +107,7 @@ class Proposer(Protocol):
     tree: Tree
     # optional ``verify_from: int``: the layer verification starts at when proposals carry ``hidden``
 
-    def prefill(self, params: Any, tokens: jax.Array, prompt_lens: jax.Array, slots: int, hidden: jax.Array) -> Any:
+    def prefill(self, params: Any, tokens: jax.Array, prompt_lens: jax.Array, capacity: int, hidden: jax.Array) -> Any:
         """Proposer state after the padded prompts ``tokens: [B, P]``; ``hidden: [B, P, d]`` holds the
         target's final-normed hidden states at every prompt position."""
 
@@ -168,7 +168,7 @@ def _compact(cache: KVCache, path: jax.Array, n: jax.Array) -> KVCache:
     rows = jnp.arange(b)[:, None]
     src = cache.lengths[:, None] + path
     j = jnp.arange(width)[None, :]
-    dst = jnp.where(j <= n[:, None], cache.lengths[:, None] + j, cache.slots)  # past the path: dropped
+    dst = jnp.where(j <= n[:, None], cache.lengths[:, None] + j, cache.capacity)  # past the path: dropped
     return cache.map_layers(lambda x: x.at[rows, :, dst].set(x[rows, :, src], mode="drop"))
 
 
@@ -288,11 +288,11 @@ def spec_state(proposer, pparams, dec: DecodeState, hidden: jax.Array, tokens: j
                max_depth: int) -> SpecState:
     """The speculative state of freshly prefilled rows: the target's ``dec``, the final-normed prompt
     states ``hidden: [B, P, d]`` of the padded prompts ``tokens: [B, P]``, and the proposer's prefill."""
-    b, slots = tokens.shape[0], dec.cache.slots
-    width = min(tokens.shape[1], slots)  # the prompt bucket may be wider than the cache
-    history = jnp.zeros((b, slots), jnp.int32).at[:, :width].set(tokens[:, :width])
+    b, capacity = tokens.shape[0], dec.cache.capacity
+    width = min(tokens.shape[1], capacity)  # the prompt bucket may be wider than the cache
+    history = jnp.zeros((b, capacity), jnp.int32).at[:, :width].set(tokens[:, :width])
     history = history.at[jnp.arange(b), prompt_lens].set(dec.last, mode="drop")
-    pstate = proposer.prefill(pparams, tokens, prompt_lens, slots, hidden)
+    pstate = proposer.prefill(pparams, tokens, prompt_lens, capacity, hidden)
     return SpecState(dec=dec, history=history, proposer=pstate, row_forwards=jnp.zeros((b,), jnp.int32),
                      accepted_hist=jnp.zeros((b, max_depth + 1), jnp.int32))
 
@@ -335,7 +335,7 @@ def speculative_decode(graphdef, params, proposer, pparams, prompts: Sequence[Se
 
     Like :func:`specdec.autoregressive.decode`, the caller may ``send`` back a state with
     more rows marked done. ``proposer``: a :class:`Proposer` or a :class:`ByLoad` schedule (picked
-    at each chunk's start). ``shapes.slots`` must leave room for a whole tree past the budget.
+    at each chunk's start). ``shapes.capacity`` must leave room for a whole tree past the budget.
     ``times``: when a list, steps run from the host via :func:`timed_steps` and each chunk's
     :class:`StepTimes` is appended to it (profiling; slower).
     """

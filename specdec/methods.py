@@ -13,7 +13,7 @@ from typing import Any
 from drafts.draft_model import Draft
 from drafts.early_exit import EarlyExit
 from drafts.prompt_lookup import PromptLookup
-from heads.feature_proposer import Eagle
+from heads.eagle import Eagle
 from heads.proposer import Medusa
 from specdec.method_spec import Autoregressive, MethodSpec, method_spec
 from specdec.skipdecode import SkipDecode

@@ -135,12 +135,12 @@ class ForwardOutput(NamedTuple):
 WINDOW_SLOTS = 128  # the smallest attention window; larger ones double it up to the whole cache
 
 
-def attention_windows(slots: int, t: int) -> list[int]:
+def attention_windows(capacity: int, t: int) -> list[int]:
     """Window sizes (leading cache slots) a forward of ``t`` new tokens may attend over, smallest
-    first: 128, 256, ... below ``slots``, then ``slots``. Windows narrower than ``t`` are left out
+    first: 128, 256, ... below ``capacity``, then ``capacity``. Windows narrower than ``t`` are left out
     (the new tokens alone fill them)."""
-    doubled = (WINDOW_SLOTS << i for i in range(max(slots, 1).bit_length()))
-    return [w for w in doubled if t <= w < slots] + [slots]
+    doubled = (WINDOW_SLOTS << i for i in range(max(capacity, 1).bit_length()))
+    return [w for w in doubled if t <= w < capacity] + [capacity]
 
 
 def _attend_dense(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
@@ -219,10 +219,10 @@ def _rows_of(cfg: LlamaConfig, seg: Segment) -> _Rows:
     b, t = seg.positions.shape
     block_mask = causal_mask(b, t) if seg.block_mask is None else seg.block_mask
     block_mask = jnp.broadcast_to(block_mask.astype(bool), (b, t, t))
-    visible = visibility(seg.cache.lengths, block_mask, seg.cache.slots)
+    visible = visibility(seg.cache.lengths, block_mask, seg.cache.capacity)
     local = None
     if any(cfg.window(layer) is not None for layer in range(cfg.n_layers)):
-        near = seg.positions[:, :, None] - key_positions(seg.cache.lengths, seg.positions, seg.cache.slots)[:, None]
+        near = seg.positions[:, :, None] - key_positions(seg.cache.lengths, seg.positions, seg.cache.capacity)[:, None]
         local = visible & (near < cfg.sliding_window)
     ropes = {cfg.rope_of(layer) for layer in range(cfg.n_layers)}
     return _Rows(seg.positions, visible, local, seg.packed,

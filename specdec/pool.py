@@ -61,7 +61,7 @@ def admit_autoregressive(graphdef, params, st: DecodeState, tokens: jax.Array, p
     finished row (a separate program: inside this one the scatter copied the whole batch state)."""
     model = nnx.merge(graphdef, params)
     res, pre = forward_together(model, [step_segment(st, width),
-                                        prompt_segment(model.config, tokens, prompt_lens, st.cache.slots)])
+                                        prompt_segment(model.config, tokens, prompt_lens, st.cache.capacity)])
     new, _ = prefilled(model, pre, prompt_lens, max_new, seeds, out=st.out.shape[1], sampling=sampling,
                        eos_ids=eos_ids)
     return stepped(st, res, sampling, eos_ids), new
@@ -79,7 +79,7 @@ def admit_speculative(graphdef, params, proposer, pparams, st: SpecState, tokens
     model = nnx.merge(graphdef, params)
     pstate, prop = propose_part(graphdef, params, proposer, pparams, st, sampling, rule)
     seg = verify_segment(proposer.tree, st.dec, prop)
-    res, pre = forward_together(model, [seg, prompt_segment(model.config, tokens, prompt_lens, st.dec.cache.slots)])
+    res, pre = forward_together(model, [seg, prompt_segment(model.config, tokens, prompt_lens, st.dec.cache.capacity)])
     dec, hidden = prefilled(model, pre, prompt_lens, max_new, seeds, out=st.dec.out.shape[1], sampling=sampling,
                             eos_ids=eos_ids)
     new = spec_state(proposer, pparams, dec, hidden, tokens, prompt_lens, st.accepted_hist.shape[1] - 1)

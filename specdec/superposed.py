@@ -151,9 +151,9 @@ class Scoring:
     penalty: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "num_drafts", "n_token_sample", "steps",
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "num_drafts", "n_token_sample", "steps",
                                              "reset_every", "eos_ids"))
-def superposed_core(graphdef, params, tokens, prompt_lens, scoring: Scoring, temperature, *, slots: int,
+def superposed_core(graphdef, params, tokens, prompt_lens, scoring: Scoring, temperature, *, capacity: int,
                     num_drafts: int, n_token_sample: int, steps: int, reset_every: int,
                     eos_ids: tuple[int, ...]) -> SuperposedState:
     """Prefill ``tokens: [B, P]`` (rows left-aligned, ``prompt_lens: [B]``) and run ``steps`` superposed steps.
@@ -165,7 +165,7 @@ def superposed_core(graphdef, params, tokens, prompt_lens, scoring: Scoring, tem
     b, p = tokens.shape
     k, n = num_drafts, steps
     width = scoring.ngrams.context_width if scoring.ngrams is not None else 1
-    res = forward(model, init_cache(model.config, b, slots), tokens=tokens,
+    res = forward(model, init_cache(model.config, b, capacity), tokens=tokens,
                   positions=jnp.broadcast_to(jnp.arange(p), (b, p)), logits_at=(prompt_lens - 1)[:, None])
     logp, ids = truncate(res.logits[:, 0], temperature, n_token_sample)
     at = prompt_lens[:, None] - width + jnp.arange(width)  # [B, W] prompt positions of the context
@@ -246,8 +246,8 @@ def superposed_decode(graphdef, params, prompts: Sequence[Sequence[int]], spec: 
     tokens, prompt_lens, _, _ = prompt_arrays(prompts, shapes, [max_new_tokens] * len(prompts), [0] * len(prompts))
     scoring = Scoring(ngrams=ngrams, alpha=jnp.float32(alpha), lambdas=jnp.asarray(lambdas or (), jnp.float32),
                       penalty=jnp.float32(PUBLISHED["penalty"]))
-    st = superposed_core(graphdef, params, tokens, prompt_lens, scoring, jnp.float32(temperature), slots=shapes.slots,
-                         num_drafts=k, n_token_sample=n_token_sample, steps=max_new_tokens,
+    st = superposed_core(graphdef, params, tokens, prompt_lens, scoring, jnp.float32(temperature),
+                         capacity=shapes.capacity, num_drafts=k, n_token_sample=n_token_sample, steps=max_new_tokens,
                          reset_every=reset_every, eos_ids=tuple(sorted(set(map(int, eos_ids)))))
     return collect(st)
 

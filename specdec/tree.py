@@ -5,15 +5,28 @@ committed token, not yet in the cache. Node ``i > 0`` is a draft token whose
 parent is ``parents[i] < i``. A chain of k drafts is the tree
 ``parents = (-1, 0, 1, ..., k - 1)``. Children of one node are tried in index
 order by the sampling verifier, so proposers put their best guess first.
+
+A spec (Medusa heads, the feature draft's ranked trees) is a list of paths; entry ``d`` of a path is
+the rank, among depth ``d + 1``'s candidates, of the token taken there: ``[(0,), (1,), (0, 0)]``
+puts the two best candidates under the root and the best one below the first of them. Every prefix
+of a path is a path of the spec. :func:`tree_buffers` turns a spec into its tree and gather
+indices; the built-in specs are grown greedily by a generic per-rank accuracy prior
+(:func:`grow_tree`); tree search over measured accuracies and costs lives in
+:mod:`heads.tree_search`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from pathlib import Path
+from typing import NamedTuple, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from specdec.saved import read_config
 
 
 @dataclass(frozen=True)
@@ -114,3 +127,83 @@ def canonical_paths(paths: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
             raise ValueError(f"path {list(p)} has no parent path {list(p[:-1])} in the spec")
         known.add(p)
     return out
+
+
+Spec = list[tuple[int, ...]]
+
+
+class TreeBuffers(NamedTuple):
+    """What the engine and the Medusa proposer need for one spec (N nodes, node 0 the root)."""
+
+    tree: Tree  # parents; its ancestors [N, N] mask, depth [N] and path_to [N, D + 1] buffers
+    head: np.ndarray  # [N - 1] int32 head whose top-k proposes node i + 1 (its depth - 1)
+    rank: np.ndarray  # [N - 1] int32 rank of node i + 1's token in that head's top-k
+    top_k: int  # candidates needed per head (1 + the largest rank)
+
+
+def tree_buffers(spec: Sequence[Sequence[int]]) -> TreeBuffers:
+    """Turn a spec into its tree and the per-node (head, rank) gather indices.
+
+    The empty spec is the root alone ("chain-0"): speculation off, a plain target step.
+    """
+    paths = canonical_paths(spec)
+    ranks = np.array([p[-1] for p in paths], np.int32)
+    return TreeBuffers(tree=Tree.from_paths(paths), head=np.array([len(p) - 1 for p in paths], np.int32),
+                       rank=ranks, top_k=int(ranks.max(initial=-1)) + 1)
+
+
+def candidate_tokens(top_tokens: jax.Array, buffers: TreeBuffers) -> jax.Array:
+    """``top_tokens: [B, n_heads, K]`` (each head's best tokens, best first) -> node tokens ``[B, N - 1]``."""
+    return top_tokens[:, jnp.asarray(buffers.head), jnp.asarray(buffers.rank)]
+
+
+def chain_spec(k: int) -> Spec:
+    """A chain of ``k`` nodes: each head's best token."""
+    return [(0,) * d for d in range(1, k + 1)]
+
+
+def expected_accepted(spec: Sequence[Sequence[int]], rank_acc: np.ndarray) -> float:
+    """Expected accepted drafts per step: sum over nodes of the product of per-rank accuracies on the path.
+
+    rank_acc: ``[n_heads, K]``, the probability that head h's rank-r token is the right one.
+    """
+    return float(sum(np.prod([rank_acc[d, r] for d, r in enumerate(p)]) for p in canonical_paths(spec)))
+
+
+def grow_tree(rank_acc: np.ndarray, nodes: int) -> Spec:
+    """The ``nodes``-node spec (root excluded) grown greedily by path probability."""
+    n_heads, k = rank_acc.shape
+    spec: dict[tuple[int, ...], float] = {}
+    frontier = {(r,): float(rank_acc[0, r]) for r in range(k)}
+    while len(spec) < nodes and frontier:
+        best = max(frontier, key=lambda p: (frontier[p], -len(p), tuple(-r for r in p)))
+        spec[best] = frontier.pop(best)
+        if len(best) < n_heads:
+            frontier.update({best + (r,): spec[best] * float(rank_acc[len(best), r]) for r in range(k)})
+    return canonical_paths(spec)
+
+
+PRIOR_ACCURACY = np.array([[0.6 * 0.6 ** h * 0.5 ** r for r in range(8)] for h in range(4)])
+"""A generic per-rank accuracy prior for built-in trees: 0.6 for head 0's best token, 0.6x less per
+head, half as likely per rank down. Searched trees use measured accuracies instead."""
+
+BUILTIN_TREES: dict[str, Spec] = {
+    **{f"chain-{k}": chain_spec(k) for k in (0, 1, 2, 3, 4)},
+    **{f"tree-{n}": grow_tree(PRIOR_ACCURACY, n - 1) for n in (8, 16, 32, 64)},
+}
+"""Built-in specs by name; ``tree-N`` has N nodes counting the root; ``chain-0`` is the root alone
+(speculation off, e.g. at high load in a by-load schedule)."""
+
+
+def load_spec(tree: str | Sequence[Sequence[int]]) -> Spec:
+    """A spec from a built-in name, a JSON file (a list of paths, or ``{"paths": ...}``) or a list of paths."""
+    if not isinstance(tree, str):
+        return canonical_paths(tree)
+    if tree in BUILTIN_TREES:
+        return BUILTIN_TREES[tree]
+    path = Path(tree)
+    if not path.is_file():
+        raise ValueError(f"unknown tree {tree!r}: not a built-in ({', '.join(BUILTIN_TREES)}) and no such file")
+    data = read_config(path.parent, path.name, what="tree of paths",
+                       fix="give a JSON list of paths, or a tree.json written by `specdec search-tree --save`")
+    return canonical_paths(data["paths"] if isinstance(data, dict) else data)

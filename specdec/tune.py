@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from heads.trees import load_spec
+from specdec.tree import load_spec
 from specdec.autoregressive import StepConfig, decode, plan_shapes
 from specdec.bench import target_cost_curve
 from specdec.engine import speculative_decode

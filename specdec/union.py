@@ -63,8 +63,8 @@ class UnionProposer:
     def tree(self) -> Tree:
         return union_tree([p.tree for p in self.parts])
 
-    def prefill(self, params, tokens, prompt_lens, slots, hidden):
-        return tuple(p.prefill(pp, tokens, prompt_lens, slots, hidden) for p, pp in zip(self.parts, params))
+    def prefill(self, params, tokens, prompt_lens, capacity, hidden):
+        return tuple(p.prefill(pp, tokens, prompt_lens, capacity, hidden) for p, pp in zip(self.parts, params))
 
     def propose(self, params, state, view: View, sampling: Sampling, rule: str):
         states, props = zip(*(p.propose(pp, s, view, sampling, rule)

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import specdec
 from drafts.model import DraftSpec, frequent_vocab, new_draft, token_frequencies
 from drafts.saved import draft_for, load_draft, save_draft
 from conftest import greedy_rows

@@ -16,8 +16,9 @@ from specdec import engine
 from heads.medusa import TOKEN_COUNTS_FILE, head_vocabulary, load_heads, new_heads, save_heads
 from heads.proposer import medusa_proposer
 from specdec.model import head_table
-from heads.trees import (BUILTIN_TREES, candidate_tokens, chain_spec, expected_accepted, grow_tree, load_spec,
-                         rank_accuracy, search_tree, tree_buffers)
+from specdec.tree import (BUILTIN_TREES, candidate_tokens, chain_spec, expected_accepted, grow_tree, load_spec,
+                          tree_buffers)
+from heads.tree_search import rank_accuracy, search_tree
 from conftest import random_heads
 from specdec.config import tiny_config
 from specdec.equivalence import check
@@ -243,7 +244,7 @@ def test_head_vocab_bad_input(tiny_lm, tiny, tmp_path):
 
 def test_search_for_heads_measures_and_saves(tiny_lm, tiny, tmp_path):
     from heads.bundled import default_tree, default_trees
-    from heads.search import describe, search_for_heads
+    from heads.tree_search import describe, search_for_heads
 
     heads = new_heads(tiny, base_name="tiny")
     save_heads(heads, tmp_path)
@@ -261,7 +262,7 @@ def test_search_for_heads_measures_and_saves(tiny_lm, tiny, tmp_path):
 
 def test_search_with_a_head_vocabulary_sets_the_default(tiny_lm, tiny, tmp_path):
     from heads.bundled import default_head_vocab
-    from heads.search import describe, search_for_heads
+    from heads.tree_search import describe, search_for_heads
 
     _heads_with_counts(tiny, tmp_path)
     heads = load_heads(tmp_path, tiny)
@@ -281,7 +282,7 @@ def test_heads_trained_over_a_vocabulary_rank_it_by_default(tiny_lm, tiny, tmp_p
     """Without a head vocabulary recorded by a search, heads trained with ``train_vocab=N`` decode and
     are searched over N tokens; a search's record, "every token" included, wins."""
     from heads.bundled import TREE_FILE, default_head_vocab
-    from heads.search import search_for_heads
+    from heads.tree_search import search_for_heads
 
     _heads_with_counts(tiny, tmp_path, extra={"training": {"config": {"train_vocab": 12}}})
     assert default_head_vocab(tmp_path) == 12
@@ -314,7 +315,7 @@ def test_trees_searched_by_load_are_the_default_schedule(tiny_lm, tiny, tmp_path
     """A tree.json with different trees per batch size makes method="medusa" pick them by running rows; a corrupt
     one is a clear error."""
     from heads.bundled import TREE_FILE, default_head_vocab, default_tree, default_trees
-    from heads.search import search_for_heads
+    from heads.tree_search import search_for_heads
     from specdec.engine import ByLoad
 
     heads = new_heads(tiny, base_name="tiny")

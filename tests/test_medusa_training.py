@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import settings
 
 import specdec
 from heads.medusa import load_heads, new_heads, save_heads
-from heads.search import top1_top5
+from heads.tree_search import top1_top5
 from specdec.model import head_table
 from specdec.config import tiny_config
 from specdec.model import init_model
@@ -22,8 +21,8 @@ from specdec.loading import LoadedModel
 from training.data import Example, head_labels, pack
 from training.feature_draft import target_rows
 from training.features import Features, SoftTargets, backbone_features
-from training.medusa import (HeadsTrainConfig, evaluate, fit, heads_reply_ranks, label_counts, medusa_loss,
-                             prepare_features, prepare_soft, reply_runs, rows_features, training_vocab)
+from training.medusa import (HeadsTrainConfig, evaluate, fit, heads_reply_ranks, heldout_accuracy, label_counts,
+                             medusa_loss, prepare_features, prepare_soft, reply_runs, rows_features, training_vocab)
 from training.rank_trees import replay_counts, write_heads_trees
 
 
@@ -196,15 +195,13 @@ def test_heads_train_on_the_rows_of_a_feature_draft_run(tiny_lm, tmp_path):
         HeadsTrainConfig(rows_from=str(tmp_path), conversations=5, seq_len=64)
 
 
-def test_search_for_heads_trained_on_rows_no_longer_here(tiny_lm, tiny, tmp_path):
+def test_accuracy_of_heads_trained_on_rows_no_longer_here(tiny_lm, tiny, tmp_path):
     """Heads trained with ``rows_from`` on another machine: measuring their accuracies there is a clear
     error that names the fix (reuse the accuracies saved with them)."""
-    from heads.search import search_for_heads
-
     save_heads(new_heads(tiny, base_name="tiny"), tmp_path,
                {"training": {"config": {"model": "tiny", "rows_from": str(tmp_path / "gone")}}})
     with pytest.raises(FileNotFoundError, match="feature-draft work directory.*--accuracy-from .*tree.json"):
-        search_for_heads(tiny_lm, load_heads(tmp_path, tiny), tmp_path, max_nodes=4)
+        heldout_accuracy(tiny_lm, load_heads(tmp_path, tiny), tmp_path)
 
 
 def test_head_ranks_replay_exactly_what_medusa_decoding_does(tiny_lm, tiny):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from heads.trees import frequent_tree
+from heads.tree_search import frequent_tree
 from training.rank_trees import cross_tokens_per_forward, decoded_tokens_per_forward, path_shares, replay_counts, \
     root_paths, write_trees
 

@@ -166,7 +166,7 @@ def test_cache_batch_does_not_depend_on_k(tiny, split):
     tokens, lens, _, _ = prompt_arrays(PROMPTS, shapes, [5] * len(PROMPTS), [0] * len(PROMPTS))
     caches = []
     for k in (1, 4):
-        st_ = jax.eval_shape(functools.partial(superposed_core, slots=shapes.slots, num_drafts=k, n_token_sample=8,
+        st_ = jax.eval_shape(functools.partial(superposed_core, capacity=shapes.capacity, num_drafts=k, n_token_sample=8,
                                                steps=5, reset_every=0, eos_ids=()),
                              *split, tokens, lens, Scoring(ngrams=None, alpha=jnp.float32(0.0), lambdas=jnp.zeros(0),
                                                            penalty=jnp.float32(200.0)), TAU)

@@ -38,7 +38,7 @@ from specdec.model import forward
 from specdec.sampling import argmax
 from training.data import Packed, next_labels, pack, split_examples
 from training.features import segment_mask, top_k_probs
-from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
+from training.loop import cached_arrays, fit_module, work_dir_of
 
 KIND = "train-draft"  # work directories under the cache
 
@@ -252,26 +252,21 @@ def fit(draft: DraftLlama, spec: DraftSpec, data: Teacher, cfg: DraftTrainConfig
     ``work_dir``'s latest checkpoint. Returns the loss log (one record per step)."""
     mesh = mesh or data_mesh()
     vocab_map = None if draft.vocab_map is None else np.asarray(draft.vocab_map[...])
-    total = max(1, int(np.ceil(cfg.epochs * len(data.tokens) / cfg.batch_size)))
-    optimizer = make_optimizer(lr=cfg.lr, total_steps=total, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
-                               clip=cfg.clip)
-    graphdef, params, frozen = nnx.split(draft, trainable(spec), ...)
-    params, frozen = replicate(mesh, params), replicate(mesh, frozen)
     vocab = draft.config.vocab_size
 
-    def step(params, opt, idx):
-        batch = shard_batch(mesh, batch_arrays(data, idx, vocab_map, vocab))
-        params, opt, value, terms = train_step(graphdef, params, frozen, opt, batch, optimizer=optimizer,
-                                               loss=cfg.loss)
-        n = max(float(terms["count"]), 1.0)
-        return params, opt, {"loss": float(value), "greedy_accept": round(float(terms["greedy_accept"]) / n, 4)}
+    def make_step(graphdef, frozen, optimizer):
+        def step(params, opt, idx):
+            batch = shard_batch(mesh, batch_arrays(data, idx, vocab_map, vocab))
+            params, opt, value, terms = train_step(graphdef, params, frozen, opt, batch, optimizer=optimizer,
+                                                   loss=cfg.loss)
+            n = max(float(terms["count"]), 1.0)
+            return params, opt, {"loss": float(value), "greedy_accept": round(float(terms["greedy_accept"]) / n, 4)}
 
-    params, _, log = train_loop(params=params, opt=replicate(mesh, optimizer.init(params)), step_fn=step,
-                                n=len(data.tokens), total=total, cfg=cfg, work_dir=work_dir, max_steps=max_steps,
-                                desc="train draft",
-                                show=lambda r: f"loss {r['loss']:.3f} acc {r['greedy_accept']:.2f}")
-    nnx.update(draft, params)
-    return log
+        return step
+
+    return fit_module(draft, trainable(spec), make_step, n=len(data.tokens), cfg=cfg, work_dir=work_dir,
+                      max_steps=max_steps, desc="train draft", place=functools.partial(replicate, mesh),
+                      show=lambda r: f"loss {r['loss']:.3f} acc {r['greedy_accept']:.2f}")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

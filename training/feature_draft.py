@@ -42,7 +42,7 @@ from specdec.sampling import argmax
 from training.data import Packed, pack, split_examples
 from training.draft import DATA_MODES, to_draft_ids
 from training.features import packed_hidden, segment_mask
-from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
+from training.loop import cached_arrays, fit_module, work_dir_of
 
 KIND = "train-feature-draft"  # work directories under the cache
 TOKEN_LOSSES = ("ce", "kl")
@@ -214,26 +214,23 @@ def fit(draft: FeatureDraft, spec: DraftSpec, data: FeatureRows, cfg: FeatureDra
         max_steps: int | None = None) -> list[dict]:
     """Train ``draft`` in place on ``data``, resuming from ``work_dir``'s latest checkpoint.
     Returns the loss log (one record per step, from step 0)."""
-    total = max(1, int(np.ceil(cfg.epochs * len(data.tokens) / cfg.batch_size)))
-    optimizer = make_optimizer(lr=cfg.lr, total_steps=total, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
-                               clip=cfg.clip)
-    graphdef, params, frozen = nnx.split(draft, trainable(spec), ...)
     vocab_map, vocab = _vocab_map(draft), draft.config.vocab_size
-    static = dict(optimizer=optimizer, unroll=cfg.unroll, feature_weight=cfg.feature_weight,
-                  depth_decay=cfg.depth_decay, soft=cfg.loss == "kl")
 
-    def step(params, opt, idx):
-        params, opt, value, terms = train_step(graphdef, params, frozen, opt,
-                                               batch_arrays(data, idx, vocab_map, vocab), **static)
-        acc = np.asarray(terms["hits"]) / max(float(terms["count"]), 1.0)
-        return params, opt, {"loss": float(value), "acc": acc.round(4).tolist()}
+    def make_step(graphdef, frozen, optimizer):
+        static = dict(optimizer=optimizer, unroll=cfg.unroll, feature_weight=cfg.feature_weight,
+                      depth_decay=cfg.depth_decay, soft=cfg.loss == "kl")
 
-    params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=len(data.tokens),
-                                total=total, cfg=cfg, work_dir=work_dir, max_steps=max_steps,
-                                desc="train feature draft",
-                                show=lambda r: f"loss {r['loss']:.3f} acc " + "/".join(f"{a:.2f}" for a in r["acc"]))
-    nnx.update(draft, params)
-    return log
+        def step(params, opt, idx):
+            params, opt, value, terms = train_step(graphdef, params, frozen, opt,
+                                                   batch_arrays(data, idx, vocab_map, vocab), **static)
+            acc = np.asarray(terms["hits"]) / max(float(terms["count"]), 1.0)
+            return params, opt, {"loss": float(value), "acc": acc.round(4).tolist()}
+
+        return step
+
+    return fit_module(draft, trainable(spec), make_step, n=len(data.tokens), cfg=cfg, work_dir=work_dir,
+                      max_steps=max_steps, desc="train feature draft",
+                      show=lambda r: f"loss {r['loss']:.3f} acc " + "/".join(f"{a:.2f}" for a in r["acc"]))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "unroll"))

@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple, TypeVar
 
 import numpy as np
 import optax
+from flax import nnx
 from tqdm.auto import tqdm
 
 
@@ -149,3 +150,27 @@ def train_loop(*, params, opt, step_fn: Callable, n: int, total: int, cfg, work_
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
             ckpts.save(step + 1, {"params": params, "opt": opt})
     return params, opt, log.read()
+
+
+def fit_module(module: nnx.Module, wrt, make_step: Callable, *, n: int, cfg, work_dir: str | Path,
+               max_steps: int | None, desc: str, show: Callable[[dict], str], place: Callable | None = None) -> list[dict]:
+    """Train ``module``'s parameters ``wrt`` (an nnx filter) in place: the set-up every trainer
+    shares. ``cfg.epochs`` over ``n`` examples in batches of ``cfg.batch_size`` set the steps, the
+    optimiser comes from ``cfg`` (:func:`make_optimizer`), the rest of the module is frozen, and
+    :func:`train_loop` runs the steps, resuming from ``work_dir``.
+
+    ``make_step(graphdef, frozen, optimizer) -> step_fn(params, opt, example_indices) -> (params,
+    opt, record)``; ``place``: puts the parameters, the frozen state and the optimiser state on
+    devices (e.g. replicated over a mesh). Returns the loss log (one record per step, from step 0).
+    """
+    total = max(1, int(np.ceil(cfg.epochs * n / cfg.batch_size)))
+    optimizer = make_optimizer(lr=cfg.lr, total_steps=total, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                               clip=cfg.clip)
+    place = place or (lambda tree: tree)
+    graphdef, params, frozen = nnx.split(module, wrt, ...)
+    params, frozen = place(params), place(frozen)
+    params, _, log = train_loop(params=params, opt=place(optimizer.init(params)),
+                                step_fn=make_step(graphdef, frozen, optimizer), n=n, total=total, cfg=cfg,
+                                work_dir=work_dir, max_steps=max_steps, desc=desc, show=show)
+    nnx.update(module, params)
+    return log

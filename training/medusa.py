@@ -27,13 +27,14 @@ import optax
 from flax import nnx
 
 from drafts.model import frequent_vocab, token_frequencies
-from heads.medusa import MedusaHeads, checked_vocab, new_heads, save_heads
+from heads.bundled import TREE_FILE
+from heads.medusa import MedusaHeads, checked_vocab, new_heads, read_metadata, save_heads
 from specdec.model import head_table
 from training.data import Packed, head_labels, pack, split_examples
 from training.draft import to_draft_ids, top_k_kl
 from training.feature_draft import FeatureRows, target_rows
 from training.features import Features, SoftTargets, backbone_features, packed_hidden, soft_targets
-from training.loop import cached_arrays, load_arrays, make_optimizer, train_loop, work_dir_of
+from training.loop import cached_arrays, fit_module, load_arrays, work_dir_of
 
 KIND = "train-heads"  # work directories under the cache
 
@@ -187,23 +188,19 @@ def fit(heads: MedusaHeads, table: jax.Array, data: Features, cfg: HeadsTrainCon
         table, data = table[jnp.asarray(vocab)], Features(data.hidden, to_draft_ids(data.labels, vocab, full))
         if soft is not None:
             soft = SoftTargets(to_draft_ids(soft.top_ids, vocab, full), soft.top_probs)
-    total = max(1, int(np.ceil(cfg.epochs * len(data.labels) / cfg.batch_size)))
-    optimizer = make_optimizer(lr=cfg.lr, total_steps=total, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
-                               clip=cfg.clip)
-    graphdef, params = nnx.split(heads, nnx.Param)
+    def make_step(graphdef, frozen, optimizer):  # the heads have no frozen state
+        def step(params, opt, idx):
+            targets = None if soft is None else SoftTargets(*(jnp.asarray(a[idx]) for a in soft))
+            params, opt, loss, acc = train_step(graphdef, params, opt, table, jnp.asarray(data.hidden[idx]),
+                                                jnp.asarray(data.labels[idx]), targets, optimizer=optimizer,
+                                                decay=cfg.decay)
+            return params, opt, {"loss": float(loss), "top1": np.asarray(acc).round(4).tolist()}
 
-    def step(params, opt, idx):
-        params, opt, loss, acc = train_step(graphdef, params, opt, table, jnp.asarray(data.hidden[idx]),
-                                            jnp.asarray(data.labels[idx]),
-                                            None if soft is None else SoftTargets(*(jnp.asarray(a[idx]) for a in soft)),
-                                            optimizer=optimizer, decay=cfg.decay)
-        return params, opt, {"loss": float(loss), "top1": np.asarray(acc).round(4).tolist()}
+        return step
 
-    params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=len(data.labels),
-                                total=total, cfg=cfg, work_dir=work_dir, max_steps=max_steps, desc="train Medusa heads",
-                                show=lambda r: f"loss={r['loss']:.3f}, top1=" + "/".join(f"{a:.2f}" for a in r["top1"]))
-    nnx.update(heads, params)
-    return log
+    return fit_module(heads, nnx.Param, make_step, n=len(data.labels), cfg=cfg, work_dir=work_dir,
+                      max_steps=max_steps, desc="train Medusa heads",
+                      show=lambda r: f"loss={r['loss']:.3f}, top1=" + "/".join(f"{a:.2f}" for a in r["top1"]))
 
 
 def _same_hidden(lm, rows) -> bool:
@@ -394,3 +391,16 @@ def heads_reply_ranks(heads: MedusaHeads, table: jax.Array, rows: FeatureRows, m
                 reply[d:, d] = ranks[a - 1:b - 1 - d, d]
             replies.append(reply)
     return replies
+
+
+def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None, vocab=None) -> list[list[float]]:
+    """Top-1 .. top-10 accuracy per head on the held-out split their training run used (ranking only
+    the tokens of ``vocab`` when given)."""
+    meta = read_metadata(heads_dir) if heads_dir is not None else {}
+    cfg = HeadsTrainConfig(**meta.get("training", {}).get("config", {"model": lm.name}))
+    try:
+        data = prepare_features(lm, cfg, "heldout")
+    except FileNotFoundError as e:  # rows_from: another run's cache, absent on this machine
+        raise FileNotFoundError(f"{e}; or reuse the accuracies saved with the heads: "
+                                f"--accuracy-from {Path(heads_dir) / TREE_FILE}") from None
+    return evaluate(heads, head_table(lm.module), data, vocab=vocab)["topk"]

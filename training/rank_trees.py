@@ -5,7 +5,7 @@ on held-out text.
 :func:`training.medusa.heads_reply_ranks` (Medusa heads) give, for every held-out
 reply, the rank of each next token among the candidates at each depth. A tree of
 ``n`` nodes is then the ``n`` rank paths that most often start a root's ranks
-(:func:`path_shares`, :func:`heads.trees.frequent_tree`), and
+(:func:`path_shares`, :func:`heads.tree_search.frequent_tree`), and
 :func:`decoded_tokens_per_forward` replays greedy decoding of the replies with
 it: each step accepts the deepest tree path the ranks follow, and the next root
 is the token after. That replay, not the average over every root, is what a
@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from heads.trees import frequent_tree
+from heads.tree_search import frequent_tree
 
 
 def root_paths(ranks: np.ndarray, root: int, max_rank: int) -> Iterator[tuple[int, ...]]:

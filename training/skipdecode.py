@@ -34,7 +34,7 @@ from specdec.model import fingerprint, forward
 from specdec.skipdecode import SkipSchedule, save_finetuned, tuned_filter
 from training.data import Packed, next_labels, pack, split_examples
 from training.features import segment_mask
-from training.loop import cached_arrays, make_optimizer, train_loop, work_dir_of
+from training.loop import cached_arrays, fit_module, work_dir_of
 
 KIND = "train-skipdecode"  # work directories under the cache
 
@@ -181,22 +181,18 @@ def fit(model, packed: Packed, cfg: SkipTrainConfig, work_dir: str | Path, *, ma
     schedules = schedules_of(cfg, n_layers)
     labels = next_labels(packed)
     rows_n, length = packed.tokens.shape
-    total = max(1, int(np.ceil(cfg.epochs * rows_n / cfg.batch_size)))
-    optimizer = make_optimizer(lr=cfg.lr, total_steps=total, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
-                               clip=cfg.clip)
-    graphdef, params, frozen = nnx.split(model, tuned_filter(cfg.layers(n_layers)), ...)
 
-    def step(params, opt, idx):  # the draws depend only on the batch's rows (exact resume)
-        ends, which = row_draws(len(idx), length, len(schedules), [cfg.seed, *idx.tolist()])
-        batch = batch_arrays(packed, labels, idx, schedule_masks(schedules, ends, which, length), ends)
-        params, opt, value = train_step(graphdef, params, frozen, opt, batch, optimizer=optimizer)
-        return params, opt, {"loss": round(float(value), 4)}
+    def make_step(graphdef, frozen, optimizer):
+        def step(params, opt, idx):  # the draws depend only on the batch's rows (exact resume)
+            ends, which = row_draws(len(idx), length, len(schedules), [cfg.seed, *idx.tolist()])
+            batch = batch_arrays(packed, labels, idx, schedule_masks(schedules, ends, which, length), ends)
+            params, opt, value = train_step(graphdef, params, frozen, opt, batch, optimizer=optimizer)
+            return params, opt, {"loss": round(float(value), 4)}
 
-    params, _, log = train_loop(params=params, opt=optimizer.init(params), step_fn=step, n=rows_n,
-                                total=total, cfg=cfg, work_dir=work_dir, max_steps=max_steps, desc="train skipdecode",
-                                show=lambda r: f"loss {r['loss']:.3f}")
-    nnx.update(model, params)
-    return log
+        return step
+
+    return fit_module(model, tuned_filter(cfg.layers(n_layers)), make_step, n=rows_n, cfg=cfg, work_dir=work_dir,
+                      max_steps=max_steps, desc="train skipdecode", show=lambda r: f"loss {r['loss']:.3f}")
 
 
 def prepare_rows(lm, cfg: SkipTrainConfig, split: str) -> Packed:

@@ -1,12 +1,17 @@
-"""Tree search on this device: measured head accuracies x measured step cost -> the best tree.
+"""Tree search: measured head accuracies x measured step cost -> the best tree.
 
-``search_for_heads`` measures what :func:`heads.trees.search_tree` needs: the
-heads' top-k accuracy curve on held-out data (ShareGPT, prepared exactly as in
-their training run) and the relative cost of a Medusa step with ``n`` tree
-nodes on the current device (one target forward over ``n`` nodes, plus the
-cost of the heads a tree that deep runs), then grows the tree; optionally for
-several batch sizes, since a batched forward turns compute-bound and smaller
-trees pay off there.
+:func:`search_tree` assumes a node is accepted when every token on its path is right and that
+heads are right independently, each with its measured per-rank accuracy; the expected number of
+accepted drafts is then the sum over nodes of the product of the accuracies on their paths. Trees
+of each size are grown greedily by that probability (:func:`specdec.tree.grow_tree`), and the size
+that maximises expected tokens per step over the measured cost of a step wins.
+:func:`frequent_tree` takes the most frequent paths of replayed replies instead
+(:mod:`training.rank_trees`).
+
+:func:`search_for_heads` measures the costs on the current device (one target forward over ``n``
+nodes, plus the heads a tree that deep runs) for the heads' held-out top-k accuracies (measured by
+:func:`training.medusa.heldout_accuracy`, or saved with the heads), optionally for several batch
+sizes, since a batched forward turns compute-bound and smaller trees pay off there.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +27,61 @@ import numpy as np
 from flax import nnx
 
 from heads.bundled import TREE_FILE, default_head_vocab
-from heads.medusa import MedusaHeads, head_vocab_ids, read_metadata
-from specdec.model import head_table
-from heads.trees import rank_accuracy, search_tree
+from heads.medusa import MedusaHeads, head_vocab_ids
+from specdec import atomic
 from specdec.bench import device_label, forward_time, median_time, target_cost_curve
+from specdec.model import head_table
 from specdec.saved import read_config
+from specdec.tree import Spec, canonical_paths, expected_accepted, grow_tree
 
 COST_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
+def frequent_tree(path_share: Mapping[tuple[int, ...], float], nodes: int) -> Spec:
+    """The ``nodes``-node spec of the most frequent paths (``{path: share of steps whose right tokens
+    start with it}``, measured jointly, e.g. :func:`training.rank_trees.path_shares`). A path is never
+    more frequent than its prefix, so the spec is prefix-closed and the best tree of its size."""
+    ranked = sorted(path_share, key=lambda p: (-path_share[p], len(p), p))
+    return canonical_paths(ranked[:nodes])
+
+
+def rank_accuracy(topk_acc: Sequence[Sequence[float]]) -> np.ndarray:
+    """Cumulative top-k accuracies ``[n_heads, K]`` (top-1, top-2, ...) -> per-rank accuracies."""
+    cum = np.maximum.accumulate(np.asarray(topk_acc, np.float64), axis=1)
+    return np.diff(cum, axis=1, prepend=0.0)
+
+
+class SearchRow(NamedTuple):
+    nodes: int  # draft nodes (the tree has nodes + 1 with the root)
+    expected_tokens: float  # 1 + expected accepted drafts per step
+    relative_cost: float  # cost of a step relative to one autoregressive step
+    score: float  # expected_tokens / relative_cost: the estimated speedup
+
+
+def search_tree(rank_acc: np.ndarray, cost: Callable[[int], float] | Mapping[int, float],
+                max_nodes: int = 64, depth_cost: Sequence[float] | None = None) -> tuple[Spec, list[SearchRow]]:
+    """The spec with at most ``max_nodes`` drafts that maximises expected tokens per unit of time.
+
+    cost: relative cost of a step whose target forward covers ``n`` tree nodes (root included),
+    as a function or a measured ``{n: cost}`` table (interpolated linearly, extrapolated flat).
+    depth_cost: ``[n_heads + 1]`` extra cost of a tree ``d`` deep (the ``d`` heads it runs), if any.
+    Returns the best spec and the estimate for every size tried.
+    """
+    if not callable(cost):
+        widths = sorted(cost)
+        table = [cost[w] for w in widths]
+        cost_fn = lambda n: float(np.interp(n, widths, table))  # noqa: E731
+    else:
+        cost_fn = cost
+    rows, specs = [], []
+    for n in range(1, max_nodes + 1):
+        spec = grow_tree(rank_acc, n)
+        tokens = 1.0 + expected_accepted(spec, rank_acc)
+        step = cost_fn(n + 1) + (0.0 if depth_cost is None else depth_cost[max(len(p) for p in spec)])
+        rows.append(SearchRow(n, tokens, step, tokens / step))
+        specs.append(spec)
+    best = max(range(len(rows)), key=lambda i: rows[i].score)
+    return specs[best], rows
 
 
 def heads_cost(lm, heads: MedusaHeads, *, batch: int = 1, repeats: int = 7, vocab=None) -> list[float]:
@@ -49,31 +103,23 @@ def heads_cost(lm, heads: MedusaHeads, *, batch: int = 1, repeats: int = 7, voca
     return costs
 
 
-def heldout_accuracy(lm, heads: MedusaHeads, heads_dir: Path | None, vocab=None) -> list[list[float]]:
-    """Top-1 .. top-10 accuracy per head on the held-out split their training run used (ranking only
-    the tokens of ``vocab`` when given)."""
-    from training.medusa import HeadsTrainConfig, evaluate, prepare_features
-
-    meta = read_metadata(heads_dir) if heads_dir is not None else {}
-    cfg = HeadsTrainConfig(**meta.get("training", {}).get("config", {"model": lm.name}))
-    try:
-        data = prepare_features(lm, cfg, "heldout")
-    except FileNotFoundError as e:  # rows_from: another run's cache, absent on this machine
-        raise FileNotFoundError(f"{e}; or reuse the accuracies saved with the heads: "
-                                f"--accuracy-from {Path(heads_dir) / TREE_FILE}") from None
-    return evaluate(heads, head_table(lm.module), data, vocab=vocab)["topk"]
-
-
 def top1_top5(topk: list[list[float]]) -> dict[str, str]:
     """``topk [n_heads, K]`` accuracies (K >= 5) as results columns: ``{"top1": "h0 / h1 / ...", "top5": ...}``."""
     return {f"top{k}": " / ".join(f"{acc[k - 1]:.3f}" for acc in topk) for k in (1, 5)}
 
 
-def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_nodes: int = 64,
-                     topk: list[list[float]] | None = None, rows: tuple[int, ...] = (1,),
-                     head_vocab: int | None = None, save: bool = False) -> dict:
-    """Measure accuracies (unless ``topk [n_heads, K]`` is given) and, for each batch of ``rows``
-    running rows, the costs; search one tree per batch size; (``save``) write ``tree.json`` beside
+def search_vocab(lm, heads_dir: Path | None, head_vocab: int | None) -> tuple[int | None, np.ndarray | None]:
+    """``(head_vocab, its token ids [N] or None)`` a search measures with: ``head_vocab``, else the one
+    the heads decode with by default (:func:`heads.bundled.default_head_vocab`)."""
+    head_vocab = default_head_vocab(heads_dir) if head_vocab is None else head_vocab
+    return head_vocab, head_vocab_ids(lm, head_vocab, heads_dir)
+
+
+def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, topk: list[list[float]], *,
+                     max_nodes: int = 64, rows: tuple[int, ...] = (1,), head_vocab: int | None = None,
+                     save: bool = False) -> dict:
+    """For the heads' held-out top-k accuracies ``topk [n_heads, K]`` and each batch of ``rows``
+    running rows, measure the costs; search one tree per batch size; (``save``) write ``tree.json`` beside
     the heads. The top-level ``paths`` are the tree for ``rows[0] = 1`` row; ``by_load`` holds every
     batch size's tree (the default by-load schedule, see :func:`heads.bundled.default_tree`).
     ``head_vocab``: heads that propose only the N tokens they were most often trained on (accuracies and
@@ -82,10 +128,7 @@ def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_node
     if not rows or rows[0] != 1:
         raise ValueError(f"rows (batch sizes to search for) must include 1, got {list(rows)}")
     start = time.perf_counter()
-    if head_vocab is None:  # as the heads decode by default
-        head_vocab = default_head_vocab(heads_dir)
-    vocab = head_vocab_ids(lm, head_vocab, heads_dir)
-    topk = heldout_accuracy(lm, heads, heads_dir, vocab) if topk is None else topk
+    head_vocab, vocab = search_vocab(lm, heads_dir, head_vocab)
     widths = sorted({w for w in COST_WIDTHS if w <= max_nodes + 1} | {max_nodes + 1})
     by_load = []
     for r in rows:
@@ -103,7 +146,7 @@ def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, *, max_node
     if save:
         if heads_dir is None:
             raise ValueError("save=True needs heads loaded from a directory")
-        (heads_dir / TREE_FILE).write_text(json.dumps(result, indent=1) + "\n")
+        atomic.write_text(heads_dir / TREE_FILE, json.dumps(result, indent=1) + "\n")
     return result
 
 

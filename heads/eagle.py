@@ -16,28 +16,93 @@ schedule can switch it back on. ``width > 1`` adds leaf siblings at every depth,
 ``branches > 1`` a chain below each of the root's likeliest children, drafted as
 extra rows over a copy of the draft's cache (see :func:`drafts.draft_model.draft_tree`).
 A spec of rank paths (``paths``) drafts any tree instead, one depth per draft forward
-(:mod:`heads.feature_tree`).
+(:func:`draft_ranked_tree`).
+
+A static tree of draft ranks drafted by a feature draft: one draft forward per depth.
+
+The tree is a spec in the Medusa format (:mod:`specdec.tree`): entry ``d`` of a
+path is the rank of the token taken at depth ``d + 1`` among the draft's
+candidates after that path's parent, so every node may have children, not only
+the chain's tokens as in :func:`drafts.draft_model.draft_tree`. Rank 0 is the
+draft's own pick (greedy, or the coupled draw when sampling); ranks 1.. are its
+next likeliest tokens. Depth ``d``'s tokens come from the logits of depth
+``d - 1``'s nodes; those logits come from one draft forward over every node up
+to depth ``d - 1``, each node entering its parent's guessed feature with its own
+token under the tree's ancestor mask. The entries are written past the draft's
+committed length and never committed: the next step overwrites them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from drafts.draft_model import draft_chain, draft_tree
+from drafts.draft_model import draft_chain, draft_tree, pick_draft
 from drafts.prompt_lookup import lookup_beside
 from heads.feature_draft import FeatureDraft, feature_draft_for
-from heads.feature_tree import draft_ranked_tree
-from heads.trees import load_spec
 from specdec.cache import KVCache, init_cache
-from specdec.engine import Commit, View, draft_branches, draft_length, draft_width, no_proposal
+from specdec.engine import Commit, Proposal, View, draft_branches, draft_length, draft_width, no_proposal
 from specdec.method_spec import DEFAULT_K, DraftTree, build_by_load, option, register, schedule
 from specdec.sampling import Sampling
-from specdec.tree import Tree
+from specdec.tree import Tree, canonical_paths, load_spec
+
+
+def draft_ranked_tree(draft, cache, root_hidden: jax.Array, root_logits: jax.Array, view: View,
+                      paths: Sequence[Sequence[int]], sampling: Sampling, rule: str) -> Proposal:
+    """Draft the tree of ``paths`` (canonical order, the tree's node order) below the root.
+
+    ``draft``: a merged :class:`heads.feature_draft.FeatureDraft`; ``cache``: its cache whose
+    lengths are the committed lengths (the root's entry written); ``root_hidden: [B, d]`` and
+    ``root_logits: [B, V]``: that entry's guessed feature and logits. Returns the proposal for
+    nodes 1 .. N - 1 (tokens ``[B, N - 1]``, their draft probability as confidence, and under
+    rule "rejection" with sampling each node's distribution: its parent's for rank 0, a point
+    mass for the others).
+    """
+    paths = canonical_paths(paths)
+    tree = Tree.from_paths(paths)
+    depth, parents = tree.depth, np.asarray(tree.parents)
+    ranks = np.array([0] + [p[-1] for p in paths])
+    has_children = np.isin(np.arange(tree.size), parents[1:])
+    length, seeds, b = view.lengths, view.seeds, view.lengths.shape[0]
+    sampled = rule == "rejection" and not sampling.greedy
+    feats = {0: root_hidden}  # node -> its guessed feature [B, d] (what its children enter)
+    prev, logits = np.array([0]), root_logits[:, None]  # nodes with children at the depth above; their logits
+    tokens, confidence, probs = [], [], []
+    for d in range(1, tree.max_depth + 1):
+        at = np.flatnonzero(depth == d)
+        width, n = int(ranks[at].max()) + 1, len(prev)
+        first, others, q = pick_draft(logits.reshape(b * n, -1), jnp.repeat(seeds, n), jnp.repeat(length + d, n),
+                                      sampling, rule, width)
+        tops = jnp.concatenate([first[:, None], others], axis=1).reshape(b, n, width)
+        q = q.reshape(b, n, -1)
+        parent = np.searchsorted(prev, parents[at])  # each node's parent among ``prev``
+        node_tokens = tops[:, parent, ranks[at]]  # [B, n_d]
+        node_q = q[:, parent]  # [B, n_d, V]
+        tokens.append(node_tokens)
+        confidence.append(jnp.take_along_axis(node_q, node_tokens[..., None], axis=2)[..., 0])
+        if sampled:
+            point = jax.nn.one_hot(node_tokens, node_q.shape[-1], dtype=node_q.dtype)
+            probs.append(jnp.where((ranks[at] == 0)[None, :, None], node_q, point))
+        prev = at[has_children[at]]
+        if not len(prev):
+            break
+        block = np.arange(1, at[-1] + 1)  # every node up to depth d
+        run = draft.run(cache, jnp.stack([feats[p] for p in parents[block]], axis=1),
+                        jnp.concatenate(tokens, axis=1), length[:, None] + depth[block][None, :] - 1,
+                        block_mask=jnp.asarray(tree.ancestors[1:, 1:][:len(block), :len(block)]),
+                        logits_at=jnp.broadcast_to(jnp.asarray(prev - 1), (b, len(prev))))
+        feats.update({int(node): run.hidden[:, i] for i, node in enumerate(prev)})
+        logits = run.logits
+    draft_probs = None
+    if sampled:
+        draft_probs = jnp.concatenate([jnp.zeros_like(probs[0][:, :1])] + probs, axis=1)  # node 0: unused
+    return Proposal(tokens=jnp.concatenate(tokens, axis=1), draft_probs=draft_probs,
+                    confidence=jnp.concatenate(confidence, axis=1))
 
 
 class FeatureState(NamedTuple):
@@ -57,17 +122,17 @@ class FeatureDraftProposer:
     width: int = 1
     span: int = 0
     branches: int = 1
-    paths: tuple[tuple[int, ...], ...] = ()  # a tree of draft ranks (a heads.trees spec) instead of a chain
+    paths: tuple[tuple[int, ...], ...] = ()  # a tree of draft ranks (a specdec.tree spec) instead of a chain
 
     @property
     def tree(self) -> Tree:
         return Tree.from_paths(self.paths) if self.paths else draft_tree(self.k, self.width, self.branches)
 
-    def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, slots: int,
+    def prefill(self, params, tokens: jax.Array, prompt_lens: jax.Array, capacity: int,
                 hidden: jax.Array) -> FeatureState:
         draft = nnx.merge(self.graphdef, params)
         b, p = tokens.shape
-        res = draft.run(init_cache(draft.config, b, slots), hidden[:, :p - 1], tokens[:, 1:],
+        res = draft.run(init_cache(draft.config, b, capacity), hidden[:, :p - 1], tokens[:, 1:],
                         jnp.broadcast_to(jnp.arange(p - 1), (b, p - 1)), compute_logits=False)
         last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)  # pairs with the root
         pending = jnp.zeros((b, self.span, hidden.shape[-1]), hidden.dtype).at[:, :1].set(last)
@@ -107,7 +172,7 @@ def feature_draft_proposer(target, draft, *, k=None, width: int = 1, span: int |
                            branches: int = 1, tree=None) -> FeatureDraftProposer:
     """Check that the feature draft fits ``target`` (a ``LoadedModel``) and build its proposer: a chain
     of ``k`` (with ``width`` candidates per depth and ``branches`` chains, see
-    :func:`drafts.draft_model.draft_tree`), or ``tree``, a spec of draft ranks (:func:`heads.trees.load_spec`)."""
+    :func:`drafts.draft_model.draft_tree`), or ``tree``, a spec of draft ranks (:func:`specdec.tree.load_spec`)."""
     paths = ()
     if tree is not None:
         if k is not None or width != 1 or branches != 1:
