@@ -70,7 +70,7 @@ def test_a_method_registered_outside_the_package_decodes_exactly(tiny_lm, repeat
     prompts = [[5, 5, 5, 9, 9, 9, 9], [1, 2, 3], [7, 7, 7, 7, 7]]
     alone = [specdec.generate(tiny_lm, p, max_new_tokens=16).tokens for p in prompts]
     assert [r.tokens for r in specdec.generate(tiny_lm, prompts, max_new_tokens=16, method=Repeat(k=3))] == alone
-    pooled = specdec.generate(tiny_lm, prompts, max_new_tokens=16, capacity=2, method="repeat", k={1: 3, 2: 1},
+    pooled = specdec.generate(tiny_lm, prompts, max_new_tokens=16, slots=2, method="repeat", k={1: 3, 2: 1},
                               budget=2)
     assert [r.tokens for r in pooled] == alone
     report = check(tiny_lm, prompts, Repeat(k=2), max_new_tokens=16, temperature=0.8, seed=3)

@@ -150,7 +150,7 @@ def test_draft_switched_off_by_load_stays_in_step(tiny_lm):
     """k 0 at 2 rows still feeds the draft: once one row runs, the target as its own draft accepts
     every draft again (a draft cache left behind would reject some)."""
     res = specdec.generate(tiny_lm, [[1, 2, 3], list(range(20, 45))], method="draft", draft=tiny_lm,
-                           k={1: 3, 2: 0}, max_new_tokens=[6, 40], capacity=2, chunk_steps=2, ignore_eos=True)
+                           k={1: 3, 2: 0}, max_new_tokens=[6, 40], slots=2, chunk_steps=2, ignore_eos=True)
     hist = res[1].accepted_histogram
     assert hist[0] > 0 and hist[3] > 0 and hist[1] == hist[2] == 0, hist
 
