@@ -16,7 +16,7 @@ status=0
 for model in smollm2-135m gemma3-270m; do
   for precision in bf16 highest; do
     log="$OUT/gpu_check_${model}_${precision}.txt"
-    "$PY" -c "from specdec.bench import device_label; print('device:', device_label()[1])" > "$log.tmp"
+    "$PY" -c "from specdec.bench import device_label; print('device:', device_label())" > "$log.tmp"
     if ! "$PY" -m specdec.cli check --model "$model" --precision "$precision" --method prompt_lookup --k 4 \
         --strict --batch-size 8 --humaneval 8 --max-new-tokens 64 >> "$log.tmp"; then
       status=1

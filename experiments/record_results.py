@@ -45,7 +45,7 @@ def run_folder(study: str, label: str | None = None, date: str | None = None) ->
     """``experiments/results/<study>/<machine>-<date>/`` of a run on this device today."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", study):
         raise ValueError(f"study name {study!r} must be one folder name (letters, digits, '_', '-', '.')")
-    label = label or device_label()[1]
+    label = label or device_label()
     return RESULTS / study / f"{machine_name(label)}-{date or datetime.date.today().isoformat()}"
 
 
@@ -92,7 +92,7 @@ def write_results(study: str, payload: dict, columns: list[str]) -> Path:
     """Write this run's ``<study>.json`` (``payload`` with the benchmark, device, date, command, commit,
     dirty and JAX fields in front) and a Markdown table of its ``rows`` (``columns``: row keys or
     option names) into :func:`run_folder`, then regenerate the index. Returns the JSON's path."""
-    label = device_label()[1]
+    label = device_label()
     payload = {"benchmark": study, "device": label, "date": datetime.date.today().isoformat(),
                "command": command_line(), **git_state(), "jax": jax.__version__, **payload}
     out = run_folder(study, label, payload["date"])
@@ -122,7 +122,7 @@ def save_plot(study: str, series: dict[str, tuple[list, list]], *, xlabel: str, 
               logx: bool = False, logy: bool = False) -> Path:
     """Line plot of ``{label: (xs, ys)}`` to ``<study>.png`` in this run's folder (needs matplotlib)."""
     plt = pyplot()
-    label = device_label()[1]
+    label = device_label()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)

@@ -140,7 +140,7 @@ def search_for_heads(lm, heads: MedusaHeads, heads_dir: Path | None, topk: list[
                         "expected_tokens_per_step": best.expected_tokens, "estimated_speedup": best.score,
                         "target_cost_curve": {str(w): c for w, c in curve.items()},
                         "heads_relative_cost_by_depth": heads_by_depth, "sizes": [s._asdict() for s in sizes]})
-    result = {**{k: v for k, v in by_load[0].items() if k != "rows"}, "device": device_label()[1],
+    result = {**{k: v for k, v in by_load[0].items() if k != "rows"}, "device": device_label(),
               "heldout_topk_accuracy": topk, "head_vocab": head_vocab, "by_load": by_load,
               "search_s": round(time.perf_counter() - start, 1)}
     if save:

@@ -14,15 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def device_label() -> tuple[str, str]:
-    """(folder name, human label), e.g. ("cpu", "cpu: 2-core AVX2, AMD EPYC") or ("gpu", "gpu: NVIDIA H100")."""
+def device_label() -> str:
+    """This device in words, e.g. "cpu: 2-core AVX2, AMD EPYC" or "gpu: NVIDIA H100"."""
     dev = jax.devices()[0]
     if dev.platform == "cpu":
         info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
         simd = "AVX512" if "avx512f" in info else "AVX2" if "avx2" in info else platform.machine()
         model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
-        return "cpu", f"cpu: {os.cpu_count()}-core {simd}" + (f", {model.group(1).strip()}" if model else "")
-    return dev.platform, f"{dev.platform}: {dev.device_kind}"
+        return f"cpu: {os.cpu_count()}-core {simd}" + (f", {model.group(1).strip()}" if model else "")
+    return f"{dev.platform}: {dev.device_kind}"
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5) -> float:

@@ -16,6 +16,7 @@ from specdec.loading import load_once
 from specdec.cli_methods import add_method_args, method_options
 from specdec.method_spec import REGISTRY
 
+
 def _generate(args) -> int:
     import specdec
 
@@ -265,12 +266,13 @@ def _tune(args) -> int:
     fixed = method_options(args)
     choices = args.choices and [int(c) if REGISTRY[args.method].tuned == "k" else c for c in args.choices]
     tuned = tune(model, args.method, encode_prompts(model, prompts, True, None), rows=args.rows, choices=choices,
-                 budgets=args.budgets, widths=args.widths, steps=args.steps, chunks=args.chunks, options=fixed, prune=args.prune,
-                 progress=lambda line: print(line, file=sys.stderr, flush=True))
+                 budgets=args.budgets, widths=args.widths, steps=args.steps, chunks=args.chunks, options=fixed,
+                 prune=args.prune, progress=lambda line: print(line, file=sys.stderr, flush=True))
     for row in tuned.rows:
         if row.get("skipped"):
-            print(f"{row['rows']:>4} rows  {row['setting']:<28} skipped: at most {row['bound_x_vs_autoregressive']:.3f}x "
-                  f"autoregressive (verifying costs {row['verify_cost']:.2f} one-token forwards)")
+            print(f"{row['rows']:>4} rows  {row['setting']:<28} skipped: at most "
+                  f"{row['bound_x_vs_autoregressive']:.3f}x autoregressive (verifying costs "
+                  f"{row['verify_cost']:.2f} one-token forwards)")
             continue
         print(f"{row['rows']:>4} rows  {row['setting']:<28} {row['tokens_per_s']:8.1f} tokens/s  "
               f"{row['x_vs_autoregressive']:.3f}x autoregressive{'  <- chosen' if row.get('chosen') else ''}")
@@ -278,7 +280,7 @@ def _tune(args) -> int:
     if args.out:
         import datetime
 
-        save_schedule(tuned, args.out, device=device_label()[1], date=datetime.date.today().isoformat(),
+        save_schedule(tuned, args.out, device=device_label(), date=datetime.date.today().isoformat(),
                       model=args.model, prompts=len(prompts), fixed_options=fixed)
         print(f"saved to {args.out} (use it with --schedule {args.out})", file=sys.stderr)
     return 0

@@ -40,7 +40,7 @@ def by_load_type(cast):
     return parse
 
 
-def _option_help(name: str, declared: list[tuple[str, dataclasses.Field]]) -> str:
+def _option_help(declared: list[tuple[str, dataclasses.Field]]) -> str:
     """One flag's help from the fields declaring it: their help (one per wording, naming the methods
     when they differ), each method's default, and the by-load syntax where it applies."""
     wordings: dict[str, list[str]] = {}
@@ -60,16 +60,13 @@ def add_method_args(parser: argparse.ArgumentParser, default: str, *, tuning: bo
     :mod:`specdec.method_spec`), plus ``--schedule`` unless ``tuning`` (then only tunable methods)."""
     methods = [name for name, cls in REGISTRY.items() if cls.tuned or not tuning]
     parser.add_argument("--method", default=default, choices=methods)
-    declared: dict[str, list[tuple[str, dataclasses.Field]]] = {}
-    for method in methods:
-        for f in dataclasses.fields(REGISTRY[method]):
-            if f.metadata.get("cli") is not None:
-                declared.setdefault(f.name, []).append((method, f))
-    for name, fields in declared.items():
+    for name, fields in all_options(methods).items():
         meta = fields[0][1].metadata
+        if meta["cli"] is None:  # Python only (e.g. profile)
+            continue
         cast = by_load_type(meta["cli"]) if meta["by_load"] else meta["cli"]
         parser.add_argument("--" + name.replace("_", "-"), type=cast, choices=meta["choices"],
-                            help=_option_help(name, fields))
+                            help=_option_help(fields))
     if not tuning:
         parser.add_argument("--schedule", help="k (or Medusa tree), budget and draft width by load from a file "
                             "written by `specdec tune --out FILE` (measured on this device)")

@@ -159,7 +159,8 @@ def check(model, prompts, method: str | MethodSpec, *, batch_size: int | None = 
     lm = as_model(model)
     tolerance = tie_tolerance(lm.config) if tolerance is None else tolerance
     prompts = list(prompts)
-    spec = method_spec(method, {k: options.pop(k) for k in list(options) if k in all_options()})
+    names = all_options()
+    spec = method_spec(method, {k: options.pop(k) for k in list(options) if k in names})
     ours = _batched(lm, prompts, batch_size or len(prompts), method=spec, **options)
     ref_options = dict(options)
     if strict:

@@ -119,7 +119,7 @@ def max_rows() -> int:
     or unreadable record is measured again). 0 when the kernel is unavailable."""
     if not available():
         return 0
-    label = device_label()[1]
+    label = device_label()
     machine = hashlib.sha256(f"{label} {_threads()}".encode()).hexdigest()[:12]
     path = cache_dir() / "kernels" / f"few_rows-{_key()}-{machine}.json"
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import numpy as np
 
@@ -100,13 +100,13 @@ def method_spec(method: str | MethodSpec, options: Mapping[str, Any] | None = No
     return cls(**given)
 
 
-def all_options() -> dict[str, tuple[dataclasses.Field, list[str]]]:
-    """``{option: (its first declaration, the methods taking it)}`` over every registered method, in
-    declaration order: what the CLI turns into flags and ``generate`` accepts as keywords."""
-    out: dict[str, tuple[dataclasses.Field, list[str]]] = {}
-    for name, cls in REGISTRY.items():
-        for f in dataclasses.fields(cls):
-            out.setdefault(f.name, (f, []))[1].append(name)
+def all_options(methods: Iterable[str] | None = None) -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """``{option: [(method, its field), ...]}`` over the registered ``methods`` (default: all), in
+    declaration order: what ``generate`` accepts as keywords and the CLI turns into flags."""
+    out: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for name in REGISTRY if methods is None else methods:
+        for f in dataclasses.fields(REGISTRY[name]):
+            out.setdefault(f.name, []).append((name, f))
     return out
 
 

@@ -24,7 +24,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from specdec.tree import load_spec
 from specdec.autoregressive import StepConfig, decode, plan_shapes
 from specdec.bench import target_cost_curve
 from specdec.engine import speculative_decode
@@ -32,6 +31,7 @@ from specdec.method_spec import REGISTRY, MethodSpec
 from specdec.methods import build_proposer
 from specdec.pool import dec_of
 from specdec.sampling import Sampling
+from specdec.tree import load_spec
 
 DEFAULT_BUDGETS = (1, 2, 4)  # tried beside "no cap" (draft tokens verified per step, all rows together)
 
@@ -213,12 +213,12 @@ def tune(model, method: str, ids: Sequence[Sequence[int]], *, rows: Sequence[int
         tried = candidates(method, r, choices, budgets, drafted, widths)
         if prune and r > 1:
             at_one = {t["setting"]: t["tokens_per_step"] for t in table if t["rows"] == 1}
-            plain = {name: o for name, o in tried.items() if "budget" not in o}
-            curve = target_cost_curve(model, {drafted(o) + 1 for o in plain.values()}, batch=r)
-            for name, bound in hopeless(plain, at_one, lambda o: drafted(o) + 1, curve).items():
+            verified = {name: drafted(o) + 1 for name, o in tried.items() if "budget" not in o}  # tokens per row
+            curve = target_cost_curve(model, set(verified.values()), batch=r)
+            for name, bound in hopeless(tried, at_one, lambda o: drafted(o) + 1, curve).items():
                 del tried[name]
                 table.append({"rows": r, "setting": name, "skipped": True, "bound_x_vs_autoregressive": bound,
-                              "verify_cost": curve[drafted(plain[name]) + 1]})
+                              "verify_cost": curve[verified[name]]})
         settings = {"autoregressive": None} | {name: (method, {**fixed, **o}) for name, o in tried.items()}
         groups = [ids[i:i + r] for i in range(0, len(ids) // r * r, r)]
         measured = [step_rates(model, group, settings, steps=steps, chunks=chunks,

@@ -17,7 +17,7 @@ from specdec.bench import cost_curve_record
 @pytest.fixture
 def results(tmp_path, monkeypatch):
     monkeypatch.setattr(record_results, "RESULTS", tmp_path)
-    monkeypatch.setattr(record_results, "device_label", lambda: ("cpu", "cpu: 2-core AVX512, AMD EPYC 9B14"))
+    monkeypatch.setattr(record_results, "device_label", lambda: "cpu: 2-core AVX512, AMD EPYC 9B14")
     return tmp_path
 
 
